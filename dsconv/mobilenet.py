@@ -1,0 +1,150 @@
+"""MobileNet v1 (Howard et al. 2017) as a table, and its forward pass.
+
+The paper's Table 2: a 3x3 stem convolution with stride 2, then 13
+depthwise-separable blocks (depthwise 3x3 + pointwise 1x1, each followed by
+batch norm and ReLU6), global average pooling and the 1000-class ImageNet
+head. Widths scale with alpha as ``int(c * alpha)``. Layer names are Keras'
+(``conv1``, ``conv_dw_N``, ``conv_pw_N``, ``conv_preds``), so weight loading
+is a dictionary lookup.
+
+Mult-adds and parameters of the 1000-class network (the paper's Table 3):
+
+    variant    M mult-adds   M params        variant    M mult-adds   M params
+    1.0-224        569         4.24          0.5-224        149*        1.34
+    1.0-192        418         4.24          0.5-192        110         1.34
+    1.0-160        291         4.24          0.5-160         77         1.34
+    1.0-128        186         4.24          0.5-128         49         1.34
+    0.75-224       325*        2.59          0.25-224        41         0.47
+    0.75-192       239*        2.59          0.25-192        30*        0.47
+    0.75-160       166*        2.59          0.25-160        21         0.47
+    0.75-128       107*        2.59          0.25-128        14         0.47
+
+* The paper copies TF-slim's table, which says 317, 233, 162, 104, 150 and 34
+for these; counting the layers gives the numbers above, and Howard et al.'s
+own Table 6 agrees (325 M for 0.75-224, 149 M for 0.5-224). See
+tests/test_mobilenet.py.
+"""
+import numpy as np
+
+from dsconv import kernels
+
+ALPHAS = (1.0, 0.75, 0.5, 0.25)
+RESOLUTIONS = (224, 192, 160, 128)
+STEM = 32
+# (output channels, depthwise stride) of blocks 1..13.
+BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+          (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+CLASSES = 1000
+
+
+def check_variant(alpha, resolution):
+    if alpha not in ALPHAS:
+        raise ValueError(f"alpha must be one of {ALPHAS}, got {alpha}")
+    if resolution < 32 or resolution % 32:
+        raise ValueError(f"resolution must be a multiple of 32 and at least 32, got {resolution}")
+
+
+def width(c, alpha):
+    return int(c * alpha)
+
+
+def layer_shapes(alpha, head=True):
+    """{Keras layer name: {tensor: shape}} of the folded network, in order."""
+    c = width(STEM, alpha)
+    shapes = {"conv1": {"kernel": (3, 3, 3, c), "bias": (c,)}}
+    for i, (out, _) in enumerate(BLOCKS, 1):
+        out = width(out, alpha)
+        shapes[f"conv_dw_{i}"] = {"kernel": (3, 3, c), "bias": (c,)}
+        shapes[f"conv_pw_{i}"] = {"kernel": (c, out), "bias": (out,)}
+        c = out
+    if head:
+        shapes["conv_preds"] = {"kernel": (c, CLASSES), "bias": (CLASSES,)}
+    return shapes
+
+
+def feature_size(alpha):
+    return width(BLOCKS[-1][0], alpha)
+
+
+def count(alpha, resolution):
+    """(mult-adds, parameters) of the 1000-class network, as TF-slim counts.
+
+    Parameters are those of the checkpoint: convolution and dense weights,
+    the dense bias, and three per batch-norm channel (beta, moving mean,
+    moving variance; slim's batch norm has no gamma).
+    """
+    check_variant(alpha, resolution)
+    side, c = resolution // 2, width(STEM, alpha)
+    madds, params = side * side * 27 * c, 27 * c + 3 * c
+    for out, stride in BLOCKS:
+        out = width(out, alpha)
+        side = -(-side // stride)
+        madds += side * side * (9 * c + c * out)
+        params += 9 * c + 3 * c + c * out + 3 * out
+        c = out
+    return madds + c * CLASSES, params + c * CLASSES + CLASSES
+
+
+class MobileNet:
+    """A MobileNet v1 feature extractor with folded batch norm.
+
+    ``params`` maps Keras layer names to {"kernel", "bias"} float32 arrays
+    (see layer_shapes); ``conv_preds`` is optional (the ImageNet head).
+    """
+
+    def __init__(self, alpha, params, resolution=224, source=None):
+        check_variant(alpha, resolution)
+        self.alpha, self.resolution, self.source = alpha, resolution, source
+        self.has_head = "conv_preds" in params
+        expected = layer_shapes(alpha, self.has_head)
+        for name, tensors in expected.items():
+            for t, shape in tensors.items():
+                got = params.get(name, {}).get(t)
+                if got is None or got.shape != shape:
+                    raise ValueError(f"{source or 'weights'}: layer {name}/{t} should be {shape} "
+                                     f"for alpha {alpha}, got {None if got is None else got.shape}")
+        self.params = {n: {t: np.ascontiguousarray(params[n][t], np.float32) for t in ts}
+                       for n, ts in expected.items()}
+
+    @classmethod
+    def pretrained(cls, alpha, resolution=224, head=False, quiet=False):
+        """Load converted ImageNet weights (see dsconv.weights.load)."""
+        from dsconv import weights
+        return weights.load(alpha, resolution, head=head, quiet=quiet)
+
+    @property
+    def features(self):
+        return feature_size(self.alpha)
+
+    def layers(self, images):
+        """Yield (Keras activation name, activation) after every layer.
+
+        images (N, r, r, 3) float32 scaled to [-1, 1].
+        """
+        x = np.ascontiguousarray(images, np.float32)
+        if x.ndim != 4 or x.shape[1:] != (self.resolution, self.resolution, 3):
+            raise ValueError(f"expected images of shape (N, {self.resolution}, {self.resolution}, 3), "
+                             f"got {x.shape}")
+        p = self.params
+        x = kernels.stem(x, p["conv1"]["kernel"], p["conv1"]["bias"])
+        yield "conv1_relu", x
+        for i, (_, stride) in enumerate(BLOCKS, 1):
+            x = kernels.depthwise(x, p[f"conv_dw_{i}"]["kernel"], p[f"conv_dw_{i}"]["bias"], stride)
+            yield f"conv_dw_{i}_relu", x
+            x = kernels.pointwise(x, p[f"conv_pw_{i}"]["kernel"], p[f"conv_pw_{i}"]["bias"])
+            yield f"conv_pw_{i}_relu", x
+
+    def feature_maps(self, images):
+        """The last feature maps, conv_pw_13_relu: (N, r/32, r/32, 1024a)."""
+        for _, x in self.layers(images):
+            pass
+        return x
+
+    def forward(self, images):
+        """(pooled (N, 1024a), logits (N, 1000) or None without the head)."""
+        pooled = kernels.global_avg_pool(self.feature_maps(images))
+        return pooled, self.logits(pooled) if self.has_head else None
+
+    def logits(self, pooled):
+        head = self.params["conv_preds"]
+        return kernels.dense(pooled, head["kernel"], head["bias"])

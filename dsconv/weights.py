@@ -1,0 +1,260 @@
+"""Keras MobileNet v1 HDF5 -> dsconv HDF5 (batch norm folded), and loading.
+
+    python -m dsconv.weights convert ../shared/weights/keras/*.h5
+    python -m dsconv.weights list
+
+A dsconv weight file holds one group per Keras layer name with ``kernel``
+and ``bias`` datasets in the layouts of dsconv.kernels, and the attributes
+``alpha`` (inferred from the tensor shapes), ``trained_resolution``,
+``has_head``, ``source_file`` and ``source_sha256``.
+
+Batch norm is folded into the convolution before it (eps = 1e-3):
+``scale = gamma / sqrt(var + eps)``, ``kernel' = kernel * scale`` per output
+channel, ``bias' = beta - mean * scale``.
+"""
+import argparse
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
+
+FORMAT = "dsconv-mobilenet-v1"
+BN_EPS = 1e-3
+KERAS_NAME = re.compile(r"mobilenet_(1_0|7_5|5_0|2_5)_(\d+)_tf(_no_top)?\.h5$")
+KERAS_ALPHA = {"1_0": 1.0, "7_5": 0.75, "5_0": 0.5, "2_5": 0.25}
+
+
+class WeightsError(Exception):
+    """A weight file that cannot be used, with what to do about it."""
+
+
+def weights_dir():
+    """Where converted files live: $DSCONV_WEIGHTS, else the repository's weights/."""
+    env = os.environ.get("DSCONV_WEIGHTS")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    return repo / "weights" if (repo / "setup.cfg").exists() else Path.home() / ".dsconv" / "weights"
+
+
+def keras_dirs():
+    """Where Keras files are looked for when nothing is converted yet."""
+    dirs = [Path(p) for p in os.environ.get("DSCONV_KERAS_WEIGHTS", "").split(os.pathsep) if p]
+    repo = Path(__file__).resolve().parent.parent
+    dirs += [repo.parent / "shared" / "weights" / "keras", Path("../shared/weights/keras"),
+             Path.home() / ".keras" / "models"]
+    return dirs
+
+
+def keras_file_name(alpha, resolution, head=True):
+    a = {v: k for k, v in KERAS_ALPHA.items()}[alpha]
+    return f"mobilenet_{a}_{resolution}_tf{'' if head else '_no_top'}.h5"
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _keras_layer(f, path, name):
+    """{weight name without the layer prefix: array} of one Keras layer."""
+    if name not in f:
+        raise WeightsError(f"{path}: layer {name} is missing; this is not a complete "
+                           "Keras MobileNet v1 file")
+    group = f[name]
+    names = [n.decode() if isinstance(n, bytes) else str(n)
+             for n in group.attrs.get("weight_names", [])]
+    if not names:
+        raise WeightsError(f"{path}: layer {name} has no weights; the file is damaged or "
+                           "incomplete, download it again from Keras applications")
+    return {n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float64) for n in names}
+
+
+def _fold(kernel, bn):
+    """Fold batch norm into a kernel whose last axis is the output channel."""
+    scale = bn["gamma"] / np.sqrt(bn["moving_variance"] + BN_EPS)
+    return ((kernel * scale).astype(np.float32),
+            (bn["beta"] - bn["moving_mean"] * scale).astype(np.float32))
+
+
+def read_keras(path):
+    """(alpha, {layer: {kernel, bias}}) from a Keras MobileNet v1 HDF5 file."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read as HDF5 ({e})") from None
+    with f:
+        stem = _keras_layer(f, path, "conv1")["kernel"]
+        if stem.ndim != 4 or stem.shape[:3] != (3, 3, 3):
+            raise WeightsError(f"{path}: conv1 kernel has shape {stem.shape}, not (3, 3, 3, C)")
+        alpha = stem.shape[3] / STEM
+        if alpha not in ALPHAS:
+            raise WeightsError(f"{path}: conv1 has {stem.shape[3]} filters, which is no "
+                               f"MobileNet v1 width (alphas {ALPHAS})")
+        has_head = "conv_preds" in f and len(f["conv_preds"].attrs.get("weight_names", [])) > 0
+        params = {}
+        for name, shapes in layer_shapes(alpha, has_head).items():
+            w = _keras_layer(f, path, name)
+            kernel = w.get("depthwise_kernel", w.get("kernel"))
+            if kernel is None:
+                raise WeightsError(f"{path}: layer {name} has no kernel")
+            want = shapes["kernel"]
+            if kernel.size != int(np.prod(want)):
+                raise WeightsError(f"{path}: layer {name} has a kernel of shape {kernel.shape}, "
+                                   f"expected {want} for alpha {alpha}")
+            kernel = kernel.reshape(want)
+            if name == "conv_preds":
+                params[name] = {"kernel": kernel.astype(np.float32),
+                                "bias": w["bias"].astype(np.float32)}
+                continue
+            bn = _keras_layer(f, path, name + "_bn")
+            for t in ("gamma", "beta", "moving_mean", "moving_variance"):
+                if t not in bn or bn[t].shape != shapes["bias"]:
+                    raise WeightsError(f"{path}: layer {name}_bn/{t} should have shape "
+                                       f"{shapes['bias']}")
+            params[name] = dict(zip(("kernel", "bias"), _fold(kernel, bn)))
+    return alpha, params
+
+
+def convert(path, out_dir=None, resolution=None):
+    """Convert one Keras file; returns the path of the dsconv file written."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    alpha, params = read_keras(path)
+    match = KERAS_NAME.search(path.name)
+    if resolution is None:
+        resolution = int(match.group(2)) if match else 224
+    check_variant(alpha, resolution)
+    if match and KERAS_ALPHA[match.group(1)] != alpha:
+        print(f"dsconv: {path.name} is named for alpha {KERAS_ALPHA[match.group(1)]} but its "
+              f"tensors are alpha {alpha}; using {alpha}", file=sys.stderr)
+    head = "conv_preds" in params
+    out_dir = Path(out_dir) if out_dir else weights_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"mobilenet_{alpha:g}_{resolution}{'' if head else '_no_top'}.h5"
+    tmp = out.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, alpha=alpha, trained_resolution=resolution,
+                       has_head=head, source_file=path.name, source_sha256=sha256(path))
+        for name, tensors in params.items():
+            for t, a in tensors.items():
+                f[f"{name}/{t}"] = a
+    os.replace(tmp, out)
+    return out
+
+
+def describe(path):
+    """The attributes of a dsconv weight file, or None if it is not one."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                return None
+            return {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
+                    for k in ("alpha", "trained_resolution", "has_head", "source_file")}
+    except OSError:
+        return None
+
+
+def load_file(path, alpha=None, resolution=None):
+    """A MobileNet from a dsconv weight file; refuses a file of another alpha."""
+    path = Path(path)
+    info = describe(path)
+    if info is None:
+        raise WeightsError(f"{path}: not a dsconv weight file; convert Keras files with "
+                           f"`python -m dsconv.weights convert {path}`")
+    if alpha is not None and info["alpha"] != alpha:
+        raise WeightsError(f"{path}: holds alpha {info['alpha']} weights, not the alpha {alpha} "
+                           "asked for")
+    with h5py.File(path, "r") as f:
+        params = {name: {t: f[name][t][()] for t in f[name]} for name in f}
+    try:
+        net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
+    except ValueError as e:
+        raise WeightsError(f"{e}; convert the Keras file again") from None
+    net.trained_resolution = info["trained_resolution"]
+    net.weights_path = path
+    net.weights_sha256 = sha256(path)
+    return net
+
+
+def find(alpha, resolution, head=False):
+    """The converted file to use for a variant, converting a Keras file on first use."""
+    check_variant(alpha, resolution)
+    found = {}
+    d = weights_dir()
+    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        info = describe(path)
+        if info and info["alpha"] == alpha and (info["has_head"] or not head):
+            found.setdefault(info["trained_resolution"], path)
+    for res in (resolution, 224):
+        if res in found:
+            return found[res], res
+    for res in (resolution, 224):
+        for h in ((True,) if head else (True, False)):
+            for k in keras_dirs():
+                src = k / keras_file_name(alpha, res, h)
+                if src.is_file():
+                    print(f"dsconv: converting {src} -> {d}", file=sys.stderr)
+                    return convert(src, d), res
+    want = keras_file_name(alpha, resolution, True if head else False)
+    raise WeightsError(
+        f"no weights for MobileNet {alpha:g}-{resolution}{' with the ImageNet head' if head else ''} "
+        f"in {d}. Get Keras' {want} (or the 224 one), for example with "
+        f"keras.applications.MobileNet(alpha={alpha:g}), then run "
+        f"`python -m dsconv.weights convert PATH/{want}`, or put it in one of: "
+        + ", ".join(str(k) for k in keras_dirs()))
+
+
+def load(alpha, resolution=224, head=False, quiet=False):
+    """The pretrained MobileNet for (alpha, resolution); see find()."""
+    path, trained = find(alpha, resolution, head)
+    if trained != resolution and not quiet:
+        print(f"dsconv: no {alpha:g}-{resolution} weights; running the {alpha:g}-{trained} ones "
+              f"at {resolution} (the network is fully convolutional)", file=sys.stderr)
+    return load_file(path, alpha, resolution)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m dsconv.weights", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="convert Keras MobileNet v1 HDF5 files")
+    c.add_argument("files", nargs="+", help="Keras files, mobilenet_{1_0,7_5,5_0,2_5}_{224,...}_tf[_no_top].h5")
+    c.add_argument("--out", help=f"output folder (default {weights_dir()})")
+    c.add_argument("--resolution", type=int,
+                   help="resolution the weights were trained at (default: from the file name, else 224)")
+    ls = sub.add_parser("list", help="list converted weight files")
+    ls.add_argument("--dir", help=f"folder to list (default {weights_dir()})")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "convert":
+            for path in args.files:
+                out = convert(path, args.out, args.resolution)
+                info = describe(out)
+                print(f"{path} -> {out}  (alpha {info['alpha']:g}, trained at "
+                      f"{info['trained_resolution']}, head {'yes' if info['has_head'] else 'no'})")
+        else:
+            d = Path(args.dir) if args.dir else weights_dir()
+            rows = [(p, describe(p)) for p in sorted(d.glob("*.h5"))] if d.is_dir() else []
+            rows = [(p, i) for p, i in rows if i]
+            if not rows:
+                print(f"no converted weights in {d}; run `python -m dsconv.weights convert KERAS_H5...`")
+            for p, i in rows:
+                print(f"{p.name:36s} alpha {i['alpha']:<5g} trained at {i['trained_resolution']}  "
+                      f"head {'yes' if i['has_head'] else 'no '}  from {i['source_file']}")
+    except WeightsError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

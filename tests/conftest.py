@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+KERAS = SHARED / "weights" / "keras"
+REFERENCE = SHARED / "reference" / "keras_mobilenet_reference.h5"
+SAMPLES = SHARED / "weights" / "sample_images"
+CHEST = SHARED / "data" / "chest_xray" / "train"
+ORIGINALS = SHARED / "data" / "originals"
+
+if not SHARED.is_dir():
+    raise RuntimeError(f"the tests read the shared data at {SHARED}; it is missing")
+
+
+@pytest.fixture(scope="session")
+def weights_dir(tmp_path_factory):
+    """The Keras files of ../shared converted once into a temporary folder."""
+    from dsconv import weights
+    out = tmp_path_factory.mktemp("weights")
+    for path in sorted(KERAS.glob("*.h5")):
+        weights.convert(path, out)
+    return out
+
+
+@pytest.fixture
+def converted(weights_dir, monkeypatch):
+    """DSCONV_WEIGHTS pointing at the converted files, no Keras fallback."""
+    monkeypatch.setenv("DSCONV_WEIGHTS", str(weights_dir))
+    monkeypatch.setenv("DSCONV_KERAS_WEIGHTS", "")
+    return weights_dir

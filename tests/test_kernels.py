@@ -1,0 +1,87 @@
+"""Every kernel against tests/naive.py: odd sizes, C = 1, both strides, batch > 1."""
+import numpy as np
+import pytest
+
+from dsconv import kernels
+from tests import naive
+
+rng = np.random.default_rng(0)
+
+
+def rand(*shape, lo=-1, hi=1):
+    return rng.uniform(lo, hi, shape).astype(np.float32)
+
+
+def close(got, want, tol=1e-5):
+    diff = np.abs(got.astype(np.float64) - want).max()
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert diff <= tol, f"largest difference {diff:.3g} > {tol}"
+
+
+SIZES = [(1, 7, 7), (3, 8, 8), (2, 9, 5), (2, 16, 16), (1, 1, 1), (2, 2, 3)]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n,h,w", SIZES)
+@pytest.mark.parametrize("c", [1, 5, 16])
+def test_stem(n, h, w, c, stride):
+    x, k, b = rand(n, h, w, 3), rand(3, 3, 3, c), rand(c)
+    close(kernels.stem(x, k, b, stride), naive.conv3x3(x, k, b, stride))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("n,h,w", SIZES)
+@pytest.mark.parametrize("c", [1, 3, 17])
+def test_depthwise(n, h, w, c, stride):
+    # inputs in [0, 6] like ReLU6 activations, weights large enough to clip both ends
+    x, k, b = rand(n, h, w, c, lo=0, hi=6), rand(3, 3, c, lo=-2, hi=2), rand(c)
+    close(kernels.depthwise(x, k, b, stride), naive.depthwise(x, k, b, stride))
+
+
+def test_stride2_pads_bottom_right_only():
+    # A one-hot input at the top-left pixel: with SAME padding on an even size,
+    # output (0, 0) sees input (0, 0) through the kernel's (0, 0) tap, not (1, 1).
+    x = np.zeros((1, 4, 4, 1), np.float32)
+    x[0, 0, 0, 0] = 1
+    k = np.arange(9, dtype=np.float32).reshape(3, 3, 1) / 10
+    y = kernels.depthwise(x, k, np.zeros(1, np.float32), 2)
+    assert y.shape == (1, 2, 2, 1)
+    assert y[0, 0, 0, 0] == np.float32(0.0)  # k[0, 0]
+    x[0, 0, 0, 0], x[0, 1, 1, 0] = 0, 1
+    y = kernels.depthwise(x, k, np.zeros(1, np.float32), 2)
+    assert y[0, 0, 0, 0] == np.float32(0.4)  # k[1, 1]: input (1, 1) is the window's centre
+
+
+@pytest.mark.parametrize("n,h,w", SIZES)
+@pytest.mark.parametrize("cin,cout", [(1, 1), (3, 7), (16, 33)])
+def test_pointwise(n, h, w, cin, cout):
+    x, wt, b = rand(n, h, w, cin, lo=0, hi=6), rand(cin, cout), rand(cout)
+    close(kernels.pointwise(x, wt, b), naive.pointwise(x, wt, b), 1e-4)
+
+
+@pytest.mark.parametrize("n,h,w,c", [(1, 1, 1, 1), (3, 7, 7, 5), (2, 4, 9, 33)])
+def test_global_avg_pool(n, h, w, c):
+    x = rand(n, h, w, c, lo=0, hi=6)
+    close(kernels.global_avg_pool(x), naive.global_avg_pool(x))
+
+
+@pytest.mark.parametrize("n,k,m", [(1, 1, 1), (3, 17, 5), (2, 64, 1000)])
+def test_dense(n, k, m):
+    x, w, b = rand(n, k), rand(k, m), rand(m)
+    close(kernels.dense(x, w, b), naive.dense(x, w, b))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (4, 1000)])
+def test_softmax(n, k):
+    z = rand(n, k, lo=-30, hi=30)
+    z[0, 0] = 1000  # would overflow without subtracting the maximum
+    p = kernels.softmax(z)
+    close(p, naive.softmax(z), 1e-6)
+    assert np.all(np.isfinite(p))
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="depthwise"):
+        kernels.depthwise(rand(1, 4, 4, 3), rand(3, 3, 4), rand(4), 1)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.pointwise(np.zeros((1, 2, 2, 3)), rand(3, 3), rand(3))
