@@ -2,25 +2,51 @@
 
 As TensorFlow's retrain.py: RGB, resized straight to r x r with bilinear
 interpolation (no crop, aspect ratio not kept), scaled to x / 127.5 - 1.
+
+Anything Pillow reads works: JPEG, PNG, grayscale (copied to the three
+channels), RGBA and palette images (alpha dropped), 16-bit grayscale (mapped
+to 8 bits as x / 257, so the full 16-bit range becomes 0..255). Large JPEGs
+are decoded at a reduced scale first (Pillow's ``draft``: the JPEG decoder's
+own 1/2, 1/4, 1/8 DCT scaling, never below r x r), which makes a 2500-pixel
+X-ray about ten times cheaper and changes the resized pixels by about one
+grey level (tests/test_images.py measures it).
 """
+import io
+
 import numpy as np
 from PIL import Image
+
+# Recorded in bottleneck caches and model files: change it when the
+# preprocessing changes, so that old bottlenecks are not reused.
+PREPROCESSING = "pillow-rgb, jpeg-draft>=r, bilinear-resize-r-x-r (no crop), x/127.5-1"
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 class ImageError(Exception):
     """An image that cannot be decoded, naming the file."""
 
 
+def decode(source, size, name=None):
+    """An image file (path or bytes) as (size, size, 3) uint8 RGB."""
+    name = name or source
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
+            if im.mode in SIXTEEN_BIT or im.mode == "F":
+                scale16 = 257.0 if im.mode != "F" else 1.0
+                x = np.asarray(im, np.float64) / scale16
+                im = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            return np.asarray(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot be read as an image ({e})") from None
+
+
 def load(path, size):
     """Read an image file as (size, size, 3) float32 in [-1, 1]."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: cannot be read as an image ({e})") from None
-    return scale(np.asarray(im))
+    return scale(decode(path, size))
 
 
 def scale(pixels):
-    """uint8 pixels -> float32 in [-1, 1]."""
+    """uint8 pixels -> float32 in [-1, 1]: x / 127.5 - 1."""
     return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)

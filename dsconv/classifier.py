@@ -1,0 +1,201 @@
+"""The new layer: dense + softmax on bottlenecks, trained by mini-batch SGD.
+
+retrain.py's defaults: W (D, C) drawn from N(0, 0.001^2) truncated at 2 sd,
+b = 0; each step draws a batch of B = 100 rows with replacement, the class
+first (uniformly, ``sampling="balanced"``) then a row of that class, or a row
+of the whole set (``"natural"``), and takes one plain gradient step on the
+mean softmax cross-entropy L = -1/B sum_i log p_i[y_i]:
+
+    z = (x - mu) / sigma,   p = softmax(z W + b)
+    G = (p - onehot(y)) / B                       (B x C)
+    W <- W - lr * (z^T G + wd * W)
+    b <- b - lr * sum_i G_i
+
+lr = 0.01, 4000 steps, no momentum. Options beyond retrain.py, both off by
+default: feature standardisation (mu, sigma: the training rows' mean and
+standard deviation, stored with the model; off means mu = 0, sigma = 1) and
+L2 weight decay wd (the gradient of wd/2 |W|^2; off means wd = 0).
+
+The arithmetic is float64 and the random draws come from one
+numpy.random.default_rng(seed): the same data, settings and seed give
+bitwise-identical weights.
+
+Curves: after every ``eval_every`` steps (and the last) the loss and
+accuracy of the batch just trained on (retrain.py's "train accuracy") and of
+the whole validation set (retrain.py samples 100 validation rows instead).
+"""
+import json
+import math
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+FORMAT = "dsconv-classifier-v1"
+LR = 0.01
+STEPS = 4000
+BATCH = 100
+EVAL_EVERY = 10
+INIT_STD = 0.001
+SAMPLINGS = ("balanced", "natural")
+
+
+class ModelError(Exception):
+    """A model file that cannot be used, naming it."""
+
+
+def truncated_normal(rng, shape, std):
+    """N(0, std^2) redrawn outside 2 std, as tf.truncated_normal."""
+    w = rng.standard_normal(shape)
+    bad = np.abs(w) > 2
+    while bad.any():
+        w[bad] = rng.standard_normal(bad.sum())
+        bad = np.abs(w) > 2
+    return w * std
+
+
+def batches(labels, steps, batch, sampling, rng):
+    """(steps, batch) row indices drawn with replacement; see the module docstring."""
+    labels = np.asarray(labels)
+    if sampling == "natural":
+        return rng.integers(0, len(labels), (steps, batch))
+    if sampling != "balanced":
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    counts = np.array([len(m) for m in members])
+    cls = rng.integers(0, len(classes), (steps, batch))
+    within = np.floor(rng.random((steps, batch)) * counts[cls]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.concatenate(members)[offsets[cls] + within]
+
+
+def softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss_accuracy(p, y):
+    """Mean cross-entropy and accuracy of probabilities p (N, C) for labels y."""
+    if len(y) == 0:
+        return math.nan, math.nan
+    ce = -np.mean(np.log(np.maximum(p[np.arange(len(y)), y], 1e-300)))
+    return float(ce), float(np.mean(p.argmax(axis=1) == y))
+
+
+@dataclass
+class Classifier:
+    """A trained head: probabilities from bottlenecks, and what it was trained on.
+
+    ``info`` describes the network variant, preprocessing, bottleneck kind
+    and training (see save); ``threshold`` applies to the probability of
+    class ``positive``.
+    """
+    weights: np.ndarray          # (D, C)
+    bias: np.ndarray             # (C,)
+    classes: list
+    mean: np.ndarray = None      # (D,) feature standardisation, None if off
+    std: np.ndarray = None
+    positive: int = -1
+    threshold: float = 0.5
+    info: dict = field(default_factory=dict)
+
+    def prepare(self, x):
+        x = np.asarray(x, np.float64)
+        return x if self.mean is None else (x - self.mean) / self.std
+
+    def probabilities(self, bottlenecks):
+        """(N, C) class probabilities of (N, D) bottlenecks."""
+        x = np.asarray(bottlenecks)
+        if x.ndim != 2 or x.shape[1] != self.weights.shape[0]:
+            raise ValueError(f"expected bottlenecks of shape (N, {self.weights.shape[0]}), got {x.shape}")
+        return softmax(self.prepare(x) @ self.weights + self.bias)
+
+    def scores(self, bottlenecks):
+        """Probability of the positive class."""
+        return self.probabilities(bottlenecks)[:, self.positive]
+
+    def predict(self, bottlenecks):
+        """1 where the positive class's probability reaches the threshold."""
+        return (self.scores(bottlenecks) >= self.threshold).astype(np.int64)
+
+    def save(self, path):
+        """Write the model as HDF5 (see load)."""
+        with h5py.File(path, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["classes"] = json.dumps(self.classes)
+            f.attrs["positive"] = self.positive
+            f.attrs["threshold"] = self.threshold
+            f.attrs["info"] = json.dumps(self.info, sort_keys=True)
+            f["weights"], f["bias"] = self.weights, self.bias
+            if self.mean is not None:
+                f["mean"], f["std"] = self.mean, self.std
+
+
+def load(path):
+    """A Classifier from a model file written by save; ModelError if it is missing or damaged.
+
+    The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``
+    and ``std`` (D,); attributes ``format``, ``classes`` (JSON list),
+    ``positive`` (index), ``threshold``, ``info`` (JSON: alpha, resolution,
+    trained_resolution, weights_file, weights_sha256, bottleneck,
+    preprocessing, training settings).
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise ModelError(f"{path}: not a dsconv classifier (format {f.attrs.get('format')!r}); "
+                                 "train one with `python -m dsconv.train`")
+            model = Classifier(f["weights"][()], f["bias"][()], json.loads(f.attrs["classes"]),
+                               f["mean"][()] if "mean" in f else None, f["std"][()] if "std" in f else None,
+                               int(f.attrs["positive"]), float(f.attrs["threshold"]),
+                               json.loads(f.attrs["info"]))
+    except FileNotFoundError:
+        raise ModelError(f"{path}: no such model file") from None
+    except (OSError, KeyError, ValueError) as e:
+        raise ModelError(f"{path}: damaged or incomplete model file ({e}); train it again") from None
+    d, c = model.weights.shape
+    if model.bias.shape != (c,) or len(model.classes) != c or not 0 <= model.positive < c:
+        raise ModelError(f"{path}: inconsistent model file (weights {model.weights.shape}, "
+                         f"{len(model.classes)} classes); train it again")
+    return model
+
+
+def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH,
+          sampling="balanced", eval_every=EVAL_EVERY, standardize=False, weight_decay=0.0, seed=0):
+    """Train the head on bottlenecks x (N, D), labels y; returns (Classifier, curves).
+
+    curves: dict of lists ``step``, ``train_loss``, ``train_accuracy``,
+    ``val_loss``, ``val_accuracy`` (NaN without validation data).
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.int64)
+    n_classes = len(classes)
+    if len(np.unique(y)) < 2:
+        raise ValueError("the training data holds a single class; a classifier needs at least two")
+    rng = np.random.default_rng(seed)
+    model = Classifier(truncated_normal(rng, (x.shape[1], n_classes), INIT_STD),
+                       np.zeros(n_classes), list(classes))
+    if standardize:
+        model.mean, model.std = x.mean(axis=0), x.std(axis=0)
+        model.std[model.std == 0] = 1.0
+        x = model.prepare(x)
+    xv = model.prepare(x_val) if x_val is not None and len(x_val) else None
+    idx = batches(y, steps, batch, sampling, rng)
+    onehot = np.eye(n_classes)
+    w, b = model.weights, model.bias
+    curves = {k: [] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
+    for step in range(steps):
+        xb, yb = x[idx[step]], y[idx[step]]
+        g = (softmax(xb @ w + b) - onehot[yb]) / batch
+        w -= lr * (xb.T @ g + weight_decay * w)
+        b -= lr * g.sum(axis=0)
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            curves["step"].append(step + 1)
+            pv = softmax(xv @ w + b) if xv is not None else np.zeros((0, n_classes))
+            for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
+                            loss_accuracy(softmax(xb @ w + b), yb)
+                            + loss_accuracy(pv, np.asarray(y_val)[:len(pv)])):
+                curves[k].append(v)
+    return model, curves

@@ -1,0 +1,162 @@
+"""Data set folders, labels, patient ids and splits.
+
+A data set is a folder with one subfolder of images per class; class names
+are the subfolder names, sorted. Hidden files and folders are ignored; every
+other file is a candidate image (files that do not decode are skipped later,
+by dsconv.features, with a warning).
+
+Splits (``split``) are stratified by class and random with a seed. For
+percentages (train, val, test) of n images, the partition sizes are
+
+    n_test = round(n * test / 100),  n_val = round(n * val / 100),
+    n_train = n - n_val - n_test
+
+(5216 images: 4172|522|522, 3652|782|782, 3130|1043|1043, the paper's
+Table 1), and each partition's size is shared among the classes in
+proportion to the class sizes by largest remainders, so the class counts add
+up exactly. Grouped by patient, whole patients are dealt out in a random
+order until each partition has reached its share of a class, so the sizes
+come out close to, not exactly at, the targets.
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),                   # person23_bacteria_87.jpeg
+    re.compile(r"^((?:NORMAL\d+-)?IM-\d+)-\d+"),    # IM-0629-0001, NORMAL2-IM-0383-0001-0002
+)
+PARTITIONS = ("train", "val", "test")
+
+
+class DataError(Exception):
+    """A data folder or split that cannot be used, with what to do."""
+
+
+@dataclass
+class Dataset:
+    """Image files with their class index; ``classes`` are the sorted folder names."""
+    root: Path
+    classes: list
+    paths: list
+    labels: np.ndarray
+
+    def subset(self, keep):
+        """The images where ``keep`` (a boolean mask or index array) selects."""
+        idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
+        return Dataset(self.root, self.classes, [self.paths[i] for i in idx], self.labels[idx])
+
+    def counts(self):
+        return {c: int(n) for c, n in zip(self.classes, np.bincount(self.labels, minlength=len(self.classes)))}
+
+
+def scan(root, classes=None):
+    """The Dataset of a folder with one subfolder per class.
+
+    ``classes``: expected class names (a --test-dir must have the training
+    classes); by default the sorted subfolder names, at least two.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder with one subfolder of images per class")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is None:
+        if len(found) < 2:
+            raise DataError(f"{root}: found {len(found)} class folder(s) {found}; a classifier needs at "
+                            "least two subfolders, one per class (e.g. NORMAL and PNEUMONIA)")
+        classes = found
+    elif sorted(classes) != found:
+        raise DataError(f"{root}: class folders {found} differ from the training classes {list(classes)}")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        if not files:
+            raise DataError(f"{root / name}: the class folder is empty; put its images there or remove it")
+        paths += files
+        labels += [label] * len(files)
+    return Dataset(root, list(classes), paths, np.array(labels, np.int64))
+
+
+def patient_id(path):
+    """The patient of an image from its file name; a file matching no pattern is its own patient.
+
+    person23_bacteria_87.jpeg -> person23; NORMAL2-IM-0383-0001.jpeg -> NORMAL2-IM-0383.
+    """
+    stem = Path(path).stem
+    for pattern in PATIENT_PATTERNS:
+        m = pattern.match(stem)
+        if m:
+            return m.group(1)
+    return str(path)
+
+
+def parse_split(text):
+    """"80/10/10" -> (80.0, 10.0, 10.0); "90/10" -> (90.0, 10.0, 0.0)."""
+    try:
+        parts = [float(x) for x in text.split("/")]
+    except ValueError:
+        parts = []
+    if len(parts) == 2:
+        parts.append(0.0)
+    if len(parts) != 3 or min(parts) < 0 or parts[0] <= 0 or abs(sum(parts) - 100) > 1e-6:
+        raise DataError(f"--split {text}: give train/validation/test percentages that add up to 100, "
+                        "such as 80/10/10")
+    return tuple(parts)
+
+
+def _apportion(total, weights):
+    """Integers proportional to ``weights`` summing to ``total`` (largest remainders)."""
+    weights = np.asarray(weights, np.float64)
+    exact = total * weights / weights.sum()
+    out = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - out), kind="stable")
+    out[order[:total - out.sum()]] += 1
+    return out
+
+
+def split_sizes(n, percentages):
+    """(n_train, n_val, n_test) as in the module docstring."""
+    _, val, test = percentages
+    n_test, n_val = round(n * test / 100), round(n * val / 100)
+    return n - n_val - n_test, n_val, n_test
+
+
+def split(labels, percentages, seed, groups=None):
+    """Partition index per image, 0 train, 1 val, 2 test; stratified, random with ``seed``.
+
+    ``groups``: one id per image (patients); all images of a group go to the
+    same partition. A group's class for stratification is its most frequent.
+    """
+    labels = np.asarray(labels)
+    n_classes = labels.max() + 1
+    sizes = split_sizes(len(labels), percentages)
+    per_class = np.bincount(labels, minlength=n_classes)
+    # targets[p, c]: images of class c wanted in partition p
+    targets = np.stack([_apportion(s, per_class) for s in sizes])
+    rng = np.random.default_rng(seed)
+    part = np.empty(len(labels), np.int64)
+    if groups is None:
+        for c in range(n_classes):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            ends = np.cumsum([targets[2, c], targets[1, c]])
+            part[idx[:ends[0]]] = 2
+            part[idx[ends[0]:ends[1]]] = 1
+            part[idx[ends[1]:]] = 0
+        return part
+    names, group = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    class_counts = np.zeros((len(names), n_classes), np.int64)
+    np.add.at(class_counts, (group, labels), 1)
+    group_label = class_counts.argmax(axis=1)
+    group_size = np.bincount(group, minlength=len(names))
+    group_part = np.zeros(len(names), np.int64)
+    for c in range(n_classes):
+        filled = np.zeros(3, np.int64)
+        for g in rng.permutation(np.flatnonzero(group_label == c)):
+            p = 2 if filled[2] < targets[2, c] else 1 if filled[1] < targets[1, c] else 0
+            group_part[g] = p
+            filled[p] += group_size[g]
+    part[:] = group_part[group]
+    return part

@@ -1,0 +1,266 @@
+"""Bottlenecks: each image through the frozen network once, cached on disk.
+
+    feats, failed = extract(paths, net, "pooled", cache_dir)
+
+A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
+ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
+
+The cache is one folder per variant under ``cache_dir``, named by alpha,
+resolution, bottleneck kind and the sha256 of the weight file and of the
+preprocessing description; rows are keyed by the sha256 of the image file's
+bytes, so renamed or copied images hit and an edited image misses. Each
+batch is written as its own small HDF5 file (written to a temporary name,
+then renamed), so Ctrl-C or a killed process loses at most the batch in
+flight; at the end the parts are merged into ``bottlenecks.h5``. Every file
+carries the variant and a sha256 of its rows: a file that does not open, or
+whose variant, shapes or checksum disagree, is reported, deleted and
+recomputed, never trusted.
+"""
+import hashlib
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dsconv import images
+
+KINDS = ("pooled", "logits")
+BATCH = 32
+MERGED = "bottlenecks.h5"
+FORMAT = "dsconv-bottlenecks-v1"
+
+
+def default_cache_dir():
+    """$DSCONV_CACHE, else the repository's cache/, else ~/.cache/dsconv."""
+    env = os.environ.get("DSCONV_CACHE")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parent.parent
+    return repo / "cache" if (repo / "setup.cfg").exists() else Path.home() / ".cache" / "dsconv"
+
+
+def variant(net, kind):
+    """The attributes that decide a bottleneck, besides the image."""
+    if kind not in KINDS:
+        raise ValueError(f"bottleneck must be one of {KINDS}, got {kind!r}")
+    if kind == "logits" and not net.has_head:
+        raise ValueError("the logits bottleneck needs the network with its ImageNet head "
+                         "(MobileNet.pretrained(..., head=True))")
+    return {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
+            "weights_sha256": net.weights_sha256, "preprocessing": images.PREPROCESSING}
+
+
+def variant_dir(cache_dir, v):
+    prep = hashlib.sha256(v["preprocessing"].encode()).hexdigest()[:8]
+    return Path(cache_dir) / (f"mobilenet-{v['alpha']:g}-{v['resolution']}-{v['kind']}-"
+                              f"{v['weights_sha256'][:16]}-{prep}")
+
+
+def file_key(path):
+    """sha256 of a file's bytes, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checksum(keys, feats):
+    h = hashlib.sha256(np.ascontiguousarray(keys).tobytes())
+    h.update(np.ascontiguousarray(feats, np.float32).tobytes())
+    return h.hexdigest()
+
+
+def _write(path, v, keys, feats):
+    """Write rows atomically: a temporary name, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    keys = np.asarray(keys, "S64")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(format=FORMAT, checksum=_checksum(keys, feats), **v)
+        f["keys"] = keys
+        f["features"] = np.asarray(feats, np.float32)
+    os.replace(tmp, path)
+
+
+def _read(path, v):
+    """{key: row} of one cache file; raises ValueError saying what is wrong."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in f.attrs}
+            keys, feats = f["keys"][()], f["features"][()]
+    except (OSError, KeyError) as e:
+        raise ValueError(f"cannot be read ({e})") from None
+    for k, want in v.items():
+        got = attrs.get(k)
+        if got is None or (got.item() if hasattr(got, "item") else got) != want:
+            raise ValueError(f"holds {k} {got!r}, not {want!r}")
+    if attrs.get("format") != FORMAT or feats.ndim != 2 or len(keys) != len(feats):
+        raise ValueError(f"has shapes keys {keys.shape}, features {feats.shape}")
+    if attrs.get("checksum") != _checksum(keys, feats):
+        raise ValueError("fails its checksum")
+    return dict(zip(keys.astype(str), feats))
+
+
+class Cache:
+    """The bottlenecks of one variant on disk: ``get``, ``put`` a batch, ``merge``."""
+
+    def __init__(self, cache_dir, v, features):
+        self.v, self.features = v, features
+        self.dir = variant_dir(cache_dir, v)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows = {}
+        for path in sorted(self.dir.glob("*.h5")):
+            try:
+                rows = _read(path, v)
+                if any(r.shape != (features,) for r in rows.values()):
+                    raise ValueError(f"holds vectors of another size than {features}")
+            except ValueError as e:
+                print(f"dsconv: warning: bottleneck cache {path} {e}; deleting it, its images "
+                      "will be computed again", file=sys.stderr)
+                path.unlink()
+                continue
+            self.rows.update(rows)
+        self.parts = len(list(self.dir.glob("part-*.h5")))
+
+    def put(self, keys, feats):
+        name = f"part-{time.time_ns()}-{os.getpid()}.h5"
+        _write(self.dir / name, self.v, keys, feats)
+        self.rows.update(zip(keys, np.asarray(feats, np.float32)))
+        self.parts += 1
+
+    def merge(self):
+        """All rows into one file, then the parts removed (a crash in between only duplicates rows)."""
+        parts = sorted(self.dir.glob("part-*.h5"))
+        if not parts or not self.rows:
+            return
+        keys = sorted(self.rows)
+        _write(self.dir / MERGED, self.v, keys, np.stack([self.rows[k] for k in keys]))
+        for p in parts:
+            p.unlink(missing_ok=True)
+        self.parts = 0
+
+
+class Progress:
+    """A one-line progress bar on stderr: done/total, images/s, time left."""
+
+    def __init__(self, total, label, stream=sys.stderr):
+        self.total, self.label, self.stream = total, label, stream
+        self.start = self.last = time.perf_counter()
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, done, final=False):
+        now = time.perf_counter()
+        if not final and now - self.last < (0.5 if self.tty else 15):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        width = 30
+        bar = "#" * int(width * done / max(self.total, 1))
+        eta = f"{int(left) // 60}:{int(left) % 60:02d} left" if left != float("inf") else "--:-- left"
+        line = f"{self.label} [{bar:{width}s}] {done}/{self.total}  {rate:.1f} images/s  {eta}"
+        if final:
+            line = f"{self.label} {done} images in {now - self.start:.1f} s, {rate:.1f} images/s"
+        self.stream.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        self.stream.flush()
+
+
+def _decode(path, size):
+    """(pixels or None, error message or None) of one file."""
+    try:
+        return images.decode(path, size), None
+    except images.ImageError as e:
+        return None, str(e)
+
+
+def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, progress=True):
+    """Bottlenecks of image files, computing only those not in the cache.
+
+    Returns (features, failed): ``failed`` maps each path that could not be
+    read or decoded to the reason (empty, corrupt and non-image files);
+    ``features`` is (N, D) float32, one row per path not in ``failed``, in
+    the order of ``paths``. ``cache_dir=None`` uses default_cache_dir();
+    ``cache_dir=False`` keeps nothing on disk. Decoding runs in ``workers``
+    threads ahead of the forward pass.
+    """
+    v = variant(net, kind)
+    size = net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
+    paths = [Path(p) for p in paths]
+    failed, keys = {}, {}
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        for path, key in zip(paths, pool.map(_safe_key, paths)):
+            if isinstance(key, Exception):
+                failed[path] = f"{path}: cannot be read ({key})"
+            elif key is None:
+                failed[path] = f"{path}: the file is empty"
+            else:
+                keys[path] = key
+        cache = Cache(default_cache_dir() if cache_dir is None else cache_dir, v, size) \
+            if cache_dir is not False else None
+        known = cache.rows if cache else {}
+        todo = list({keys[p]: p for p in paths if p in keys and keys[p] not in known}.items())
+        computed = {}
+        if todo:
+            _run(todo, net, kind, cache, computed, failed, pool, batch,
+                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {kind}") if progress else None)
+        elif cache and cache.parts:
+            cache.merge()
+    finally:
+        pool.shutdown(cancel_futures=True)
+    for p in paths:  # a key's first path failing to decode fails its duplicates too
+        if p in keys and p not in failed and keys[p] not in known and keys[p] not in computed:
+            failed[p] = f"{p}: cannot be read as an image (same content as another file that failed)"
+    rows = [known.get(keys[p], computed.get(keys[p])) for p in paths if p not in failed]
+    feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, size), np.float32)
+    if failed:
+        for msg in failed.values():
+            print(f"dsconv: warning: skipped {msg}", file=sys.stderr)
+    return feats, failed
+
+
+def _run(todo, net, kind, cache, computed, failed, pool, batch, bar):
+    """Forward (key, path) pairs in batches, decoding the next batch while this one runs."""
+    batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+
+    def submit(chunk):
+        return [pool.submit(_decode, p, net.resolution) for _, p in chunk]
+
+    ahead = submit(batches[0])
+    done = 0
+    try:
+        for i, chunk in enumerate(batches):
+            decoded = [f.result() for f in ahead]
+            ahead = submit(batches[i + 1]) if i + 1 < len(batches) else []
+            good = []
+            for (k, p), (px, err) in zip(chunk, decoded):
+                if err is None:
+                    good.append((k, px))
+                else:
+                    failed[p] = err
+            if good:
+                pooled, logits = net.forward(images.scale(np.stack([px for _, px in good])))
+                out = pooled if kind == "pooled" else logits
+                ks = [k for k, _ in good]
+                if cache:
+                    cache.put(ks, out)
+                computed.update(zip(ks, np.asarray(out, np.float32)))
+            done += len(chunk)
+            if bar:
+                bar.update(done)
+    finally:
+        if bar:
+            bar.update(done, final=True)
+        if cache:
+            cache.merge()
+
+
+def _safe_key(path):
+    """file_key, None for an empty file, or the OSError."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+        return file_key(path)
+    except OSError as e:
+        return e

@@ -1,0 +1,101 @@
+"""Binary diagnostic metrics, thresholds, and mean +/- std over repeats.
+
+With the positive class (pneumonia) as 1 and TP, FP, TN, FN the confusion
+counts at a threshold t (predict positive when score >= t):
+
+    accuracy    = (TP + TN) / N
+    sensitivity = TP / (TP + FN)     (recall, true positive rate)
+    specificity = TN / (TN + FP)
+    precision   = TP / (TP + FP)
+    f1          = 2 precision sensitivity / (precision + sensitivity)
+    auc         = P(score of a random positive > score of a random negative),
+                  ties counting one half (Mann-Whitney U from average ranks)
+
+An undefined ratio (0 / 0) is NaN. Over repeats, ``summary`` gives the mean
+and the sample standard deviation (ddof = 1: the spread between shuffles, as
+the paper's "97.6% +/- 0.36" over three shuffles); one repeat has std NaN.
+"""
+import math
+
+import numpy as np
+
+NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+
+
+def _ratio(a, b):
+    return a / b if b else math.nan
+
+
+def confusion(y, pred):
+    """{tp, fp, tn, fn} of 0/1 labels and predictions."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    return {"tp": int(np.sum(y & pred)), "fp": int(np.sum(~y & pred)),
+            "tn": int(np.sum(~y & ~pred)), "fn": int(np.sum(y & ~pred))}
+
+
+def auc(y, scores):
+    """ROC AUC by ranks (ties share the average rank); NaN without both classes."""
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2  # ranks s+1..e averaged
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate(y, scores, threshold=0.5):
+    """All of NAMES plus the confusion counts, at ``threshold``."""
+    c = confusion(y, np.asarray(scores) >= threshold)
+    sens = _ratio(c["tp"], c["tp"] + c["fn"])
+    prec = _ratio(c["tp"], c["tp"] + c["fp"])
+    return {"accuracy": _ratio(c["tp"] + c["tn"], sum(c.values())),
+            "sensitivity": sens,
+            "specificity": _ratio(c["tn"], c["tn"] + c["fp"]),
+            "precision": prec,
+            "f1": _ratio(2 * prec * sens, prec + sens) if not math.isnan(prec + sens) else math.nan,
+            "auc": auc(y, scores), "threshold": float(threshold), "confusion": c}
+
+
+def _roc_points(y, scores):
+    """Distinct thresholds (descending) and the sensitivity, specificity at each (score >= t)."""
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    s, yy = scores[order], y[order]
+    last = np.r_[s[1:] != s[:-1], True]  # the last row of each run of equal scores
+    tp, fp = np.cumsum(yy)[last], np.cumsum(~yy)[last]
+    return s[last], tp / max(y.sum(), 1), 1 - fp / max((~y).sum(), 1)
+
+
+def youden_threshold(y, scores):
+    """The threshold maximising J = sensitivity + specificity - 1.
+
+    Every t in (next lower score, best score] gives the same J on these
+    scores; the midpoint is taken, so new data is not decided on the edge.
+    Ties in J go to the highest threshold.
+    """
+    t, sens, spec = _roc_points(y, scores)
+    k = int(np.argmax(sens + spec - 1))
+    return float((t[k] + t[k + 1]) / 2) if k + 1 < len(t) else float(t[k])
+
+
+def sensitivity_threshold(y, scores, target):
+    """The highest threshold whose sensitivity on (y, scores) reaches ``target``."""
+    t, sens, _ = _roc_points(y, scores)
+    k = int(np.argmax(sens >= target - 1e-12))
+    return float(t[k])
+
+
+def summary(runs, names=NAMES):
+    """{name: {"mean", "std"}} over a list of evaluate() dicts; std is the sample std."""
+    out = {}
+    for n in names:
+        v = np.array([r[n] for r in runs], np.float64)
+        out[n] = {"mean": float(np.mean(v)) if len(v) else math.nan,
+                  "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan}
+    return out
