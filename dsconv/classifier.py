@@ -181,7 +181,8 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         model.mean, model.std = x.mean(axis=0), x.std(axis=0)
         model.std[model.std == 0] = 1.0
         x = model.prepare(x)
-    xv = model.prepare(x_val) if x_val is not None and len(x_val) else None
+    xv = model.prepare(x_val) if x_val is not None and len(x_val) else np.zeros((0, x.shape[1]))
+    yv = np.asarray(y_val if xv.shape[0] else [], np.int64)
     idx = batches(y, steps, batch, sampling, rng)
     onehot = np.eye(n_classes)
     w, b = model.weights, model.bias
@@ -193,9 +194,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         b -= lr * g.sum(axis=0)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curves["step"].append(step + 1)
-            pv = softmax(xv @ w + b) if xv is not None else np.zeros((0, n_classes))
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
-                            loss_accuracy(softmax(xb @ w + b), yb)
-                            + loss_accuracy(pv, np.asarray(y_val)[:len(pv)])):
+                            loss_accuracy(softmax(xb @ w + b), yb) + loss_accuracy(softmax(xv @ w + b), yv)):
                 curves[k].append(v)
     return model, curves

@@ -1,0 +1,124 @@
+"""The bottleneck cache: hit, resume after an interruption, damage, unreadable files."""
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from dsconv import features, images, weights
+from tests.conftest import CHEST
+
+
+@pytest.fixture(scope="module")
+def net(weights_dir):
+    return weights.load_file(weights_dir / "mobilenet_0.25_224_no_top.h5", 0.25, 128)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    """16 chest X-rays copied into a temporary folder."""
+    d = tmp_path_factory.mktemp("xrays")
+    out = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for src in sorted((CHEST / cls).glob("*.jpeg"))[:8]:
+            out.append(d / src.name)
+            shutil.copyfile(src, out[-1])
+    return out
+
+
+@pytest.fixture
+def calls(net, monkeypatch):
+    """Count the images that go through the network."""
+    seen = []
+    forward = net.forward
+
+    def counting(x):
+        seen.append(len(x))
+        return forward(x)
+    monkeypatch.setattr(net, "forward", counting)
+    return seen
+
+
+def test_matches_network_and_cache_hit(net, paths, calls, tmp_path):
+    feats, failed = features.extract(paths, net, "pooled", tmp_path, batch=5, progress=False)
+    assert not failed and feats.shape == (16, 256) and sum(calls) == 16
+    direct, _ = net.forward(np.stack([images.load(p, 128) for p in paths[:3]]))
+    assert np.array_equal(feats[:3], direct)
+    calls.clear()
+    again, _ = features.extract(paths[::-1], net, "pooled", tmp_path, progress=False)
+    assert calls == [] and np.array_equal(again, feats[::-1])
+    files = list(next(tmp_path.iterdir()).iterdir())
+    assert [f.name for f in files] == [features.MERGED]
+
+
+def test_resume_after_interruption(net, paths, calls, tmp_path, monkeypatch):
+    reference, _ = features.extract(paths, net, "pooled", False, progress=False)
+    forward = net.forward
+
+    def interrupted(x):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(x)
+    monkeypatch.setattr(net, "forward", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        features.extract(paths, net, "pooled", tmp_path, batch=4, progress=False)
+    assert calls == [4, 4]
+    # a process killed while writing leaves a half-written temporary file
+    variant_dir = next(tmp_path.iterdir())
+    (variant_dir / "part-1-1.h5.tmp").write_bytes(b"\x89HDF half written")
+    monkeypatch.setattr(net, "forward", forward)
+    calls.clear()
+    feats, _ = features.extract(paths, net, "pooled", tmp_path, batch=4, progress=False)
+    assert sum(calls) == 8 and np.array_equal(feats, reference)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "one value", "truncated"])
+def test_damaged_cache_rebuilt(net, paths, calls, tmp_path, capsys, damage):
+    feats, _ = features.extract(paths, net, "pooled", tmp_path, progress=False)
+    cache_file = next(tmp_path.iterdir()) / features.MERGED
+    if damage == "garbage":
+        cache_file.write_bytes(b"this is not HDF5")
+    elif damage == "truncated":
+        cache_file.write_bytes(cache_file.read_bytes()[:5000])
+    else:
+        with h5py.File(cache_file, "r+") as f:
+            f["features"][3, 5] += 1
+    calls.clear()
+    again, _ = features.extract(paths, net, "pooled", tmp_path, progress=False)
+    assert str(cache_file) in capsys.readouterr().err
+    assert sum(calls) == 16 and np.array_equal(again, feats)
+
+
+def test_damaged_cache_warns(net, paths, tmp_path, capsys):
+    features.extract(paths[:2], net, "pooled", tmp_path, progress=False)
+    cache_file = next(tmp_path.iterdir()) / features.MERGED
+    with h5py.File(cache_file, "r+") as f:
+        f["features"][0, 0] += 1
+    features.extract(paths[:2], net, "pooled", tmp_path, progress=False)
+    err = capsys.readouterr().err
+    assert str(cache_file) in err and "checksum" in err
+
+
+def test_other_variant_misses(net, paths, calls, tmp_path, weights_dir):
+    features.extract(paths[:4], net, "pooled", tmp_path, progress=False)
+    at160 = weights.load_file(weights_dir / "mobilenet_0.25_224_no_top.h5", 0.25, 160)
+    calls.clear()
+    feats, _ = features.extract(paths[:4], at160, "pooled", tmp_path, progress=False)
+    assert feats.shape == (4, 256) and len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="ImageNet head"):
+        features.extract(paths[:4], net, "logits", tmp_path, progress=False)
+
+
+def test_unreadable_files_skipped_with_names(net, paths, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpeg").write_bytes(b"")
+    (bad / "corrupt.jpeg").write_bytes(paths[0].read_bytes()[:300])
+    (bad / "notes.txt").write_text("radiologist notes")
+    mixed = [paths[0], bad / "empty.jpeg", bad / "corrupt.jpeg", paths[1], bad / "notes.txt"]
+    feats, failed = features.extract(mixed, net, "pooled", tmp_path / "cache", progress=False)
+    assert set(failed) == {bad / "empty.jpeg", bad / "corrupt.jpeg", bad / "notes.txt"}
+    assert feats.shape == (2, 256)
+    err = capsys.readouterr().err
+    assert all(name in err for name in ("empty.jpeg", "corrupt.jpeg", "notes.txt"))
