@@ -278,11 +278,12 @@ def main(argv=None):
             "weights_file": Path(net.weights_path).name, "weights_sha256": net.weights_sha256,
             "bottleneck": args.bottleneck, "features": int(x.shape[1]), "preprocessing": images.PREPROCESSING,
             "dsconv": __version__}
-    settings = {k: v for k, v in vars(args).items()}
+    settings = dict(vars(args))
+    training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
     for model, r in zip(models, runs):
         model.info = dict(info, threshold_rule=r["threshold_rule"],
-                          training=dict(settings, seed=r["seed"], sizes=r["sizes"]))
+                          training=dict(training, seed=r["seed"], sizes=r["sizes"]))
         model.save(out / f"model-seed{r['seed']}.h5")
     shutil.copyfile(out / f"model-seed{runs[best]['seed']}.h5", out / "model.h5")
 

@@ -102,3 +102,27 @@ def test_clear_errors(converted, tmp_path, capsys, case, message):
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert message in str(e.value.code), e.value.code
+
+
+CURVES = {"step": [10, 20], "train_loss": [0.5, 0.4], "train_accuracy": [0.8, 0.9],
+          "val_loss": [0.6, 0.5], "val_accuracy": [0.7, 0.8]}
+
+
+def test_curves_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert train.write_curves(tmp_path, [(0, CURVES)], "t") is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "curves.csv").read_text().splitlines()[1] == "0,10,0.5,0.8,0.6,0.7"
+
+
+def test_curves_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="the optional extra `plot`")
+    assert train.write_curves(tmp_path, [(0, CURVES), (1, CURVES)], "t").stat().st_size > 1000
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--data", "--split", "--group-by", "--repeats", "--bottleneck", "--target-sensitivity"):
+        assert flag in out
