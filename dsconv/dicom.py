@@ -1,0 +1,66 @@
+"""DICOM X-rays as 8-bit images, with pydicom (optional extra `dicom`).
+
+The steps a viewer takes: stored values -> modality rescale (slope,
+intercept) -> VOI LUT or window (centre, width) when the file has one, else
+the image's own range -> 8 bits -> MONOCHROME1 inverted (there, bright means
+low values). The result is a Pillow image, so the usual preprocessing follows.
+"""
+import numpy as np
+from PIL import Image
+
+INSTALL = 'pip install "dsconv[dicom]"'
+
+
+def read(path):
+    """A DICOM file as a Pillow image, mode L (grayscale) or RGB."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ImportError(f"{path}: reading DICOM needs pydicom; {INSTALL}") from None
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("the DICOM file has no pixel data")
+    pixels = ds.pixel_array
+    if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
+        pixels = pixels[0]  # a multi-frame file: its first frame
+    photometric = ds.get("PhotometricInterpretation", "MONOCHROME2")
+    if ds.get("SamplesPerPixel", 1) == 3:
+        if pixels.dtype != np.uint8:
+            pixels = _to_8bit(pixels.astype(np.float64), pixels.min(), pixels.max())
+        return Image.fromarray(pixels, "RGB")
+    values = apply_modality_lut(pixels, ds).astype(np.float64)
+    if "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds, prefer_lut=True)
+        lo, hi = 0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        values, lo, hi = _window(values, ds), 0.0, 1.0
+    else:
+        lo, hi = values.min(), values.max()
+    gray = _to_8bit(values, lo, hi)
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return Image.fromarray(gray, "L")
+
+
+def _first(value):
+    try:
+        return float(value[0])  # several windows: the first
+    except TypeError:
+        return float(value)
+
+
+def _window(x, ds):
+    """The window of DICOM PS3.3 C.11.2.1.2, mapped onto [0, 1]."""
+    c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+    if function == "SIGMOID":
+        return 1 / (1 + np.exp(-4 * (x - c) / w))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - c) / w + 0.5, 0, 1)
+    return np.clip((x - (c - 0.5)) / max(w - 1, 1) + 0.5, 0, 1)
+
+
+def _to_8bit(values, lo, hi):
+    scaled = (values - lo) * (255.0 / max(float(hi) - float(lo), 1e-12))
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

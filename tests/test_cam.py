@@ -1,0 +1,37 @@
+"""Class activation maps: the identity that makes them honest, and the overlay."""
+import numpy as np
+from PIL import Image
+
+from dsconv import cam, images, weights
+from tests.conftest import CHEST
+
+
+def test_map_mean_plus_bias_is_the_logit(converted):
+    net = weights.load(0.25, 128, quiet=True)
+    paths = sorted((CHEST / "NORMAL").glob("*.jpeg"))[:3]
+    x = np.stack([images.load(p, 128) for p in paths])
+    rng = np.random.default_rng(0)
+    W, b = rng.standard_normal((net.features, 2)), rng.standard_normal(2)
+    A = net.feature_maps(x)
+    pooled, _ = net.forward(x)
+    logits = pooled.astype(np.float64) @ W + b
+    for n in range(len(x)):
+        for k in range(2):
+            m = cam.class_map(A[n], W[:, k])
+            assert m.shape == A.shape[1:3]
+            assert abs(m.mean() + b[k] - logits[n, k]) < 1e-5
+            w, c = cam.contrast(W, b, k)
+            assert abs(cam.class_map(A[n], w).mean() + c - (logits[n, k] - logits[n].mean())) < 1e-5
+
+
+def test_overlay_keeps_the_image_size_and_colours_by_sign():
+    image = Image.fromarray(np.full((60, 90), 128, np.uint8), "L")
+    m = np.zeros((6, 6))
+    m[0, 0], m[5, 5] = 1.0, -1.0
+    out = cam.overlay(image, m, "P(PNEUMONIA) = 0.93")
+    assert out.size == (90, 60) and out.mode == "RGB"
+    px = np.asarray(out).astype(int)
+    assert px[40, 45].tolist() == [128, 128, 128]     # zero evidence: the X-ray untouched
+    assert px[59, 89, 2] > px[59, 89, 0]               # negative corner: blue
+    top_left = px[:20, :40]
+    assert (top_left == 0).any() and (top_left == 255).any()  # the caption box and text
