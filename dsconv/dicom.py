@@ -17,7 +17,7 @@ def read(path):
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
-        raise ImportError(f"{path}: reading DICOM needs pydicom; {INSTALL}") from None
+        raise ImportError(f"reading DICOM needs pydicom; {INSTALL}") from None
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("the DICOM file has no pixel data")

@@ -9,7 +9,8 @@ to 8 bits as x / 257, so the full 16-bit range becomes 0..255). Large JPEGs
 are decoded at a reduced scale first (Pillow's ``draft``: the JPEG decoder's
 own 1/2, 1/4, 1/8 DCT scaling, never below r x r), which makes a 2500-pixel
 X-ray about ten times cheaper and changes the resized pixels by about one
-grey level (tests/test_images.py measures it).
+grey level (tests/test_images.py measures it). DICOM files are read with
+pydicom (dsconv.dicom) and then take the same path.
 """
 import io
 
@@ -26,20 +27,51 @@ class ImageError(Exception):
     """An image that cannot be decoded, naming the file."""
 
 
-def decode(source, size, name=None):
-    """An image file (path or bytes) as (size, size, 3) uint8 RGB."""
+def is_dicom(source):
+    """A .dcm file, or any file with DICOM's "DICM" marker at byte 128."""
+    if isinstance(source, bytes):
+        return source[128:132] == b"DICM"
+    if str(source).lower().endswith((".dcm", ".dicom")):
+        return True
+    try:
+        with open(source, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def open_image(source, size=None, name=None):
+    """An image file (path or bytes) as a Pillow image, mode L or RGB.
+
+    With ``size``, large JPEGs are decoded at reduced scale (never below
+    size x size). DICOM files go through dsconv.dicom.
+    """
     name = name or source
+    if is_dicom(source):
+        from dsconv import dicom
+        try:
+            return dicom.read(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except ImportError as e:
+            raise ImageError(f"{name}: {e}") from None
+        except Exception as e:  # pydicom raises many kinds on a damaged file
+            raise ImageError(f"{name}: cannot be read as DICOM ({type(e).__name__}: {e})") from None
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
+            if size:
+                im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
             if im.mode in SIXTEEN_BIT or im.mode == "F":
                 scale16 = 257.0 if im.mode != "F" else 1.0
                 x = np.asarray(im, np.float64) / scale16
-                im = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(im)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+            return im.convert("L" if im.mode in ("L", "1") else "RGB")
+    except (OSError, ValueError, SyntaxError, AttributeError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
+
+
+def decode(source, size, name=None):
+    """An image file (path or bytes) as (size, size, 3) uint8 RGB."""
+    im = open_image(source, size, name)
+    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
 def load(path, size):

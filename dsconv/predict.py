@@ -1,0 +1,264 @@
+"""Diagnose new X-rays with a trained model: probability, decision, heatmap.
+
+    python -m dsconv.predict runs/.../model.h5 ../shared/data/originals --heatmap heatmaps/
+
+PATH is an image, a folder (walked recursively for image files) or a list
+file (.txt: one path a line, relative to the list file). Each image gets
+P(positive class), the decision at the model's threshold (--threshold
+overrides) and the network variant. An unreadable image is reported on its
+own row and the rest go on; the exit status is 1 if any image failed, 2 if
+nothing could be done (a missing or damaged model file, no images).
+
+In Python:
+
+    model = dsconv.load_model("runs/.../model.h5")
+    model.predict_proba(["a.jpeg", pixels])   # (N, classes)
+    model.predict(["a.jpeg"])                 # class names at the threshold
+"""
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dsconv import cam, classifier, features, images, weights
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+FORMATS = ("table", "csv", "json")
+BATCH = 16
+
+
+class Model:
+    """A trained classifier file with the frozen network it needs, in the manner of scikit-learn."""
+
+    def __init__(self, path, threshold=None, cache_dir=None):
+        self.path = Path(path)
+        self.head = classifier.load(self.path)
+        info = self.head.info
+        try:
+            self.alpha, self.resolution = float(info["alpha"]), int(info["resolution"])
+            self.bottleneck = info["bottleneck"]
+        except KeyError as e:
+            raise classifier.ModelError(f"{path}: the model file does not record {e}; train it again "
+                                        "with `python -m dsconv.train`") from None
+        self.net = _network(info)
+        self.classes = list(self.head.classes)
+        self.positive = self.classes[self.head.positive]
+        self.threshold = self.head.threshold if threshold is None else float(threshold)
+        self.cache_dir = cache_dir
+        if info.get("preprocessing") not in (None, images.PREPROCESSING):
+            print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
+                  f"this version does {images.PREPROCESSING!r}", file=sys.stderr)
+
+    @property
+    def variant(self):
+        return f"{self.alpha:g}-{self.resolution} {self.bottleneck}"
+
+    def bottlenecks(self, paths, progress=False):
+        """(features (N, D) of the readable paths, {path: reason} of the others); cached."""
+        return features.extract(paths, self.net, self.bottleneck, self.cache_dir, progress=progress)
+
+    def _pixels_bottlenecks(self, arrays):
+        x = np.stack([_prepare(a, self.resolution) for a in arrays])
+        pooled, logits = self.net.forward(x)
+        return pooled if self.bottleneck == "pooled" else logits
+
+    def predict_proba(self, images_):
+        """(N, classes) probabilities of image paths and/or arrays.
+
+        An array is either uint8 pixels of any size ((H, W) or (H, W, 3)),
+        resized as a file would be, or float (r, r, 3) already scaled to [-1, 1].
+        An unreadable file raises dsconv.images.ImageError naming it.
+        """
+        items = list(images_) if isinstance(images_, (list, tuple)) else [images_]
+        paths = [p for p in items if not isinstance(p, np.ndarray)]
+        feats = np.zeros((len(items), self.head.weights.shape[0]), np.float32)
+        if paths:
+            got, failed = features.extract(paths, self.net, self.bottleneck, self.cache_dir, progress=False)
+            if failed:
+                raise images.ImageError(next(iter(failed.values())))
+            feats[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
+        arrays = [i for i, a in enumerate(items) if isinstance(a, np.ndarray)]
+        if arrays:
+            feats[arrays] = self._pixels_bottlenecks([items[i] for i in arrays])
+        return self.head.probabilities(feats)
+
+    def predict(self, images_):
+        """Class names: the positive class where its probability reaches the threshold."""
+        p = self.predict_proba(images_)
+        return np.array([self.decide(row) for row in p])
+
+    def decide(self, p):
+        if p[self.head.positive] >= self.threshold:
+            return self.positive
+        others = [k for k in range(len(self.classes)) if k != self.head.positive]
+        return self.classes[max(others, key=lambda k: p[k])]
+
+    def linear(self):
+        """(W (F, C), b (C,)): the class logits as an affine map of the pooled features."""
+        W, b = self.head.weights.astype(np.float64), self.head.bias.astype(np.float64)
+        if self.head.mean is not None:
+            W, b = W / self.head.std[:, None], b - (self.head.mean / self.head.std) @ W
+        if self.bottleneck == "logits":
+            top = self.net.params["conv_preds"]
+            W, b = top["kernel"].astype(np.float64) @ W, top["bias"].astype(np.float64) @ W + b
+        return W, b
+
+    def heatmap(self, source, probability):
+        """The class activation map of the positive class over the X-ray, as an RGB Pillow image."""
+        original = images.open_image(source)
+        x = images.scale(images.decode(source, self.resolution))[None]
+        w, _ = cam.contrast(*self.linear(), self.head.positive)
+        m = cam.class_map(self.net.feature_maps(x)[0], w)
+        return cam.overlay(original, m, f"P({self.positive}) = {probability:.3f}  "
+                                        f"MobileNet {self.variant}")
+
+
+def _network(info):
+    """The frozen network the model was trained on: the converted file with its sha256 if present."""
+    alpha, resolution, head = float(info["alpha"]), int(info["resolution"]), info["bottleneck"] == "logits"
+    want = info.get("weights_sha256")
+    d = weights.weights_dir()
+    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        meta = weights.describe(path)
+        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head) and weights.sha256(path) == want:
+            return weights.load_file(path, alpha, resolution)
+    net = weights.load(alpha, resolution, head=head, quiet=True)
+    if want and net.weights_sha256 != want:
+        print(f"dsconv: warning: the model was trained on weights {info.get('weights_file')} "
+              f"(sha256 {want[:12]}...), which are not in {d}; using {net.weights_path.name} instead",
+              file=sys.stderr)
+    return net
+
+
+def _prepare(a, size):
+    if a.dtype == np.uint8:
+        from PIL import Image
+        im = Image.fromarray(a if a.ndim == 2 or a.shape[2] == 3 else a[..., :3])
+        return images.scale(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+    if a.shape != (size, size, 3):
+        raise ValueError(f"a float image must be ({size}, {size}, 3) scaled to [-1, 1], got {a.shape}")
+    return a.astype(np.float32)
+
+
+def load_model(path, threshold=None, cache_dir=None):
+    """A Model from a classifier file written by `python -m dsconv.train`."""
+    return Model(path, threshold, cache_dir)
+
+
+def collect(paths):
+    """Image paths from files, folders (recursive) and list files, in order, without repeats."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.suffix.lower() in LIST_SUFFIXES and p.is_file():
+            lines = [ln.strip() for ln in p.read_text().splitlines()]
+            out += [p.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        else:
+            out.append(p)
+    return list(dict.fromkeys(out))
+
+
+def unique_name(folder, path, used):
+    name = Path(path).stem
+    k = 1
+    while name in used:
+        k += 1
+        name = f"{Path(path).stem}-{k}"
+    used.add(name)
+    return folder / f"{name}.png"
+
+
+def rows_for(model, paths, heatmap_dir=None, progress=True):
+    """One dict per path: path, probability, decision, threshold, variant, error (or None)."""
+    feats, failed = model.bottlenecks(paths, progress=progress)
+    probs = iter(model.head.probabilities(feats) if len(feats) else [])
+    rows, used = [], set()
+    for path in paths:
+        row = {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
+               "variant": model.variant, "error": failed.get(path)}
+        if row["error"] is None:
+            p = next(probs)
+            row["probability"], row["decision"] = float(p[model.head.positive]), model.decide(p)
+            if heatmap_dir:
+                try:
+                    out = unique_name(heatmap_dir, path, used)
+                    model.heatmap(path, row["probability"]).save(out)
+                    row["heatmap"] = str(out)
+                except (images.ImageError, OSError) as e:
+                    row["error"] = f"heatmap: {e}"
+        rows.append(row)
+    return rows
+
+
+def render(rows, fmt, positive):
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    keys = ["path", "probability", "decision", "threshold", "variant", "error"] + \
+        (["heatmap"] if any("heatmap" in r for r in rows) else [])
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        return buf.getvalue()
+    width = max([len("image")] + [len(r["path"]) for r in rows])
+    head = f"{'image':{width}s}  P({positive})  decision    variant"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["probability"] is None:
+            lines.append(f"{r['path']:{width}s}  error: {r['error']}")
+        else:
+            lines.append(f"{r['path']:{width}s}  {r['probability']:{len(positive) + 3}.3f}  "
+                         f"{r['decision']:10s}  {r['variant']}" + (f"  error: {r['error']}" if r["error"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dsconv.predict", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+    p.add_argument("model", help="classifier file written by `python -m dsconv.train` (model.h5)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image, folder or list file")
+    p.add_argument("--threshold", type=float, help="decision threshold on P(positive) (default: the model's)")
+    p.add_argument("--format", default="table", choices=FORMATS, help="output format")
+    p.add_argument("--output", "-o", help="write the output to this file instead of standard output")
+    p.add_argument("--heatmap", metavar="DIR", help="write one class activation map PNG per image here")
+    p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
+    p.add_argument("--no-cache", action="store_true", help="keep no bottlenecks on disk")
+    args = p.parse_args(argv)
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        p.error("--threshold must be between 0 and 1")
+    try:
+        model = load_model(args.model, args.threshold, False if args.no_cache else args.cache)
+        paths = collect(args.paths)
+        if not paths:
+            raise OSError(f"no image files in {' '.join(args.paths)}")
+        heatmaps = Path(args.heatmap) if args.heatmap else None
+        if heatmaps:
+            heatmaps.mkdir(parents=True, exist_ok=True)
+        rows = rows_for(model, paths, heatmaps)
+    except (classifier.ModelError, weights.WeightsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: bottlenecks computed so far are cached", file=sys.stderr)
+        sys.exit(130)
+    text = render(rows, args.format, model.positive)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    failed = sum(r["error"] is not None for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} images failed", file=sys.stderr)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
