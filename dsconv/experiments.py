@@ -18,11 +18,13 @@ rate and step count with the best mean validation accuracy over the shuffles
 is reported as mean +/- sample std. The test partition plays no part in it.
 
 Written to --out: runs.csv (one row per run, appended as runs finish: an
-interrupted grid resumes where it stopped), table1.md, table3.md, table4.md,
-figure4.png and tradeoff.png (with matplotlib), summary.md.
+interrupted grid resumes where it stopped), timing.json (the wall time of
+every invocation), table1.md, table3.md, table4.md, figure4.png and
+tradeoff.png (with matplotlib), summary.md.
 """
 import argparse
 import csv
+import json
 import math
 import sys
 import time
@@ -44,6 +46,7 @@ STEPS = (1500, 2000, 2500)
 GROUP_BYS = ("image", "patient")
 BOTTLENECKS = ("logits", "pooled")
 FIGURE4_EVAL_EVERY = 10
+TIMING = "timing.json"
 
 # The paper's tables. Table 4: accuracy % mean, std per scheme (80/10/10, 70/15/15, 60/20/20).
 PAPER_TABLE1 = {"80/10/10": (4172, 522, 522), "70/15/15": (3652, 782, 782), "60/20/20": (3130, 1043, 1043)}
@@ -252,16 +255,16 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
             setting = dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme, seed=seed,
                            lr=lr, trained_resolution=net.trained_resolution)
             log.add([dict(setting, **r) for r in results])
-            timing["train_s"] = timing.get("train_s", 0.0) + sum(r["train_s"] for r in results)
+            timing["train_s"] += sum(r["train_s"] for r in results)
             done += 1
             trained += 1
+            timing["trainings"] += 1
             if (kind, g, scheme) != last or done == total:
                 last = (kind, g, scheme)
                 left = training / trained * (total - done)
                 print(f"grid [{done}/{total} trainings] {alpha:g}-{res} {kind} by {g} {scheme}  "
                       f"{clock(time.perf_counter() - start)} elapsed, ~{clock(left)} of training left "
                       "(plus bottlenecks)", file=stream, flush=True)
-    timing["trainings"] = timing.get("trainings", 0) + trained
 
 
 def bottlenecks(ds, net, kinds, cache_dir, workers, timing):
@@ -274,7 +277,7 @@ def bottlenecks(ds, net, kinds, cache_dir, workers, timing):
     t = time.perf_counter()
     feats, failed = features.extract_kinds(ds.paths, net, kinds, cache_dir, workers=workers)
     seconds = time.perf_counter() - t
-    timing.setdefault("extract", []).append({"variant": f"{net.alpha:g}-{net.resolution}", "images": missing,
+    timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": missing,
                                              "seconds": seconds})
     keep = np.array([p not in failed for p in ds.paths], bool)
     return ds.subset(keep), feats
@@ -519,7 +522,7 @@ def leakage(ds, seeds, scheme):
             "test_with_patient_in_train": float(np.mean(shared)) if shared else math.nan}
 
 
-def summary(selected, rows, grid, alphas, timing, facts, wall_s, figure_cell):
+def summary(selected, rows, grid, alphas, invocations, facts, figure_cell):
     """summary.md: headline numbers, leakage, cost, and what differs from the paper."""
     have = sorted(alphas, reverse=True)
     missing = [a for a in mobilenet.ALPHAS if a not in alphas]
@@ -554,28 +557,11 @@ def summary(selected, rows, grid, alphas, timing, facts, wall_s, figure_cell):
     gaps = [selected[(*c[:3], "image", c[4])]["test"] - s["test"] for c, s in selected.items()
             if c[3] == "patient" and (*c[:3], "image", c[4]) in selected]
     if gaps:
-        lines += [f"Patient leakage: over the {len(gaps)} variant/bottleneck/scheme cells run both ways, the "
-                  f"split by image scores {100 * np.mean(gaps):.1f} points higher than the split by patient on "
-                  f"average (from {100 * min(gaps):.1f} to {100 * max(gaps):.1f}).", ""]
-    n_train = len({tuple(key_of(r)[:-1]) for r in rows})
-    extract = timing.get("extract", [])
-    lines += ["## Cost", "",
-              f"- This invocation: {clock(wall_s)} wall time (min:s) on this machine, "
-              f"{timing.get('trainings', 0)} trainings run now; runs.csv holds {len(rows)} runs from "
-              f"{n_train} trainings (each to {max(grid.steps)} steps, snapshots at "
-              f"{', '.join(map(str, sorted(grid.steps)))}).",
-              f"- Training time in this invocation: {timing.get('train_s', 0.0):.1f} s."]
-    for e in extract:
-        rate = f", {e['images'] / e['seconds']:.0f} images/s" if e["images"] else " (all from the cache)"
-        lines.append(f"- Bottlenecks {e['variant']} (logits and pooled, one forward pass): {e['images']} images "
-                     f"computed in {e['seconds']:.1f} s{rate}.")
-    computed = [e for e in extract if e["images"]]
-    if computed:
-        total = sum(e["images"] for e in computed)
-        secs = sum(e["seconds"] for e in computed)
-        lines.append(f"- All bottlenecks: {total} images in {secs:.0f} s, {total / secs:.0f} images/s overall.")
-    lines += ["- Timings are single measurements on two cores shared with other work: noisy.", "",
-              "## What differs from the paper, and why", "",
+        lines += [f"Split by image minus split by patient, over the {len(gaps)} variant/bottleneck/scheme "
+                  f"cells run both ways: {100 * np.mean(gaps):+.1f} points on average (from "
+                  f"{100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}).", ""]
+    lines += cost(rows, grid, invocations)
+    lines += ["## What differs from the paper, and why", "",
               leak_text(facts, head),
               "- **Bottleneck.** retrain.py used TF-slim's 1001 logits (a background class first); Keras' "
               "weights give 1000 logits (the `logits` tables). The pooled 1024·alpha vector is shown too.",
@@ -594,6 +580,27 @@ def summary(selected, rows, grid, alphas, timing, facts, wall_s, figure_cell):
     return "\n".join(lines)
 
 
+def cost(rows, grid, invocations):
+    """The Cost section: every invocation that wrote to this runs.csv with this grid, and the bottleneck rates."""
+    n_train = len({key_of(r)[:-1] for r in rows})
+    lines = ["## Cost", "",
+             f"runs.csv holds {len(rows)} runs from {n_train} trainings, each to {max(grid.steps)} steps with "
+             f"snapshots at {', '.join(map(str, sorted(grid.steps)))}. Wall time per invocation of the command "
+             "(a resumed grid has several):", "",
+             "| started | wall time (min:s) | trainings | training (s) | bottlenecks computed | images/s |",
+             "|---|---|---|---|---|---|"]
+    for inv in invocations:
+        images = sum(e["images"] for e in inv["extract"])
+        secs = sum(e["seconds"] for e in inv["extract"] if e["images"])
+        lines.append(f"| {inv['started']} | {clock(inv['wall_s'])} | {inv['trainings']} | {inv['train_s']:.0f} | "
+                     f"{images} | {f'{images / secs:.0f}' if images else '—'} |")
+    lines += ["", "Bottlenecks (logits and pooled from one forward pass), images/s per variant where computed: "
+              + ", ".join(f"{e['variant']} {e['images'] / e['seconds']:.0f}" for inv in invocations
+                          for e in inv["extract"] if e["images"]) + ".",
+              "Single measurements on two cores shared with other work: noisy.", ""]
+    return lines
+
+
 def leak_text(facts, scheme):
     dup = facts["duplicate_groups"]
     text = (f"- **Patient leakage.** The paper splits by image. {facts['images']} images come from "
@@ -607,6 +614,20 @@ def leak_text(facts, scheme):
 
 
 # ---- the command
+
+
+def read_timing(out):
+    path = out / TIMING
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
+        return []
+
+
+def write_timing(out, timing):
+    """Append this invocation's times to timing.json (also when interrupted)."""
+    (out / TIMING).write_text(json.dumps(read_timing(out) + [timing], indent=1) + "\n")
 
 
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
@@ -630,8 +651,9 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
         tradeoff(out / "tradeoff.png", selected, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
-    (out / "summary.md").write_text(summary(selected, rows, grid, alphas, timing, facts,
-                                            time.perf_counter() - wall_start, figure_cell))
+    timing["wall_s"] = time.perf_counter() - wall_start
+    invocations = [i for i in read_timing(out) if i["grid"] == timing["grid"]] + [timing]
+    (out / "summary.md").write_text(summary(selected, rows, grid, alphas, invocations, facts, figure_cell))
     written.append("summary.md")
     return written
 
@@ -642,7 +664,8 @@ def main(argv=None):
     grid = QUICK if args.quick else Grid()
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else None
-    timing = {}
+    timing = {"started": time.strftime("%Y-%m-%d %H:%M"), "grid": "quick" if args.quick else "full",
+              "trainings": 0, "train_s": 0.0, "extract": []}
     log = None
     try:
         ds = data.scan(args.data)
@@ -665,6 +688,8 @@ def main(argv=None):
     finally:
         if log:
             log.close()
+            timing["wall_s"] = time.perf_counter() - wall_start
+            write_timing(out, timing)
     print(f"wrote {out}/: {', '.join(written)} ({clock(time.perf_counter() - wall_start)} min:s)")
 
 

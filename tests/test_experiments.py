@@ -1,5 +1,6 @@
 """python -m dsconv.experiments: the quick grid end to end, resume, snapshots, selection, tables."""
 import csv
+import json
 import math
 import shutil
 
@@ -97,6 +98,11 @@ def test_quick_grid_end_to_end_and_resume(converted, small, tmp_path, monkeypatc
     experiments.main(grid_args(small, tmp_path, "b"))
     assert grid_calls == []
     assert (tmp_path / "b" / "table4.md").read_text() == table4
+    timing = json.loads((tmp_path / "b" / "timing.json").read_text())
+    assert [t["trainings"] for t in timing] == [5, trainings - 5, 0]
+    assert [t["extract"][0]["images"] if t["extract"] else None for t in timing] == [0, 0, None]
+    cost = (tmp_path / "b" / "summary.md").read_text().split("## Cost")[1]
+    assert cost.count(f"| {timing[0]['started']} |") + cost.count(f"| {timing[1]['started']} |") >= 3
 
 
 @pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
