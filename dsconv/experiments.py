@@ -77,6 +77,7 @@ PAPER_TABLE4 = {
     (0.25, 128): ((97.2, 0.21), (96.3, 0.21), (95.9, 1.22))}
 PAPER_VARIANTS = tuple(PAPER_TABLE4)
 
+# A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
 KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
 COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
                  "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
@@ -140,13 +141,19 @@ def read_runs(path):
                              f"differ); give another --out or move the file away")
     rows = {}
     for r in csv.DictReader(lines):
-        row = {k: r[k] for k in COLUMNS}
-        for k in ("alpha", "lr") + COLUMNS[COLUMNS.index("val_accuracy"):]:
-            row[k] = float(row[k]) if row[k] != "" else math.nan
-        for k in ("resolution", "seed", "steps", "trained_resolution", "n_train", "n_val", "n_test"):
-            row[k] = int(row[k])
+        row = parse_row(r)
         rows[key_of(row)] = row
     return rows
+
+
+def parse_row(cells):
+    """A run from its CSV cells (strings)."""
+    row = {k: cells[k] for k in COLUMNS}
+    for k in ("alpha", "lr") + COLUMNS[COLUMNS.index("val_accuracy"):]:
+        row[k] = float(row[k]) if row[k] != "" else math.nan
+    for k in ("resolution", "seed", "steps", "trained_resolution", "n_train", "n_val", "n_test"):
+        row[k] = int(row[k])
+    return row
 
 
 class RunLog:
@@ -162,9 +169,11 @@ class RunLog:
             self.file.flush()
 
     def add(self, rows):
+        """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
         for row in rows:
-            self.file.write(",".join(fmt(k, row[k]) for k in COLUMNS) + "\n")
-            self.rows[key_of(row)] = row
+            cells = {k: fmt(k, row[k]) for k in COLUMNS}
+            self.file.write(",".join(cells.values()) + "\n")
+            self.rows[key_of(row)] = parse_row(cells)
         self.file.flush()
 
     def close(self):
@@ -277,8 +286,7 @@ def bottlenecks(ds, net, kinds, cache_dir, workers, timing):
     t = time.perf_counter()
     feats, failed = features.extract_kinds(ds.paths, net, kinds, cache_dir, workers=workers)
     seconds = time.perf_counter() - t
-    timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": missing,
-                                             "seconds": seconds})
+    timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": missing, "seconds": seconds})
     keep = np.array([p not in failed for p in ds.paths], bool)
     return ds.subset(keep), feats
 
@@ -306,7 +314,9 @@ def select(rows):
     for cell, settings in by.items():
         def score(item):
             (lr, steps), rs = item
-            return (-np.mean([r["val_accuracy"] for r in rs]), np.mean([r["val_loss"] for r in rs]), steps, -lr)
+            # rounded: equal accuracy sums must tie whatever the order of the float additions
+            return (-round(np.mean([r["val_accuracy"] for r in rs]), 9),
+                    round(np.mean([r["val_loss"] for r in rs]), 9), steps, -lr)
         (lr, steps), rs = min(settings.items(), key=score)
         test = [r["test_accuracy"] for r in rs]
         out[cell] = {"lr": lr, "steps": steps, "val": float(np.mean([r["val_accuracy"] for r in rs])),
@@ -441,9 +451,12 @@ def tradeoff(path, selected, scheme, plt):
                 ax.errorbar([x for x, _ in line], [100 * s["test"] for _, s in line],
                             yerr=[100 * np.nan_to_num(s["test_std"]) for _, s in line], color=color,
                             marker="o", capsize=3, label=f"ours, by {g}" if alpha == pts[0][2][0] else None)
-            for x, s, c in pts:
+            for x, s, c in pts if g == "image" else ():
                 ax.annotate(name(c[:2]), (x, 100 * s["test"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.set_xticks([10, 20, 50, 100, 200, 500])
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
         ax.set_xlabel("million mult-adds (counted)")
         ax.set_title(f"{kind} bottleneck, split {scheme}")
         ax.grid(alpha=0.3)
@@ -465,7 +478,7 @@ def figure4(path, curves, title, plt):
                 label="validation" if seed == curves[0][0] else None)
     ax.set_xlabel("step")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0.8, 1.0)
+    ax.set_ylim(0.7, 1.0)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title, fontsize=9)
@@ -646,8 +659,8 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     if plt and selected:
         c, s = figure_cell
         curves = figure4_curves(ds, c, s, grid.shuffles, cache_dir, workers)
-        figure4(out / "figure4.png", curves, f"MobileNet {name(c[:2])} {c[2]}, {PROTOCOLS[c[3]]} {c[4]}, "
-                f"lr {s['lr']:g}, {s['steps']} steps ({len(curves)} shuffles)", plt)
+        figure4(out / "figure4.png", curves, f"MobileNet {name(c[:2])} {c[2]}, split by {c[3]} {c[4]}, "
+                f"lr {s['lr']:g}, {s['steps']} steps, {len(curves)} shuffles", plt)
         tradeoff(out / "tradeoff.png", selected, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)

@@ -146,6 +146,12 @@ def test_selection_uses_validation_only():
     (chosen,) = experiments.select(tie).values()
     assert (chosen["lr"], chosen["steps"], chosen["test"]) == (0.01, 2500, 0.99)
     assert math.isnan(chosen["test_std"])
+    # equal validation accuracy sums whose float means differ in the last bit still tie
+    a, b = np.array([502, 503, 510]) / 522, np.array([506, 504, 505]) / 522  # as found in the real grid
+    assert np.mean(a) != np.mean(b) and a.sum() == pytest.approx(b.sum())
+    tie = [row(0.001, 1500, s, v, 0.0, val_loss=0.0993) for s, v in enumerate(a)]
+    tie += [row(0.001, 2000, s, v, 1.0, val_loss=0.0974) for s, v in enumerate(b)]
+    assert [(s["steps"], s["test"]) for s in experiments.select(tie).values()] == [(2000, 1.0)]
 
 
 def test_tables():
