@@ -105,7 +105,8 @@ def parse_args(argv):
     p.add_argument("--out", default=OUT, help="output folder; a runs.csv already there is resumed")
     p.add_argument("--quick", action="store_true",
                    help="a reduced grid: MobileNet 0.25-128, split 80/10/10, 2 shuffles, lr 0.1 and "
-                        "0.01, 100 and 200 steps (under a minute)")
+                        "0.01, 100 and 200 steps (seconds once its bottlenecks are cached); its tables "
+                        "replace those in --out, its runs join runs.csv")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{features.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
