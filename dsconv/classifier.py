@@ -55,7 +55,11 @@ def truncated_normal(rng, shape, std):
 
 
 def batches(labels, steps, batch, sampling, rng):
-    """(steps, batch) row indices drawn with replacement; see the module docstring."""
+    """(steps, batch) row indices drawn with replacement; see the module docstring.
+
+    The draws of a step do not depend on ``steps``: the first k rows of a
+    longer run are those of a k-step run from the same ``rng`` state.
+    """
     labels = np.asarray(labels)
     if sampling == "natural":
         return rng.integers(0, len(labels), (steps, batch))
@@ -64,8 +68,10 @@ def batches(labels, steps, batch, sampling, rng):
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
     counts = np.array([len(m) for m in members])
-    cls = rng.integers(0, len(classes), (steps, batch))
-    within = np.floor(rng.random((steps, batch)) * counts[cls]).astype(np.int64)
+    # one uniform pair per draw, in step order: the first k steps of a longer run are a shorter run's
+    u = rng.random((steps, batch, 2))
+    cls = np.minimum((u[..., 0] * len(classes)).astype(np.int64), len(classes) - 1)
+    within = np.minimum((u[..., 1] * counts[cls]).astype(np.int64), counts[cls] - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return np.concatenate(members)[offsets[cls] + within]
 
@@ -163,11 +169,16 @@ def load(path):
 
 
 def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH,
-          sampling="balanced", eval_every=EVAL_EVERY, standardize=False, weight_decay=0.0, seed=0):
+          sampling="balanced", eval_every=EVAL_EVERY, standardize=False, weight_decay=0.0, seed=0,
+          snapshots=()):
     """Train the head on bottlenecks x (N, D), labels y; returns (Classifier, curves).
 
     curves: dict of lists ``step``, ``train_loss``, ``train_accuracy``,
     ``val_loss``, ``val_accuracy`` (NaN without validation data).
+    ``snapshots``: step counts at which to keep a copy of the model, returned
+    as curves["snapshots"] = {step: Classifier}; since the random draws of a
+    step do not depend on ``steps``, each copy is bitwise the model that a
+    run of that many steps gives.
     """
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.int64)
@@ -187,11 +198,18 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     onehot = np.eye(n_classes)
     w, b = model.weights, model.bias
     curves = {k: [] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
+    keep = set(snapshots)
+    if any(not 1 <= k <= steps for k in keep):
+        raise ValueError(f"snapshots {sorted(keep)} must lie within 1..{steps} steps")
+    if keep:
+        curves["snapshots"] = {}
     for step in range(steps):
         xb, yb = x[idx[step]], y[idx[step]]
         g = (softmax(xb @ w + b) - onehot[yb]) / batch
         w -= lr * (xb.T @ g + weight_decay * w)
         b -= lr * g.sum(axis=0)
+        if step + 1 in keep:
+            curves["snapshots"][step + 1] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curves["step"].append(step + 1)
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),

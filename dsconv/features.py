@@ -1,6 +1,7 @@
 """Bottlenecks: each image through the frozen network once, cached on disk.
 
     feats, failed = extract(paths, net, "pooled", cache_dir)
+    both, failed = extract_kinds(paths, net, ("pooled", "logits"), cache_dir)   # one forward pass
 
 A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
@@ -184,8 +185,20 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, p
     ``cache_dir=False`` keeps nothing on disk. Decoding runs in ``workers``
     threads ahead of the forward pass.
     """
-    v = variant(net, kind)
-    size = net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
+    feats, failed = extract_kinds(paths, net, (kind,), cache_dir, batch, workers, progress)
+    return feats[kind], failed
+
+
+def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True):
+    """As extract, for several bottleneck kinds from one forward pass per image.
+
+    Returns ({kind: features}, failed); each kind has its own cache, and an
+    image missing from any of them goes through the network once for all.
+    """
+    kinds = tuple(dict.fromkeys(kinds))
+    vs = {kind: variant(net, kind) for kind in kinds}
+    sizes = {kind: net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
+             for kind in kinds}
     paths = [Path(p) for p in paths]
     failed, keys = {}, {}
     pool = ThreadPoolExecutor(max(1, workers))
@@ -197,30 +210,37 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, p
                 failed[path] = f"{path}: the file is empty"
             else:
                 keys[path] = key
-        cache = Cache(default_cache_dir() if cache_dir is None else cache_dir, v, size) \
-            if cache_dir is not False else None
-        known = cache.rows if cache else {}
-        todo = list({keys[p]: p for p in paths if p in keys and keys[p] not in known}.items())
-        computed = {}
+        root = default_cache_dir() if cache_dir is None else cache_dir
+        caches = {kind: Cache(root, vs[kind], sizes[kind]) for kind in kinds} if cache_dir is not False else {}
+        known = {kind: caches[kind].rows if caches else {} for kind in kinds}
+        todo = list({keys[p]: p for p in paths
+                     if p in keys and any(keys[p] not in known[kind] for kind in kinds)}.items())
+        computed = {kind: {} for kind in kinds}
         if todo:
-            _run(todo, net, kind, cache, computed, failed, pool, batch,
-                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {kind}") if progress else None)
-        elif cache and cache.parts:
-            cache.merge()
+            v = vs[kinds[0]]
+            _run(todo, net, caches, computed, failed, pool, batch,
+                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {'+'.join(kinds)}")
+                 if progress else None)
+        for cache in caches.values():
+            if cache.parts:
+                cache.merge()
     finally:
         pool.shutdown(cancel_futures=True)
     for p in paths:  # a key's first path failing to decode fails its duplicates too
-        if p in keys and p not in failed and keys[p] not in known and keys[p] not in computed:
+        if p in keys and p not in failed and any(keys[p] not in known[k] and keys[p] not in computed[k]
+                                                 for k in kinds):
             failed[p] = f"{p}: cannot be read as an image (same content as another file that failed)"
-    rows = [known.get(keys[p], computed.get(keys[p])) for p in paths if p not in failed]
-    feats = np.stack(rows).astype(np.float32) if rows else np.zeros((0, size), np.float32)
+    out = {}
+    for kind in kinds:
+        rows = [known[kind].get(keys[p], computed[kind].get(keys[p])) for p in paths if p not in failed]
+        out[kind] = np.stack(rows).astype(np.float32) if rows else np.zeros((0, sizes[kind]), np.float32)
     if failed:
         for msg in failed.values():
             print(f"dsconv: warning: skipped {msg}", file=sys.stderr)
-    return feats, failed
+    return out, failed
 
 
-def _run(todo, net, kind, cache, computed, failed, pool, batch, bar):
+def _run(todo, net, caches, computed, failed, pool, batch, bar):
     """Forward (key, path) pairs in batches, decoding the next batch while this one runs."""
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
 
@@ -241,18 +261,19 @@ def _run(todo, net, kind, cache, computed, failed, pool, batch, bar):
                     failed[p] = err
             if good:
                 pooled, logits = net.forward(images.scale(np.stack([px for _, px in good])))
-                out = pooled if kind == "pooled" else logits
                 ks = [k for k, _ in good]
-                if cache:
-                    cache.put(ks, out)
-                computed.update(zip(ks, np.asarray(out, np.float32)))
+                for kind in computed:
+                    out = pooled if kind == "pooled" else logits
+                    if kind in caches:
+                        caches[kind].put(ks, out)
+                    computed[kind].update(zip(ks, np.asarray(out, np.float32)))
             done += len(chunk)
             if bar:
                 bar.update(done)
     finally:
         if bar:
             bar.update(done, final=True)
-        if cache:
+        for cache in caches.values():
             cache.merge()
 
 

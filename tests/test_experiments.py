@@ -1,0 +1,201 @@
+"""python -m dsconv.experiments: the quick grid end to end, resume, snapshots, selection, tables."""
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from dsconv import classifier, data, experiments, features, weights
+from tests.conftest import CHEST
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """24 chest X-rays per class, several images of some patients."""
+    root = tmp_path_factory.mktemp("xrays")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir()
+        for src in sorted((CHEST / cls).glob("*.jpeg"))[::25][:24]:
+            shutil.copyfile(src, root / cls / src.name)
+    return root
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def without_time(rows):
+    return sorted(tuple((k, v) for k, v in r.items() if k != "train_s") for r in rows)
+
+
+def grid_args(small, tmp_path, out):
+    return ["--data", str(small), "--out", str(tmp_path / out), "--quick", "--cache", str(tmp_path / "cache")]
+
+
+def test_quick_grid_end_to_end_and_resume(converted, small, tmp_path, monkeypatch, capsys):
+    experiments.main(grid_args(small, tmp_path, "a"))
+    out = tmp_path / "a"
+    for f in ("runs.csv", "table1.md", "table3.md", "table4.md", "figure4.png", "tradeoff.png", "summary.md"):
+        assert (out / f).stat().st_size > 0, f
+    q = experiments.QUICK
+    trainings = len(q.schemes) * q.shuffles * len(q.lrs) * len(q.group_bys) * len(q.bottlenecks)
+    rows = read_csv(out / "runs.csv")
+    assert len(rows) == trainings * len(q.steps) == 32
+    assert {r["alpha"] + "-" + r["resolution"] for r in rows} == {"0.25-128"}
+    assert {r["trained_resolution"] for r in rows} == {"224"}
+    table4 = (out / "table4.md").read_text()
+    assert "| 0.25-128 † |" in table4 and "| 1.0-224 | no weights (98.0 ± 0.17) |" in table4
+    assert "| 0.75-224 | not in this grid (97.6 ± 0.36) |" in table4
+    summary = (out / "summary.md").read_text()
+    assert "validation" in summary and "the test partition played no part" in summary
+
+    # a run row is what a separate training of that many steps gives
+    r = next(r for r in rows if r["bottleneck"] == "pooled" and r["group_by"] == "patient"
+             and r["seed"] == "1" and r["lr"] == "0.1" and r["steps"] == str(min(q.steps)))
+    ds = data.scan(small)
+    net = weights.load(0.25, 128, head=True, quiet=True)
+    x, _ = features.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
+    part = data.split(ds.labels, (80, 10, 10), 1, [data.patient_id(p) for p in ds.paths])
+    model, _ = classifier.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
+    _, test = experiments.evaluate(model, x[part == 2], ds.labels[part == 2], 1)
+    _, val = experiments.evaluate(model, x[part == 1], ds.labels[part == 1], 1)
+    assert experiments.fmt("", test["accuracy"]) == r["test_accuracy"]
+    assert experiments.fmt("", val["accuracy"]) == r["val_accuracy"]
+
+    # interrupted after 5 trainings, killed in the middle of writing a row, then resumed
+    train = classifier.train
+    grid_calls = []
+
+    def interrupted(*a, **k):
+        if k.get("snapshots"):
+            if len(grid_calls) == 5:
+                raise KeyboardInterrupt
+            grid_calls.append(1)
+        return train(*a, **k)
+    monkeypatch.setattr(classifier, "train", interrupted)
+    with pytest.raises(SystemExit, match="interrupted"):
+        experiments.main(grid_args(small, tmp_path, "b"))
+    assert len(read_csv(tmp_path / "b" / "runs.csv")) == 5 * len(q.steps)
+    with open(tmp_path / "b" / "runs.csv", "a") as f:
+        f.write("0.25,128,pooled,image,80/1")
+
+    def counting(*a, **k):
+        if k.get("snapshots"):
+            grid_calls.append(1)
+        return train(*a, **k)
+    grid_calls.clear()
+    monkeypatch.setattr(classifier, "train", counting)
+    experiments.main(grid_args(small, tmp_path, "b"))
+    assert len(grid_calls) == trainings - 5  # nothing redone
+    assert without_time(read_csv(tmp_path / "b" / "runs.csv")) == without_time(rows)
+    assert "resuming: 10 runs" in capsys.readouterr().err
+
+    # a finished grid reruns nothing and writes the same tables
+    grid_calls.clear()
+    experiments.main(grid_args(small, tmp_path, "b"))
+    assert grid_calls == []
+    assert (tmp_path / "b" / "table4.md").read_text() == table4
+    timing = json.loads((tmp_path / "b" / "timing.json").read_text())
+    assert [t["trainings"] for t in timing] == [5, trainings - 5, 0]
+    assert [t["extract"][0]["images"] if t["extract"] else None for t in timing] == [0, 0, None]
+    cost = (tmp_path / "b" / "summary.md").read_text().split("## Cost")[1]
+    assert cost.count(f"| {timing[0]['started']} |") + cost.count(f"| {timing[1]['started']} |") >= 3
+
+
+@pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
+def test_snapshot_equals_separate_run(sampling):
+    rng = np.random.default_rng(0)
+    y = (rng.random(200) < 0.75).astype(np.int64)
+    x = rng.standard_normal((200, 12)) + y[:, None]
+    _, curves = classifier.train(x, y, ["n", "p"], lr=0.1, steps=250, batch=20, sampling=sampling, seed=4,
+                                 snapshots=(100, 200, 250))
+    for steps in (100, 200, 250):
+        alone, _ = classifier.train(x, y, ["n", "p"], lr=0.1, steps=steps, batch=20, sampling=sampling, seed=4)
+        snap = curves["snapshots"][steps]
+        assert np.array_equal(snap.weights, alone.weights) and np.array_equal(snap.bias, alone.bias)
+    assert not np.array_equal(curves["snapshots"][100].weights, curves["snapshots"][250].weights)
+    with pytest.raises(ValueError, match="snapshots"):
+        classifier.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
+
+
+def row(lr, steps, seed, val, test, val_loss=0.1, split="80/10/10"):
+    return {"alpha": 0.75, "resolution": 224, "bottleneck": "logits", "group_by": "image", "split": split,
+            "seed": seed, "lr": lr, "steps": steps, "trained_resolution": 224, "n_train": 8, "n_val": 1,
+            "n_test": 1, "val_accuracy": val, "val_loss": val_loss, "test_accuracy": test,
+            "test_sensitivity": test, "test_specificity": test, "test_auc": 1.0, "train_s": 0.1}
+
+
+def test_selection_uses_validation_only():
+    # (0.1, 1500) is best on validation and worst on test; (0.01, 2000) the other way round
+    rows = [row(0.1, 1500, s, 0.99, t) for s, t in enumerate((0.80, 0.82, 0.84))]
+    rows += [row(0.01, 2000, s, 0.90, 1.0) for s in range(3)]
+    rows += [row(0.001, 2500, s, v, 1.0) for s, v in enumerate((1.0, 0.9, 0.9))]  # one lucky seed: mean 0.933
+    (cell, chosen), = experiments.select(rows).items()
+    assert cell == (0.75, 224, "logits", "image", "80/10/10")
+    assert (chosen["lr"], chosen["steps"]) == (0.1, 1500)
+    assert chosen["test"] == pytest.approx(0.82) and chosen["test_std"] == pytest.approx(0.02)
+    assert chosen["val"] == pytest.approx(0.99) and chosen["n"] == 3
+    # changing every test figure changes no choice
+    flipped = [dict(r, test_accuracy=1 - r["test_accuracy"]) for r in rows]
+    assert {c: (s["lr"], s["steps"]) for c, s in experiments.select(flipped).items()} == {cell: (0.1, 1500)}
+    # equal validation accuracy: the lower validation loss wins, whatever the test says
+    tie = [row(0.1, 1500, 0, 0.95, 0.5, val_loss=0.3), row(0.01, 2500, 0, 0.95, 0.99, val_loss=0.2)]
+    (chosen,) = experiments.select(tie).values()
+    assert (chosen["lr"], chosen["steps"], chosen["test"]) == (0.01, 2500, 0.99)
+    assert math.isnan(chosen["test_std"])
+    # equal validation accuracy sums whose float means differ in the last bit still tie
+    a, b = np.array([502, 503, 510]) / 522, np.array([506, 504, 505]) / 522  # as found in the real grid
+    assert np.mean(a) != np.mean(b) and a.sum() == pytest.approx(b.sum())
+    tie = [row(0.001, 1500, s, v, 0.0, val_loss=0.0993) for s, v in enumerate(a)]
+    tie += [row(0.001, 2000, s, v, 1.0, val_loss=0.0974) for s, v in enumerate(b)]
+    assert [(s["steps"], s["test"]) for s in experiments.select(tie).values()] == [(2000, 1.0)]
+
+
+def test_tables():
+    cell = {"lr": 0.1, "steps": 2500, "val": 0.97, "test": 0.9612, "test_std": 0.0041, "sensitivity": 0.96,
+            "specificity": 0.95, "n": 3}
+    selected = {(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
+                (0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
+    t4 = experiments.table4(selected, experiments.SCHEMES, {0.75, 0.25})
+    lines = t4.splitlines()
+    assert "## Split by image (the paper's protocol), logits bottleneck" in lines
+    assert "| Model | 80/10/10 | 70/15/15 | 60/20/20 |" in lines
+    assert ("| 0.75-224 | 96.1 ± 0.41 (97.6 ± 0.36) · 0.1/2500 | not in this grid (96.8 ± 0.75) | "
+            "not in this grid (96.0 ± 0.35) |") in lines
+    assert any(line.startswith("| 0.75-192 † | 96.1 ± 0.41 (97.4 ± 0.25)") for line in lines)
+    assert any(line.startswith("| 1.0-224 | no weights (98.0 ± 0.17) |") for line in lines)
+    assert any(line.startswith("| 0.25-128 | not in this grid (97.2 ± 0.21) |") for line in lines)
+    assert sum(line.startswith("| ") and "Model" not in line for line in lines) == 16
+    assert "patient" not in t4.split("†")[0]  # only the protocols that were run
+    assert "the test partition played no part" in t4
+
+    t3 = experiments.table3().splitlines()
+    assert "| 0.75-224 | 325 * | 317 | 2.59 | 2.59 |" in t3 and "| 0.25-128 | 14 | 14 | 0.47 | 0.47 |" in t3
+    assert "| 0.50-224 | 149 * | 150 | 1.34 | 1.34 |" in t3
+
+    rows = [dict(row(0.1, 1500, s, 0.9, 0.9), n_train=4172, n_val=522, n_test=522) for s in range(3)]
+    rows += [dict(row(0.1, 1500, s, 0.9, 0.9), group_by="patient", n_train=4170 + s, n_val=522, n_test=524 - s)
+             for s in range(3)]
+    t1 = experiments.table1(rows, ("80/10/10", "70/15/15")).splitlines()
+    assert "| 80/10/10 | 4172 \\| 522 \\| 522 | 4172 \\| 522 \\| 522 | 4170–4172 \\| 522 \\| 522–524 |" in t1
+    assert "| 70/15/15 | 3652 \\| 782 \\| 782 | not run | not run |" in t1
+
+
+def test_foreign_runs_csv_refused(converted, small, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs.csv").write_text("seed,accuracy\n0,0.9\n")
+    with pytest.raises(SystemExit, match="runs.csv.*another --out"):
+        experiments.main(grid_args(small, tmp_path, "out"))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        experiments.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--out", "--quick", "--cache", "--workers"):
+        assert flag in text
+    parser_flags = text.count("  --")
+    assert parser_flags >= 5 and "(default: results)" in text
