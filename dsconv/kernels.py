@@ -6,6 +6,8 @@ the outermost independent axis (batch x output rows) only. Batch norm is
 folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
 """
+import ctypes
+
 import numpy as np
 from numba import njit, prange
 
@@ -14,6 +16,7 @@ from numba import njit, prange
 JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
+@njit(**JIT)
 def same_padding(size, stride):
     """TensorFlow "SAME" for a 3x3 window: (output size, padding before).
 
@@ -25,70 +28,250 @@ def same_padding(size, stride):
     return out, total // 2
 
 
+def _find_sgemm():
+    """NumPy's OpenBLAS cblas_sgemm as a ctypes function Numba can call, or None.
+
+    Numba's threads call it single-threaded (see single_threaded_blas), so one
+    thread pool runs the whole forward pass: the BLAS's own threads would spin
+    against Numba's on the same cores.
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    for info in ThreadpoolController().info():
+        if info["internal_api"] != "openblas":
+            continue
+        lib = ctypes.CDLL(info["filepath"])
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
+            config = getattr(lib, f"{prefix}openblas_get_config{suffix}", None)
+            sgemm = getattr(lib, f"{prefix}cblas_sgemm{suffix}", None)
+            if config is None or sgemm is None:
+                continue
+            config.restype = ctypes.c_char_p
+            blasint = ctypes.c_int64 if b"USE64BITINT" in config() else ctypes.c_int
+            sgemm.restype = None
+            sgemm.argtypes = [ctypes.c_int] * 3 + [blasint] * 3 + [ctypes.c_float, ctypes.c_void_p, blasint,
+                                                                   ctypes.c_void_p, blasint, ctypes.c_float,
+                                                                   ctypes.c_void_p, blasint]
+            a, b, c = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.zeros((2, 2), np.float32)
+            sgemm(101, 111, 111, 2, 2, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 2, 0.0, c.ctypes.data, 2)
+            if np.array_equal(c, a @ b):
+                return sgemm
+    return None
+
+
+SGEMM = _find_sgemm()
+_BLAS = None
+
+
+def single_threaded_blas():
+    """Context manager: the BLAS on one thread while Numba's threads call it."""
+    global _BLAS
+    if _BLAS is None:
+        from threadpoolctl import ThreadpoolController
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
 def _check(x, name, ndim):
     if x.dtype != np.float32 or x.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d float32 array, got {x.ndim}-d {x.dtype}")
     return np.ascontiguousarray(x)
 
 
+@njit(inline="always", **JIT)
+def _columns(kx, stride, left, w, wo):
+    # the output columns [lo, hi) whose input column ox * stride + kx - left is inside the image
+    return max(0, -((kx - left) // stride)), min(wo, (w - 1 + left - kx) // stride + 1)
+
+
+@njit(**JIT)
+def _bias_relu6_flat(y, lo, hi, b):
+    # y[lo:hi] = relu6(y + b) in place, y flat (M, C) rows, b (C,)
+    c = b.shape[0]
+    for i in range(lo, hi, c):
+        row = y[i:i + c]
+        for j in range(c):
+            row[j] = min(max(row[j] + b[j], np.float32(0)), np.float32(6))
+
+
+@njit(**JIT)
+def _stem_row(x, h, w, k, b, oy, stride, top, left, y, wo):
+    # x flat (H, W, 3), k (3, 3, 3, C), b (C,); y flat output row (Wo, C)
+    cin, c = k.shape[2], k.shape[3]
+    y[:wo * c] = 0
+    for ky in range(3):
+        iy = oy * stride + ky - top
+        if iy < 0 or iy >= h:
+            continue
+        for kx in range(3):
+            lo, hi = _columns(kx, stride, left, w, wo)
+            for ox in range(lo, hi):
+                s = (iy * w + ox * stride + kx - left) * cin
+                src, dst = x[s:s + cin], y[ox * c:ox * c + c]
+                for ci in range(cin):
+                    v, kk = src[ci], k[ky, kx, ci]
+                    for co in range(c):
+                        dst[co] += v * kk[co]
+    _bias_relu6_flat(y, 0, wo * c, b)
+
+
+@njit(**JIT)
+def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
+    # x flat (H, W, C), k (3, 3, C), b (C,); y flat output row (Wo, C)
+    c = k.shape[2]
+    for ox in range(wo):
+        dst = y[ox * c:ox * c + c]
+        dst[:] = 0
+        for ky in range(3):
+            iy = oy * stride + ky - top
+            if iy < 0 or iy >= h:
+                continue
+            for kx in range(3):
+                ix = ox * stride + kx - left
+                if ix < 0 or ix >= w:
+                    continue
+                src, kk = x[(iy * w + ix) * c:(iy * w + ix) * c + c], k[ky, kx]
+                for ci in range(c):
+                    dst[ci] += src[ci] * kk[ci]
+        # The bias last, as Keras adds batch norm after the convolution.
+        for ci in range(c):
+            dst[ci] = min(max(dst[ci] + b[ci], np.float32(0)), np.float32(6))
+
+
 @njit(parallel=True, **JIT)
 def _stem(x, k, b, y, stride, pad):
-    # x (N, H, W, 3), k (3, 3, 3, C), b (C,), y (N, Ho, Wo, C)
-    n_img, h, w, cin = x.shape
+    # x (N, H, W, 3), y (N, Ho, Wo, C): parallel over the N * Ho output rows
+    n_img, h, w, _ = x.shape
     _, ho, wo, c = y.shape
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
-        for ox in range(wo):
-            acc = y[n, oy, ox]
-            acc[:] = 0
-            for ky in range(3):
-                iy = oy * stride + ky - pad[0]
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(3):
-                    ix = ox * stride + kx - pad[1]
-                    if ix < 0 or ix >= w:
-                        continue
-                    for ci in range(cin):
-                        v = x[n, iy, ix, ci]
-                        for co in range(c):
-                            acc[co] += v * k[ky, kx, ci, co]
-            for co in range(c):
-                acc[co] = min(max(acc[co] + b[co], np.float32(0)), np.float32(6))
+        _stem_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
 
 
 @njit(parallel=True, **JIT)
 def _depthwise(x, k, b, y, stride, pad):
-    # x (N, H, W, C), k (3, 3, C), b (C,), y (N, Ho, Wo, C)
-    n_img, h, w, c = x.shape
+    # x (N, H, W, C), y (N, Ho, Wo, C): parallel over the N * Ho output rows
+    n_img, h, w, _ = x.shape
     _, ho, wo, _ = y.shape
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
-        for ox in range(wo):
-            acc = y[n, oy, ox]
-            acc[:] = 0
-            for ky in range(3):
-                iy = oy * stride + ky - pad[0]
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(3):
-                    ix = ox * stride + kx - pad[1]
-                    if ix < 0 or ix >= w:
-                        continue
-                    for ci in range(c):
-                        acc[ci] += x[n, iy, ix, ci] * k[ky, kx, ci]
-            # The bias last, as Keras adds batch norm after the convolution.
-            for ci in range(c):
-                acc[ci] = min(max(acc[ci] + b[ci], np.float32(0)), np.float32(6))
+        _depthwise_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
 
 
 @njit(parallel=True, **JIT)
 def _bias_relu6(y, b):
-    # y (M, C) in place, b (C,)
+    # y (M, C) in place, b (C,); parallel over blocks of 64 rows
     m, c = y.shape
-    for i in prange(m):
-        for j in range(c):
-            y[i, j] = min(max(y[i, j] + b[j], np.float32(0)), np.float32(6))
+    flat = y.ravel()
+    for i in prange((m + 63) // 64):
+        _bias_relu6_flat(flat, i * 64 * c, min(m, i * 64 + 64) * c, b)
+
+
+@njit(**JIT)
+def _pointwise_rows(gemm, a, w, b, y, m):
+    # y[:m * Cout] = relu6(a[:m * Cin] @ w + b): a flat (m, Cin), w (Cin, Cout), b (Cout,), y flat (m, Cout)
+    cin, cout = w.shape
+    if m > 0:  # row-major, no transposes
+        gemm(101, 111, 111, m, cout, cin, np.float32(1), a.ctypes.data, cin, w.ctypes.data, cout,
+             np.float32(0), y.ctypes.data, cout)
+    # The epilogue on the rows just written, while they are in cache.
+    _bias_relu6_flat(y, 0, m * cout, b)
+
+
+@njit(parallel=True, **JIT)
+def _pointwise(gemm, x, w, b, y):
+    # x (M, Cin), y (M, Cout): parallel over tiles of 256 rows
+    m, cin = x.shape
+    cout = w.shape[1]
+    xf, yf = x.ravel(), y.ravel()
+    for t in prange((m + 255) // 256):
+        r0, r1 = t * 256, min(m, t * 256 + 256)
+        _pointwise_rows(gemm, xf[r0 * cin:], w, b, yf[r0 * cout:], r1 - r0)
+
+
+@njit(**JIT)
+def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, oy0, oy1, tile):
+    # One depthwise-separable block on output rows [oy0, oy1) of one image, the
+    # depthwise output a few rows at a time in tile, so that the pointwise
+    # product reads it from cache: x flat (H, W, C) -> y flat (Ho, Wo, Cout).
+    c, cout = wp.shape
+    _, top = same_padding(h, stride)
+    wo, left = same_padding(w, stride)
+    rows = max(1, tile.shape[0] // (wo * c))
+    for r0 in range(oy0, oy1, rows):
+        r1 = min(oy1, r0 + rows)
+        for oy in range(r0, r1):
+            _depthwise_row(x, h, w, kd, bd, oy, stride, top, left, tile[(oy - r0) * wo * c:], wo)
+        _pointwise_rows(gemm, tile, wp, bp, y[r0 * wo * cout:], (r1 - r0) * wo)
+
+
+@njit(**JIT)
+def _pool_flat(x, m, out):
+    # out (C,) = mean of the m pixels of x flat (m, C)
+    c = out.shape[0]
+    acc = np.zeros(c, np.float64)  # 49 to 196 terms: the sum is exact enough in float64 only
+    for i in range(m):
+        px = x[i * c:i * c + c]
+        for ci in range(c):
+            acc[ci] += px[ci]
+    for ci in range(c):
+        out[ci] = acc[ci] / m
+
+
+@njit(**JIT)
+def _image(gemm, x, h, w, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, out):
+    # The whole network on one image, serially: x flat (H, W, 3) -> out (F,) pooled.
+    # Activations alternate between the flat buffers act0 and act1.
+    ho, top = same_padding(h, 2)
+    wo, left = same_padding(w, 2)
+    c = k0.shape[3]
+    for oy in range(ho):
+        _stem_row(x, h, w, k0, b0, oy, 2, top, left, act0[oy * wo * c:], wo)
+    h, w, src, dst = ho, wo, act0, act1
+    for i in range(len(kd)):
+        ho = -(-h // strides[i])
+        _block_rows(gemm, src, h, w, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, ho, tile)
+        h, w, src, dst = ho, -(-w // strides[i]), dst, src
+    _pool_flat(src, h * w, out)
+
+
+@njit(parallel=True, **JIT)
+def _network_images(gemm, x, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x (N, H, W, 3) -> pooled (N, F); thread t runs whole images [N t / T, N (t + 1) / T)
+    # on its own buffers act[t] (2, S) and tile[t]: no synchronisation between layers.
+    threads = tile.shape[0]
+    n_img, h, w, _ = x.shape
+    for t in prange(threads):
+        for n in range(n_img * t // threads, n_img * (t + 1) // threads):
+            _image(gemm, x[n].ravel(), h, w, k0, b0, kd, bd, wp, bp, strides,
+                   act[t, 0], act[t, 1], tile[t], pooled[n])
+
+
+@njit(parallel=True, **JIT)
+def _network_rows(gemm, x, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x (N, H, W, 3) -> pooled (N, F), one image at a time, every layer split
+    # into T bands of output rows (thread t: band t, tile[t]); act[0] holds the activations.
+    threads = tile.shape[0]
+    n_img, h0, w0, _ = x.shape
+    a, b = act[0, 0], act[0, 1]
+    for n in range(n_img):
+        xn = x[n].ravel()
+        ho, top = same_padding(h0, 2)
+        wo, left = same_padding(w0, 2)
+        c = k0.shape[3]
+        for t in prange(threads):
+            for oy in range(ho * t // threads, ho * (t + 1) // threads):
+                _stem_row(xn, h0, w0, k0, b0, oy, 2, top, left, a[oy * wo * c:], wo)
+        h, w, src, dst = ho, wo, a, b
+        for i in range(len(kd)):
+            ho = -(-h // strides[i])
+            for t in prange(threads):
+                _block_rows(gemm, src, h, w, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            ho * t // threads, ho * (t + 1) // threads, tile[t])
+            h, w, src, dst = ho, -(-w // strides[i]), dst, src
+        _pool_flat(src, h * w, pooled[n])
 
 
 @njit(parallel=True, **JIT)
@@ -156,8 +339,14 @@ def pointwise(x, w, b):
     x, w, b = _check(x, "x", 4), _check(w, "kernel", 2), _check(b, "bias", 1)
     if w.shape[0] != x.shape[3] or b.shape != (w.shape[1],):
         raise ValueError(f"pointwise: kernel {w.shape} / bias {b.shape} do not fit input {x.shape}")
-    y = x.reshape(-1, x.shape[3]) @ w
-    _bias_relu6(y, b)
+    x2 = x.reshape(-1, x.shape[3])
+    if SGEMM is None:
+        y = x2 @ w
+        _bias_relu6(y, b)
+    else:
+        y = np.empty((x2.shape[0], w.shape[1]), np.float32)
+        with single_threaded_blas():
+            _pointwise(SGEMM, x2, w, b, y)
     return y.reshape(x.shape[:3] + (w.shape[1],))
 
 

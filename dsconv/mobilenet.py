@@ -24,6 +24,9 @@ for these; counting the layers gives the numbers above, and Howard et al.'s
 own Table 6 agrees (325 M for 0.75-224, 149 M for 0.5-224). See
 tests/test_mobilenet.py.
 """
+import threading
+
+import numba
 import numpy as np
 
 from dsconv import kernels
@@ -35,6 +38,9 @@ STEM = 32
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 CLASSES = 1000
+# Floats of depthwise output each thread keeps for the pointwise product that
+# follows (256 KB: a few rows, in L2 with the product's output).
+TILE = 1 << 16
 
 
 def check_variant(alpha, resolution):
@@ -116,15 +122,20 @@ class MobileNet:
     def features(self):
         return feature_size(self.alpha)
 
-    def layers(self, images):
-        """Yield (Keras activation name, activation) after every layer.
-
-        images (N, r, r, 3) float32 scaled to [-1, 1].
-        """
+    def _images(self, images):
         x = np.ascontiguousarray(images, np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.resolution, self.resolution, 3):
             raise ValueError(f"expected images of shape (N, {self.resolution}, {self.resolution}, 3), "
                              f"got {x.shape}")
+        return x
+
+    def layers(self, images):
+        """Yield (Keras activation name, activation) after every layer.
+
+        images (N, r, r, 3) float32 scaled to [-1, 1]. One kernel call per
+        layer: the simple path, for inspection (forward() is the fast one).
+        """
+        x = self._images(images)
         p = self.params
         x = kernels.stem(x, p["conv1"]["kernel"], p["conv1"]["bias"])
         yield "conv1_relu", x
@@ -142,9 +153,51 @@ class MobileNet:
 
     def forward(self, images):
         """(pooled (N, 1024a), logits (N, 1000) or None without the head)."""
-        pooled = kernels.global_avg_pool(self.feature_maps(images))
+        x = self._images(images)
+        if kernels.SGEMM is None:  # no BLAS Numba can call: layer by layer
+            pooled = kernels.global_avg_pool(self.feature_maps(x))
+        else:
+            pooled = self._pooled(x)
         return pooled, self.logits(pooled) if self.has_head else None
 
     def logits(self, pooled):
         head = self.params["conv_preds"]
         return kernels.dense(pooled, head["kernel"], head["bias"])
+
+    def _pooled(self, x):
+        """The fused forward pass up to the pooled features, on Numba's threads.
+
+        Whole images per thread while there are at least as many images as
+        threads (no synchronisation between layers), then the remaining
+        images with every layer split into bands of rows across the threads.
+        """
+        threads = numba.get_num_threads()
+        if getattr(self, "_fused", None) is None or self._fused[0] != threads:
+            self._fused = (threads, threading.Lock(), *self._buffers(threads))
+        _, lock, act, tile, args = self._fused
+        pooled = np.empty((len(x), self.features), np.float32)
+        whole = len(x) // threads * threads
+        with lock, kernels.single_threaded_blas():
+            if whole:
+                kernels._network_images(kernels.SGEMM, x[:whole], *args, act, tile, pooled[:whole])
+            if whole < len(x):
+                kernels._network_rows(kernels.SGEMM, x[whole:], *args, act, tile, pooled[whole:])
+        return pooled
+
+    def _buffers(self, threads):
+        """Two activation buffers and a depthwise tile per thread, and the weights as tuples."""
+        p, side = self.params, self.resolution // 2
+        c = width(STEM, self.alpha)
+        largest, row = side * side * c, 0
+        for out, stride in BLOCKS:
+            row = max(row, -(-side // stride) * c)
+            side, c = -(-side // stride), width(out, self.alpha)
+            largest = max(largest, side * side * c)
+        act = np.empty((threads, 2, largest), np.float32)
+        tile = np.empty((threads, max(TILE, row)), np.float32)
+        blocks = range(1, len(BLOCKS) + 1)
+        args = (p["conv1"]["kernel"], p["conv1"]["bias"],
+                tuple(p[f"conv_dw_{i}"]["kernel"] for i in blocks), tuple(p[f"conv_dw_{i}"]["bias"] for i in blocks),
+                tuple(p[f"conv_pw_{i}"]["kernel"] for i in blocks), tuple(p[f"conv_pw_{i}"]["bias"] for i in blocks),
+                np.array([s for _, s in BLOCKS], np.int64))
+        return act, tile, args
