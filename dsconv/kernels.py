@@ -118,9 +118,70 @@ def _stem_row(x, h, w, k, b, oy, stride, top, left, y, wo):
 
 
 @njit(**JIT)
+def _stem_rows(gemm, x, h, w, k, b, stride, y, oy0, oy1, tile):
+    # Output rows [oy0, oy1) of the stem as a matrix product: the 3x3 patches of
+    # a few rows, (pixels, 9 Cin), gathered in tile, times k (9 Cin, C).
+    # x flat (H, W, Cin), b (C,), y flat (Ho, Wo, C)
+    taps, c = k.shape
+    cin = taps // 9
+    _, top = same_padding(h, stride)
+    wo, left = same_padding(w, stride)
+    rows = max(1, tile.shape[0] // (wo * taps))
+    for r0 in range(oy0, oy1, rows):
+        r1 = min(oy1, r0 + rows)
+        for oy in range(r0, r1):
+            for ox in range(wo):
+                patch = tile[((oy - r0) * wo + ox) * taps:((oy - r0) * wo + ox + 1) * taps]
+                for ky in range(3):
+                    iy = oy * stride + ky - top
+                    for kx in range(3):
+                        ix = ox * stride + kx - left
+                        inside = iy >= 0 and iy < h and ix >= 0 and ix < w
+                        for ci in range(cin):
+                            patch[(ky * 3 + kx) * cin + ci] = x[(iy * w + ix) * cin + ci] if inside else np.float32(0)
+        _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
+
+
+@njit(**JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
-    # x flat (H, W, C), k (3, 3, C), b (C,); y flat output row (Wo, C)
-    c = k.shape[2]
+    # x flat (H, W, C), b (C,); y flat output row (Wo, C); k (3, 3, C), or for
+    # stride 1 tiled to (3, 3, P * C) (see row_kernel)
+    c = b.shape[0]
+    if stride == 1:
+        _depthwise_row_s1(x, h, w, k, oy, top, left, y, wo, c)
+    else:
+        _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c)
+    # The bias last, as Keras adds batch norm after the convolution.
+    _bias_relu6_flat(y, 0, wo * c, b)
+
+
+@njit(**JIT)
+def _depthwise_row_s1(x, h, w, kt, oy, top, left, y, wo, c):
+    # Stride 1, P pixels at a time (P * C floats, in L1): each tap is one
+    # product over P pixels x C channels, with the input shifted by a pixel
+    # and the kernel tiled P times in kt.
+    p = kt.shape[2] // c
+    for p0 in range(0, wo, p):
+        p1 = min(wo, p0 + p)
+        out = y[p0 * c:p1 * c]
+        out[:] = 0
+        for ky in range(3):
+            iy = oy + ky - top
+            if iy < 0 or iy >= h:
+                continue
+            row = x[iy * w * c:(iy + 1) * w * c]
+            for kx in range(3):
+                lo, hi = _columns(kx, 1, left, w, wo)
+                lo, hi = max(lo, p0), min(hi, p1)
+                s = (lo + kx - left) * c
+                dst, src, kk = out[(lo - p0) * c:(hi - p0) * c], row[s:s + (hi - lo) * c], kt[ky, kx]
+                for j in range(dst.shape[0]):
+                    dst[j] += src[j] * kk[j]
+
+
+@njit(**JIT)
+def _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c):
+    # Other strides: pixel by pixel, a product over channels per tap.
     for ox in range(wo):
         dst = y[ox * c:ox * c + c]
         dst[:] = 0
@@ -135,9 +196,11 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
                 src, kk = x[(iy * w + ix) * c:(iy * w + ix) * c + c], k[ky, kx]
                 for ci in range(c):
                     dst[ci] += src[ci] * kk[ci]
-        # The bias last, as Keras adds batch norm after the convolution.
-        for ci in range(c):
-            dst[ci] = min(max(dst[ci] + b[ci], np.float32(0)), np.float32(6))
+
+
+def row_kernel(k, stride, chunk=512):
+    """The depthwise kernel (3, 3, C) as _depthwise_row takes it: for stride 1 tiled P times, P * C ~ chunk floats."""
+    return np.ascontiguousarray(np.tile(k, (1, 1, max(1, chunk // k.shape[2])))) if stride == 1 else k
 
 
 @njit(parallel=True, **JIT)
@@ -148,6 +211,18 @@ def _stem(x, k, b, y, stride, pad):
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
         _stem_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
+
+
+@njit(parallel=True, **JIT)
+def _stem_gemm(gemm, x, k, b, y, stride):
+    # x (N, H, W, Cin), k (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of 8 output rows
+    n_img, h, w, cin = x.shape
+    _, ho, wo, c = y.shape
+    bands = (ho + 7) // 8
+    for t in prange(n_img * bands):
+        n, r0 = t // bands, t % bands * 8
+        tile = np.empty(8 * wo * 9 * cin, np.float32)
+        _stem_rows(gemm, x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + 8), tile)
 
 
 @njit(parallel=True, **JIT)
@@ -224,11 +299,8 @@ def _pool_flat(x, m, out):
 def _image(gemm, x, h, w, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, out):
     # The whole network on one image, serially: x flat (H, W, 3) -> out (F,) pooled.
     # Activations alternate between the flat buffers act0 and act1.
-    ho, top = same_padding(h, 2)
-    wo, left = same_padding(w, 2)
-    c = k0.shape[3]
-    for oy in range(ho):
-        _stem_row(x, h, w, k0, b0, oy, 2, top, left, act0[oy * wo * c:], wo)
+    ho, wo = -(-h // 2), -(-w // 2)
+    _stem_rows(gemm, x, h, w, k0, b0, 2, act0, 0, ho, tile)
     h, w, src, dst = ho, wo, act0, act1
     for i in range(len(kd)):
         ho = -(-h // strides[i])
@@ -258,12 +330,9 @@ def _network_rows(gemm, x, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
     a, b = act[0, 0], act[0, 1]
     for n in range(n_img):
         xn = x[n].ravel()
-        ho, top = same_padding(h0, 2)
-        wo, left = same_padding(w0, 2)
-        c = k0.shape[3]
+        ho, wo = -(-h0 // 2), -(-w0 // 2)
         for t in prange(threads):
-            for oy in range(ho * t // threads, ho * (t + 1) // threads):
-                _stem_row(xn, h0, w0, k0, b0, oy, 2, top, left, a[oy * wo * c:], wo)
+            _stem_rows(gemm, xn, h0, w0, k0, b0, 2, a, ho * t // threads, ho * (t + 1) // threads, tile[t])
         h, w, src, dst = ho, wo, a, b
         for i in range(len(kd)):
             ho = -(-h // strides[i])
@@ -304,7 +373,7 @@ def _conv3x3(kernel, x, k, b, stride):
     n, h, w, _ = x.shape
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
-    y = np.empty((n, ho, wo, k.shape[-1]), np.float32)
+    y = np.empty((n, ho, wo, b.shape[0]), np.float32)
     kernel(x, k, b, y, stride, (top, left))
     return y
 
@@ -317,7 +386,13 @@ def stem(x, k, b, stride=2):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 4), _check(b, "bias", 1)
     if k.shape[:3] != (3, 3, x.shape[3]) or b.shape != (k.shape[3],):
         raise ValueError(f"stem: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_stem, x, k, b, stride)
+    if SGEMM is None:
+        return _conv3x3(_stem, x, k, b, stride)
+    n, h, w, _ = x.shape
+    y = np.empty((n, -(-h // stride), -(-w // stride), k.shape[3]), np.float32)
+    with single_threaded_blas():
+        _stem_gemm(SGEMM, x, k.reshape(-1, k.shape[3]), b, y, stride)
+    return y
 
 
 def depthwise(x, k, b, stride):
@@ -328,7 +403,7 @@ def depthwise(x, k, b, stride):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 3), _check(b, "bias", 1)
     if k.shape != (3, 3, x.shape[3]) or b.shape != (x.shape[3],):
         raise ValueError(f"depthwise: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_depthwise, x, k, b, stride)
+    return _conv3x3(_depthwise, x, row_kernel(k, stride), b, stride)
 
 
 def pointwise(x, w, b):

@@ -196,8 +196,8 @@ class MobileNet:
         act = np.empty((threads, 2, largest), np.float32)
         tile = np.empty((threads, max(TILE, row)), np.float32)
         blocks = range(1, len(BLOCKS) + 1)
-        args = (p["conv1"]["kernel"], p["conv1"]["bias"],
-                tuple(p[f"conv_dw_{i}"]["kernel"] for i in blocks), tuple(p[f"conv_dw_{i}"]["bias"] for i in blocks),
+        args = (p["conv1"]["kernel"].reshape(27, -1), p["conv1"]["bias"],
+                tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)), tuple(p[f"conv_dw_{i}"]["bias"] for i in blocks),
                 tuple(p[f"conv_pw_{i}"]["kernel"] for i in blocks), tuple(p[f"conv_pw_{i}"]["bias"] for i in blocks),
                 np.array([s for _, s in BLOCKS], np.int64))
         return act, tile, args
