@@ -38,9 +38,9 @@ STEM = 32
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 CLASSES = 1000
-# Floats of depthwise output each thread keeps for the pointwise product that
-# follows (256 KB: a few rows, in L2 with the product's output).
-TILE = 1 << 16
+# Floats of depthwise output (or stem patches) each thread keeps for the matrix
+# product that follows: 512 KB, a few rows, in L2 with the product's output.
+TILE = 1 << 17
 
 
 def check_variant(alpha, resolution):

@@ -1,5 +1,6 @@
 """The network against Keras' own outputs, and the paper's Table 3."""
 import h5py
+import numba
 import numpy as np
 import pytest
 
@@ -110,3 +111,20 @@ def test_runs_at_other_multiples_of_32(converted):
     net = weights.load(0.25, 96, quiet=True)
     pooled, _ = net.forward(np.zeros((2, 96, 96, 3), np.float32))
     assert pooled.shape == (2, 256)
+
+
+@pytest.mark.parametrize("threads", [1, numba.config.NUMBA_NUM_THREADS])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_fused_forward_matches_layer_by_layer(converted, n, threads):
+    # forward() runs whole images per thread, then the remainder split in row
+    # bands; both must give what the simple one-kernel-per-layer path gives.
+    net = weights.load(0.25, 128, quiet=True)
+    x = np.random.default_rng(n).uniform(-1, 1, (n, 128, 128, 3)).astype(np.float32)
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        pooled, _ = net.forward(x)
+    finally:
+        numba.set_num_threads(before)
+    want = net.feature_maps(x).astype(np.float64).mean(axis=(1, 2))
+    assert largest(pooled, want) <= 1e-5
