@@ -118,27 +118,28 @@ def _stem_row(x, h, w, k, b, oy, stride, top, left, y, wo):
 
 
 @njit(**JIT)
-def _stem_rows(gemm, x, h, w, k, b, stride, y, oy0, oy1, tile):
-    # Output rows [oy0, oy1) of the stem as a matrix product: the 3x3 patches of
-    # a few rows, (pixels, 9 Cin), gathered in tile, times k (9 Cin, C).
-    # x flat (H, W, Cin), b (C,), y flat (Ho, Wo, C)
+def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
+    # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
+    # product: the 3x3 patches of a few rows, (pixels, 9 Cin), gathered in
+    # tile, times k (9 Cin, C). x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
     taps, c = k.shape
     cin = taps // 9
-    _, top = same_padding(h, stride)
+    ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
     rows = max(1, tile.shape[0] // (wo * taps))
-    for r0 in range(oy0, oy1, rows):
-        r1 = min(oy1, r0 + rows)
-        for oy in range(r0, r1):
+    for r0 in range(t0, t1, rows):
+        r1 = min(t1, r0 + rows)
+        for t in range(r0, r1):
+            img, oy = x[t // ho * h * w * cin:], t % ho
             for ox in range(wo):
-                patch = tile[((oy - r0) * wo + ox) * taps:((oy - r0) * wo + ox + 1) * taps]
+                patch = tile[((t - r0) * wo + ox) * taps:]
                 for ky in range(3):
                     iy = oy * stride + ky - top
                     for kx in range(3):
                         ix = ox * stride + kx - left
                         inside = iy >= 0 and iy < h and ix >= 0 and ix < w
                         for ci in range(cin):
-                            patch[(ky * 3 + kx) * cin + ci] = x[(iy * w + ix) * cin + ci] if inside else np.float32(0)
+                            patch[(ky * 3 + kx) * cin + ci] = img[(iy * w + ix) * cin + ci] if inside else np.float32(0)
         _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
 
 
@@ -267,18 +268,20 @@ def _pointwise(gemm, x, w, b, y):
 
 
 @njit(**JIT)
-def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, oy0, oy1, tile):
-    # One depthwise-separable block on output rows [oy0, oy1) of one image, the
-    # depthwise output a few rows at a time in tile, so that the pointwise
-    # product reads it from cache: x flat (H, W, C) -> y flat (Ho, Wo, Cout).
+def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
+    # One depthwise-separable block on output rows [t0, t1) of a stack of
+    # images (G * Ho rows), the depthwise output a few rows at a time in tile,
+    # so that the pointwise product reads it from cache and multiplies
+    # rows * Wo pixels at once, across images: x flat (G, H, W, C) -> y flat (G, Ho, Wo, Cout).
     c, cout = wp.shape
-    _, top = same_padding(h, stride)
+    ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
     rows = max(1, tile.shape[0] // (wo * c))
-    for r0 in range(oy0, oy1, rows):
-        r1 = min(oy1, r0 + rows)
-        for oy in range(r0, r1):
-            _depthwise_row(x, h, w, kd, bd, oy, stride, top, left, tile[(oy - r0) * wo * c:], wo)
+    for r0 in range(t0, t1, rows):
+        r1 = min(t1, r0 + rows)
+        for t in range(r0, r1):
+            _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
+                           tile[(t - r0) * wo * c:], wo)
         _pointwise_rows(gemm, tile, wp, bp, y[r0 * wo * cout:], (r1 - r0) * wo)
 
 
@@ -296,51 +299,56 @@ def _pool_flat(x, m, out):
 
 
 @njit(**JIT)
-def _image(gemm, x, h, w, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, out):
-    # The whole network on one image, serially: x flat (H, W, 3) -> out (F,) pooled.
-    # Activations alternate between the flat buffers act0 and act1.
-    ho, wo = -(-h // 2), -(-w // 2)
-    _stem_rows(gemm, x, h, w, k0, b0, 2, act0, 0, ho, tile)
-    h, w, src, dst = ho, wo, act0, act1
+def _stack(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled):
+    # The whole network on a stack of g images, serially, layer by layer:
+    # x flat (g, r, r, 3) -> pooled (g, F). Activations alternate between the
+    # flat buffers act0 and act1.
+    side = -(-r // 2)
+    _stem_rows(gemm, x, r, r, k0, b0, 2, act0, 0, g * side, tile)
+    src, dst = act0, act1
     for i in range(len(kd)):
-        ho = -(-h // strides[i])
-        _block_rows(gemm, src, h, w, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, ho, tile)
-        h, w, src, dst = ho, -(-w // strides[i]), dst, src
-    _pool_flat(src, h * w, out)
+        out = -(-side // strides[i])
+        _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile)
+        side, src, dst = out, dst, src
+    c = pooled.shape[1]
+    for n in range(g):
+        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
 
 @njit(parallel=True, **JIT)
-def _network_images(gemm, x, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
-    # x (N, H, W, 3) -> pooled (N, F); thread t runs whole images [N t / T, N (t + 1) / T)
-    # on its own buffers act[t] (2, S) and tile[t]: no synchronisation between layers.
+def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x flat (N, r, r, 3) -> pooled (N, F); thread t runs images [N t / T, N (t + 1) / T),
+    # up to `stack` at a time, on its own buffers act[t] (2, S) and tile[t]:
+    # no synchronisation between layers.
     threads = tile.shape[0]
-    n_img, h, w, _ = x.shape
+    size = r * r * 3
     for t in prange(threads):
-        for n in range(n_img * t // threads, n_img * (t + 1) // threads):
-            _image(gemm, x[n].ravel(), h, w, k0, b0, kd, bd, wp, bp, strides,
-                   act[t, 0], act[t, 1], tile[t], pooled[n])
+        for n0 in range(n_img * t // threads, n_img * (t + 1) // threads, stack):
+            n1 = min(n_img * (t + 1) // threads, n0 + stack)
+            _stack(gemm, x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides,
+                   act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
 
 
 @njit(parallel=True, **JIT)
-def _network_rows(gemm, x, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
-    # x (N, H, W, 3) -> pooled (N, F), one image at a time, every layer split
-    # into T bands of output rows (thread t: band t, tile[t]); act[0] holds the activations.
+def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer split into
+    # T bands of the g * Ho output rows (thread t: band t, with tile[t]);
+    # act[0] holds the activations.
     threads = tile.shape[0]
-    n_img, h0, w0, _ = x.shape
     a, b = act[0, 0], act[0, 1]
-    for n in range(n_img):
-        xn = x[n].ravel()
-        ho, wo = -(-h0 // 2), -(-w0 // 2)
+    side = -(-r // 2)
+    for t in prange(threads):
+        _stem_rows(gemm, x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
+    src, dst = a, b
+    for i in range(len(kd)):
+        out = -(-side // strides[i])
         for t in prange(threads):
-            _stem_rows(gemm, xn, h0, w0, k0, b0, 2, a, ho * t // threads, ho * (t + 1) // threads, tile[t])
-        h, w, src, dst = ho, wo, a, b
-        for i in range(len(kd)):
-            ho = -(-h // strides[i])
-            for t in prange(threads):
-                _block_rows(gemm, src, h, w, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
-                            ho * t // threads, ho * (t + 1) // threads, tile[t])
-            h, w, src, dst = ho, -(-w // strides[i]), dst, src
-        _pool_flat(src, h * w, pooled[n])
+            _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                        g * out * t // threads, g * out * (t + 1) // threads, tile[t])
+        side, src, dst = out, dst, src
+    c = pooled.shape[1]
+    for n in range(g):
+        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
 
 @njit(parallel=True, **JIT)

@@ -41,6 +41,9 @@ CLASSES = 1000
 # Floats of depthwise output (or stem patches) each thread keeps for the matrix
 # product that follows: 512 KB, a few rows, in L2 with the product's output.
 TILE = 1 << 17
+# Floats of activations per thread a stack of images may take (4 MB): small
+# variants run several images per layer, for matrix products with more rows.
+STACK = 1 << 20
 
 
 def check_variant(alpha, resolution):
@@ -167,37 +170,49 @@ class MobileNet:
     def _pooled(self, x):
         """The fused forward pass up to the pooled features, on Numba's threads.
 
-        Whole images per thread while there are at least as many images as
-        threads (no synchronisation between layers), then the remaining
-        images with every layer split into bands of rows across the threads.
+        Whole images per thread, in stacks of up to ``stack`` images (so that
+        the late layers' matrix products have enough rows), while there are
+        at least as many images as threads: no synchronisation between
+        layers. Then the remaining images together, every layer split into
+        bands of rows across the threads.
         """
         threads = numba.get_num_threads()
         if getattr(self, "_fused", None) is None or self._fused[0] != threads:
             self._fused = (threads, threading.Lock(), *self._buffers(threads))
-        _, lock, act, tile, args = self._fused
-        pooled = np.empty((len(x), self.features), np.float32)
-        whole = len(x) // threads * threads
+        _, lock, stack, act, tile, args = self._fused
+        n, r = len(x), self.resolution
+        pooled = np.empty((n, self.features), np.float32)
+        whole, flat = n // threads * threads, x.reshape(-1)
         with lock, kernels.single_threaded_blas():
             if whole:
-                kernels._network_images(kernels.SGEMM, x[:whole], *args, act, tile, pooled[:whole])
-            if whole < len(x):
-                kernels._network_rows(kernels.SGEMM, x[whole:], *args, act, tile, pooled[whole:])
+                kernels._network_stacks(kernels.SGEMM, flat[:whole * r * r * 3], whole, r, stack,
+                                        *args, act, tile, pooled[:whole])
+            if whole < n:
+                kernels._network_bands(kernels.SGEMM, flat[whole * r * r * 3:], n - whole, r,
+                                       *args, act, tile, pooled[whole:])
         return pooled
 
     def _buffers(self, threads):
-        """Two activation buffers and a depthwise tile per thread, and the weights as tuples."""
+        """(stack, activations (T, 2, S), tiles (T, tile), weights as tuples) for the fused pass.
+
+        A stack is as many images as fit STACK floats of their largest
+        activation (at least one); S holds a stack, or the images left over
+        for the banded pass (fewer than the threads).
+        """
         p, side = self.params, self.resolution // 2
         c = width(STEM, self.alpha)
-        largest, row = side * side * c, 0
+        largest, row = side * side * c, side * 27
         for out, stride in BLOCKS:
             row = max(row, -(-side // stride) * c)
             side, c = -(-side // stride), width(out, self.alpha)
             largest = max(largest, side * side * c)
-        act = np.empty((threads, 2, largest), np.float32)
+        stack = max(1, STACK // largest)
+        act = np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32)
         tile = np.empty((threads, max(TILE, row)), np.float32)
-        blocks = range(1, len(BLOCKS) + 1)
         args = (p["conv1"]["kernel"].reshape(27, -1), p["conv1"]["bias"],
-                tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)), tuple(p[f"conv_dw_{i}"]["bias"] for i in blocks),
-                tuple(p[f"conv_pw_{i}"]["kernel"] for i in blocks), tuple(p[f"conv_pw_{i}"]["bias"] for i in blocks),
+                tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)),
+                tuple(p[f"conv_dw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
+                tuple(p[f"conv_pw_{i}"]["kernel"] for i in range(1, len(BLOCKS) + 1)),
+                tuple(p[f"conv_pw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
                 np.array([s for _, s in BLOCKS], np.int64))
-        return act, tile, args
+        return stack, act, tile, args
