@@ -20,6 +20,11 @@ import time
 
 import numpy as np
 
+try:  # before dsconv, whose import sets GOMP_SPINCOUNT: PyTorch's own OpenMP keeps its defaults
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dsconv import mobilenet  # noqa: E402
 

@@ -7,9 +7,18 @@ folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
 """
 import ctypes
+import os
 
 import numpy as np
 from numba import njit, prange
+
+# Numba's OpenMP threads wait at the end of every parallel loop. By default
+# GNU OpenMP spins there for ~300000 iterations: when another process holds a
+# core, the waiting thread burns its time slice and a 7 ms forward pass took
+# 110 ms. Spinning 10000 iterations costs nothing measurable on an idle
+# machine. Set before Numba starts its threads; a user's own setting wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # One place for the JIT flags. fastmath stays off: the forward pass must match
 # Keras to 1e-4, and reassociated sums would trade that for little speed.
@@ -246,14 +255,19 @@ def _bias_relu6(y, b):
 
 
 @njit(**JIT)
-def _pointwise_rows(gemm, a, w, b, y, m):
-    # y[:m * Cout] = relu6(a[:m * Cin] @ w + b): a flat (m, Cin), w (Cin, Cout), b (Cout,), y flat (m, Cout)
+def _pointwise_rows(gemm, a, w, b, y, m, n0=0, n1=-1):
+    # Columns [n0, n1) of y[:m * Cout] = relu6(a[:m * Cin] @ w + b):
+    # a flat (m, Cin), w (Cin, Cout), b (Cout,), y flat (m, Cout)
     cin, cout = w.shape
-    if m > 0:  # row-major, no transposes
-        gemm(101, 111, 111, m, cout, cin, np.float32(1), a.ctypes.data, cin, w.ctypes.data, cout,
-             np.float32(0), y.ctypes.data, cout)
-    # The epilogue on the rows just written, while they are in cache.
-    _bias_relu6_flat(y, 0, m * cout, b)
+    n1 = cout if n1 < 0 else n1
+    if m > 0 and n1 > n0:  # row-major, no transposes
+        gemm(101, 111, 111, m, n1 - n0, cin, np.float32(1), a.ctypes.data, cin, w.ravel()[n0:].ctypes.data,
+             cout, np.float32(0), y[n0:].ctypes.data, cout)
+    # The epilogue on the block just written, while it is in cache.
+    for i in range(m):
+        row = y[i * cout + n0:i * cout + n1]
+        for j in range(n1 - n0):
+            row[j] = min(max(row[j] + b[n0 + j], np.float32(0)), np.float32(6))
 
 
 @njit(parallel=True, **JIT)
@@ -283,6 +297,18 @@ def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
             _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
                            tile[(t - r0) * wo * c:], wo)
         _pointwise_rows(gemm, tile, wp, bp, y[r0 * wo * cout:], (r1 - r0) * wo)
+
+
+@njit(**JIT)
+def _block_cols(gemm, x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
+    # One block on a stack of g images, output channels [n0, n1) only: the
+    # whole depthwise output in tile, then its product with columns [n0, n1) of wp.
+    c = wp.shape[0]
+    ho, top = same_padding(side, stride)
+    for t in range(g * ho):
+        _depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
+                       tile[t * ho * c:], ho)
+    _pointwise_rows(gemm, tile, wp, bp, y, g * ho * ho, n0, n1)
 
 
 @njit(**JIT)
@@ -342,9 +368,16 @@ def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, po
     src, dst = a, b
     for i in range(len(kd)):
         out = -(-side // strides[i])
-        for t in prange(threads):
-            _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
-                        g * out * t // threads, g * out * (t + 1) // threads, tile[t])
+        c, cout = wp[i].shape
+        if g * out * out < 256 and g * out * out * c <= tile.shape[1]:
+            # Few rows: split the output channels instead, each thread repeating the (small) depthwise.
+            for t in prange(threads):
+                _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            cout * t // threads, cout * (t + 1) // threads, tile[t])
+        else:
+            for t in prange(threads):
+                _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            g * out * t // threads, g * out * (t + 1) // threads, tile[t])
         side, src, dst = out, dst, src
     c = pooled.shape[1]
     for n in range(g):
