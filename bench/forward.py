@@ -20,11 +20,6 @@ import time
 
 import numpy as np
 
-try:  # before dsconv, whose import sets GOMP_SPINCOUNT: PyTorch's own OpenMP keeps its defaults
-    import torch  # noqa: F401
-except ImportError:
-    pass
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dsconv import mobilenet  # noqa: E402
 
@@ -98,7 +93,8 @@ def main():
     cells = QUICK if a.quick else [(al, r, b) for al in a.alpha for r in a.resolution for b in a.batch]
     seconds = a.seconds / 4 if a.quick else a.seconds
     print(f"{THREADS} threads for every runtime; images/s (median); ratio = dsconv / peer; "
-          "diff = largest |peer - dsconv| / max(1, largest feature)")
+          "diff = largest |peer - dsconv| / max(1, largest feature); "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} (PyTorch shares Numba's OpenMP runtime)")
     table, bad = [], []
     for alpha, resolution, batch in cells:
         rates, diffs = cell(alpha, resolution, batch, seconds)

@@ -16,7 +16,8 @@ from numba import njit, prange
 # GNU OpenMP spins there for ~300000 iterations: when another process holds a
 # core, the waiting thread burns its time slice and a 7 ms forward pass took
 # 110 ms. Spinning 10000 iterations costs nothing measurable on an idle
-# machine. Set before Numba starts its threads; a user's own setting wins.
+# machine. Set before Numba starts its threads; a user's own setting wins. (No
+# effect if GNU OpenMP is already loaded: PyTorch, imported first, brings one.)
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
