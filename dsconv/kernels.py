@@ -141,15 +141,20 @@ def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
         r1 = min(t1, r0 + rows)
         for t in range(r0, r1):
             img, oy = x[t // ho * h * w * cin:], t % ho
-            for ox in range(wo):
-                patch = tile[((t - r0) * wo + ox) * taps:]
-                for ky in range(3):
-                    iy = oy * stride + ky - top
-                    for kx in range(3):
-                        ix = ox * stride + kx - left
-                        inside = iy >= 0 and iy < h and ix >= 0 and ix < w
-                        for ci in range(cin):
-                            patch[(ky * 3 + kx) * cin + ci] = img[(iy * w + ix) * cin + ci] if inside else np.float32(0)
+            for ky in range(3):
+                iy = oy * stride + ky - top
+                for ox in range(wo):
+                    # 3 pixels x Cin of the patch, contiguous in the image unless at its border
+                    p, ix = ((t - r0) * wo + ox) * taps + ky * 3 * cin, ox * stride - left
+                    if iy >= 0 and iy < h and ix >= 0 and ix + 2 < w:
+                        s = (iy * w + ix) * cin
+                        for j in range(3 * cin):  # unsigned indices: no negative-index wraparound test
+                            tile[np.uint64(p + j)] = img[np.uint64(s + j)]
+                    else:
+                        for j in range(3 * cin):
+                            jx = ix + j // cin
+                            inside = iy >= 0 and iy < h and jx >= 0 and jx < w
+                            tile[p + j] = img[(iy * w + jx) * cin + j % cin] if inside else np.float32(0)
         _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
 
 
