@@ -1,16 +1,20 @@
 """Kernel microbenchmarks: every distinct layer shape of MobileNet 1.0-224.
 
-    python bench/kernels.py            # batch 1 and 32
+    python bench/kernels.py            # batch 1 and 32, and one image per thread
     python bench/kernels.py --batch 32 --repeats 20
 
 Each shape is checked against tests/naive.py (first and last image), warmed
 up (JIT compilation or cache load), then timed; one line per shape with the
 median time, GFLOP/s (stem, pointwise) or GB/s (depthwise: input + output
 read / written once) and the share of the network's time (shapes that repeat,
-blocks 7-11, count once per repeat). The public kernels run on all the
-threads (Numba's for stem and depthwise, the BLAS's for pointwise). The
-single-precision matrix-multiply peak is measured in the same run with a
-large NumPy matmul.
+blocks 7-11, count once per repeat).
+
+Two ways to run a layer: "batch N", the public kernels (dsconv.kernels.stem,
+depthwise, pointwise) on N images, parallel over rows on all the threads;
+and "one image per thread", the serial kernels forward() runs, every thread
+on its own image at the same time, which is how forward() spends its time on
+batches. The single-precision matrix-multiply peak is measured in the same
+run with a large NumPy matmul on all the threads.
 """
 import argparse
 import os
@@ -19,6 +23,7 @@ import sys
 import time
 
 import numpy as np
+from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dsconv import kernels, mobilenet  # noqa: E402
@@ -67,8 +72,32 @@ def network_layers(alpha=1.0, resolution=224):
     return distinct
 
 
-def case(kind, n, shape, cout, stride, rng):
-    """(run(), check() -> largest difference, flops, bytes) for one layer shape."""
+# Thread t runs one layer on its own image x[t] (flat (H, H, C)) into y[t], as forward() does.
+@njit(parallel=True, **kernels.JIT)
+def _per_image_stem(gemm, x, h, k, b, stride, y, tile):
+    for t in prange(x.shape[0]):
+        kernels._stem_rows(gemm, x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
+
+
+@njit(parallel=True, **kernels.JIT)
+def _per_image_depthwise(gemm, x, h, k, b, stride, y, tile):
+    ho, top = kernels.same_padding(h, stride)
+    for t in prange(x.shape[0]):
+        for oy in range(ho):
+            kernels._depthwise_row(x[t], h, h, k, b, oy, stride, top, top, y[t, oy * ho * b.shape[0]:], ho)
+
+
+@njit(parallel=True, **kernels.JIT)
+def _per_image_pointwise(gemm, x, h, k, b, stride, y, tile):
+    for t in prange(x.shape[0]):
+        kernels._pointwise_rows(gemm, x[t], k, b, y[t], h * h)
+
+
+def case(kind, n, shape, cout, stride, rng, per_image=False):
+    """(run(), check() -> largest difference, flops, bytes) for one layer shape.
+
+    per_image: n images, one per thread, through the serial kernels of forward().
+    """
     h, w, cin = shape
     lo = -1 if kind == "stem" else 0  # images in [-1, 1], activations in [0, 6]
     x = rng.uniform(lo, 1 if kind == "stem" else 6, (n, h, w, cin)).astype(np.float32)
@@ -86,6 +115,18 @@ def case(kind, n, shape, cout, stride, rng):
         run = lambda: kernels.pointwise(x, k, b)  # noqa: E731
         ref = lambda i: naive.pointwise(x[i:i + 1], k, b)  # noqa: E731
 
+    if per_image:
+        ho, wo = -(-h // stride), -(-w // stride)
+        y = np.empty((n, ho, wo, cout), np.float32)
+        driver = {"stem": _per_image_stem, "depthwise": _per_image_depthwise, "pointwise": _per_image_pointwise}[kind]
+        kk = k.reshape(27, cout) if kind == "stem" else kernels.row_kernel(k, stride) if kind == "depthwise" else k
+        tile = np.empty((n, 1 << 17), np.float32)
+
+        def run():
+            with kernels.single_threaded_blas():
+                driver(kernels.SGEMM, x.reshape(n, -1), h, kk, b, stride, y.reshape(n, -1), tile)
+            return y
+
     def check():
         y = run()
         return max(float(np.abs(y[i:i + 1] - ref(i)).max()) for i in sorted({0, n - 1}))
@@ -97,12 +138,12 @@ def case(kind, n, shape, cout, stride, rng):
     return run, check, flops, bytes_
 
 
-def bench(n, repeats, peak):
+def bench(n, repeats, peak, per_image=False):
     rng = np.random.default_rng(0)
     layers = network_layers()
     rows = []
     for kind, names, shape, cout, stride in layers:
-        run, check, flops, bytes_ = case(kind, n, shape, cout, stride, rng)
+        run, check, flops, bytes_ = case(kind, n, shape, cout, stride, rng, per_image)
         err = check()  # also the warm-up: compiles or loads the cache
         tol = 1e-4 if kind == "pointwise" else 1e-5
         if err > tol:
@@ -110,7 +151,8 @@ def bench(n, repeats, peak):
         run()
         rows.append((kind, names, shape, cout, stride, median_time(run, repeats), flops, bytes_, err))
     total = sum(len(names) * t for _, names, *_, t, _, _, _ in rows)
-    print(f"\nMobileNet 1.0-224, batch {n}, {THREADS} threads, median of {repeats}; "
+    how = f"one image per thread ({n} at once)" if per_image else f"batch {n}"
+    print(f"\nMobileNet 1.0-224, {how}, {THREADS} threads, median of {repeats}; "
           f"network (sum of layers) {total * 1e3:.2f} ms = {n / total:.1f} images/s")
     print(f"{'layer':<22} {'input':>15} {'out':>5} {'s':>2} {'ms':>8} {'rate':>14} {'share':>6} {'err':>8}")
     pw_flops = pw_time = 0.0
@@ -141,6 +183,8 @@ def main():
     print(f"sgemm peak (4096^3 NumPy matmul, BLAS threads as configured): {peak:.1f} GFLOP/s")
     for n in a.batch:
         bench(n, a.repeats, peak)
+    if kernels.SGEMM is not None:
+        bench(THREADS, a.repeats, peak, per_image=True)
 
 
 if __name__ == "__main__":

@@ -361,21 +361,33 @@ def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, a
                    act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
 
 
+# Mult-adds below which a layer of the banded pass runs on one thread: a
+# parallel loop costs its threads a wake-up and a barrier, tens of
+# microseconds, and much more on a loaded machine.
+SPLIT = 4_000_000
+
+
 @njit(parallel=True, **JIT)
 def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
-    # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer split into
-    # T bands of the g * Ho output rows (thread t: band t, with tile[t]);
+    # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer large
+    # enough split into T bands of the g * Ho output rows (thread t: band t,
+    # with tile[t]), or into T ranges of output channels when it has few rows;
     # act[0] holds the activations.
     threads = tile.shape[0]
     a, b = act[0, 0], act[0, 1]
     side = -(-r // 2)
-    for t in prange(threads):
-        _stem_rows(gemm, x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
+    if g * side * side * k0.size < SPLIT:
+        _stem_rows(gemm, x, r, r, k0, b0, 2, a, 0, g * side, tile[0])
+    else:
+        for t in prange(threads):
+            _stem_rows(gemm, x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
     src, dst = a, b
     for i in range(len(kd)):
         out = -(-side // strides[i])
         c, cout = wp[i].shape
-        if g * out * out < 256 and g * out * out * c <= tile.shape[1]:
+        if g * out * out * (9 + cout) * c < SPLIT:
+            _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
+        elif g * out * out < 256 and g * out * out * c <= tile.shape[1]:
             # Few rows: split the output channels instead, each thread repeating the (small) depthwise.
             for t in prange(threads):
                 _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
