@@ -5,6 +5,14 @@ a private ``@njit`` function does the work in explicit loops, parallel over
 the outermost independent axis (batch x output rows) only. Batch norm is
 folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
+
+Matrix products (pointwise layers, the stem as patches x kernel) call the
+BLAS's cblas_sgemm from inside Numba's threads, single-threaded, so that one
+thread pool runs everything. The row kernels (``_*_row``, ``_*_rows``, on
+flat buffers) serve both the one-layer public kernels and the fused forward
+pass at the end of this file (``_network_stacks``, ``_network_bands``),
+which runs the whole network per image or per band of rows with its
+buffers allocated once (see MobileNet._pooled).
 """
 import ctypes
 import os
@@ -364,7 +372,7 @@ def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, a
 # Mult-adds below which a layer of the banded pass runs on one thread: a
 # parallel loop costs its threads a wake-up and a barrier, tens of
 # microseconds, and much more on a loaded machine.
-SPLIT = 4_000_000
+SPLIT = 8_000_000
 
 
 @njit(parallel=True, **JIT)
