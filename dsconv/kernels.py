@@ -5,15 +5,37 @@ a private ``@njit`` function does the work in explicit loops, parallel over
 the outermost independent axis (batch x output rows) only. Batch norm is
 folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
+
+Matrix products (pointwise layers, the stem as patches x kernel) call the
+BLAS's cblas_sgemm from inside Numba's threads, single-threaded, so that one
+thread pool runs everything. The row kernels (``_*_row``, ``_*_rows``, on
+flat buffers) serve both the one-layer public kernels and the fused forward
+pass at the end of this file (``_network_stacks``, ``_network_bands``),
+which runs the whole network per image or per band of rows with its
+buffers allocated once (see MobileNet._pooled).
 """
+import contextlib
+import ctypes
+import os
+
 import numpy as np
 from numba import njit, prange
+
+# Numba's OpenMP threads wait at the end of every parallel loop. By default
+# GNU OpenMP spins there for ~300000 iterations: when another process holds a
+# core, the waiting thread burns its time slice and a 7 ms forward pass took
+# 110 ms. Spinning 10000 iterations costs nothing measurable on an idle
+# machine. Set before Numba starts its threads; a user's own setting wins. (No
+# effect if GNU OpenMP is already loaded: PyTorch, imported first, brings one.)
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # One place for the JIT flags. fastmath stays off: the forward pass must match
 # Keras to 1e-4, and reassociated sums would trade that for little speed.
 JIT = dict(cache=True, nogil=True, fastmath=False)
 
 
+@njit(**JIT)
 def same_padding(size, stride):
     """TensorFlow "SAME" for a 3x3 window: (output size, padding before).
 
@@ -25,70 +47,390 @@ def same_padding(size, stride):
     return out, total // 2
 
 
+def _openblas_paths():
+    """Paths of the OpenBLAS libraries NumPy loaded (Linux: from /proc; else NumPy's bundled ones)."""
+    try:
+        with open("/proc/self/maps") as f:
+            found = {line.split(None, 5)[-1].strip() for line in f if "openblas" in line.lower()}
+    except OSError:
+        found = set()
+    if not found:
+        here = os.path.dirname(np.__file__)
+        for d in (os.path.join(here, "..", "numpy.libs"), os.path.join(here, ".dylibs")):
+            if os.path.isdir(d):
+                found |= {os.path.join(d, f) for f in os.listdir(d) if "openblas" in f.lower()}
+    return sorted(p for p in found if os.path.isfile(p))
+
+
+def _find_openblas():
+    """(cblas_sgemm, openblas_get_num_threads, openblas_set_num_threads) of NumPy's OpenBLAS, or None.
+
+    Numba's threads call sgemm with the BLAS on one thread (see
+    single_threaded_blas), so one thread pool runs the whole forward pass: the
+    BLAS's own threads would spin against Numba's on the same cores. Without
+    an OpenBLAS (NumPy built on another BLAS) the forward pass goes layer by
+    layer through NumPy's matmul instead.
+    """
+    for path in _openblas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
+            names = [f"{prefix}{n}{suffix}" for n in ("openblas_get_config", "cblas_sgemm",
+                                                     "openblas_get_num_threads", "openblas_set_num_threads")]
+            if not all(hasattr(lib, n) for n in names):
+                continue
+            config, sgemm, get_threads, set_threads = (getattr(lib, n) for n in names)
+            config.restype = ctypes.c_char_p
+            blasint = ctypes.c_int64 if b"USE64BITINT" in config() else ctypes.c_int
+            sgemm.restype = None
+            sgemm.argtypes = [ctypes.c_int] * 3 + [blasint] * 3 + [ctypes.c_float, ctypes.c_void_p, blasint,
+                                                                   ctypes.c_void_p, blasint, ctypes.c_float,
+                                                                   ctypes.c_void_p, blasint]
+            get_threads.restype, set_threads.argtypes = ctypes.c_int, [ctypes.c_int]
+            a, b, c = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.zeros((2, 2), np.float32)
+            sgemm(101, 111, 111, 2, 2, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 2, 0.0, c.ctypes.data, 2)
+            if np.array_equal(c, a @ b):
+                return sgemm, get_threads, set_threads
+    return None
+
+
+_OPENBLAS = _find_openblas()
+SGEMM = _OPENBLAS[0] if _OPENBLAS else None
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """The BLAS on one thread while Numba's threads call it; restored afterwards."""
+    if _OPENBLAS is None:
+        yield
+        return
+    _, get_threads, set_threads = _OPENBLAS
+    before = get_threads()
+    set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
+
 def _check(x, name, ndim):
     if x.dtype != np.float32 or x.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d float32 array, got {x.ndim}-d {x.dtype}")
     return np.ascontiguousarray(x)
 
 
+@njit(inline="always", **JIT)
+def _columns(kx, stride, left, w, wo):
+    # the output columns [lo, hi) whose input column ox * stride + kx - left is inside the image
+    return max(0, -((kx - left) // stride)), min(wo, (w - 1 + left - kx) // stride + 1)
+
+
+@njit(**JIT)
+def _bias_relu6_flat(y, lo, hi, b):
+    # y[lo:hi] = relu6(y + b) in place, y flat (M, C) rows, b (C,)
+    c = b.shape[0]
+    for i in range(lo, hi, c):
+        row = y[i:i + c]
+        for j in range(c):
+            row[j] = min(max(row[j] + b[j], np.float32(0)), np.float32(6))
+
+
+@njit(**JIT)
+def _stem_row(x, h, w, k, b, oy, stride, top, left, y, wo):
+    # x flat (H, W, 3), k (3, 3, 3, C), b (C,); y flat output row (Wo, C)
+    cin, c = k.shape[2], k.shape[3]
+    y[:wo * c] = 0
+    for ky in range(3):
+        iy = oy * stride + ky - top
+        if iy < 0 or iy >= h:
+            continue
+        for kx in range(3):
+            lo, hi = _columns(kx, stride, left, w, wo)
+            for ox in range(lo, hi):
+                s = (iy * w + ox * stride + kx - left) * cin
+                src, dst = x[s:s + cin], y[ox * c:ox * c + c]
+                for ci in range(cin):
+                    v, kk = src[ci], k[ky, kx, ci]
+                    for co in range(c):
+                        dst[co] += v * kk[co]
+    _bias_relu6_flat(y, 0, wo * c, b)
+
+
+@njit(**JIT)
+def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
+    # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
+    # product: the 3x3 patches of a few rows, (pixels, 9 Cin), gathered in
+    # tile, times k (9 Cin, C). x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
+    taps, c = k.shape
+    cin = taps // 9
+    ho, top = same_padding(h, stride)
+    wo, left = same_padding(w, stride)
+    rows = max(1, tile.shape[0] // (wo * taps))
+    for r0 in range(t0, t1, rows):
+        r1 = min(t1, r0 + rows)
+        for t in range(r0, r1):
+            img, oy = x[t // ho * h * w * cin:], t % ho
+            for ky in range(3):
+                iy = oy * stride + ky - top
+                for ox in range(wo):
+                    # 3 pixels x Cin of the patch, contiguous in the image unless at its border
+                    p, ix = ((t - r0) * wo + ox) * taps + ky * 3 * cin, ox * stride - left
+                    if iy >= 0 and iy < h and ix >= 0 and ix + 2 < w:
+                        s = (iy * w + ix) * cin
+                        for j in range(3 * cin):  # unsigned indices: no negative-index wraparound test
+                            tile[np.uint64(p + j)] = img[np.uint64(s + j)]
+                    else:
+                        for j in range(3 * cin):
+                            jx = ix + j // cin
+                            inside = iy >= 0 and iy < h and jx >= 0 and jx < w
+                            tile[p + j] = img[(iy * w + jx) * cin + j % cin] if inside else np.float32(0)
+        _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
+
+
+@njit(**JIT)
+def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
+    # x flat (H, W, C), b (C,); y flat output row (Wo, C); k (3, 3, C), or for
+    # stride 1 tiled to (3, 3, P * C) (see row_kernel)
+    c = b.shape[0]
+    if stride == 1:
+        _depthwise_row_s1(x, h, w, k, oy, top, left, y, wo, c)
+    else:
+        _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c)
+    # The bias last, as Keras adds batch norm after the convolution.
+    _bias_relu6_flat(y, 0, wo * c, b)
+
+
+@njit(**JIT)
+def _depthwise_row_s1(x, h, w, kt, oy, top, left, y, wo, c):
+    # Stride 1, P pixels at a time (P * C floats, in L1): each tap is one
+    # product over P pixels x C channels, with the input shifted by a pixel
+    # and the kernel tiled P times in kt.
+    p = kt.shape[2] // c
+    for p0 in range(0, wo, p):
+        p1 = min(wo, p0 + p)
+        out = y[p0 * c:p1 * c]
+        out[:] = 0
+        for ky in range(3):
+            iy = oy + ky - top
+            if iy < 0 or iy >= h:
+                continue
+            row = x[iy * w * c:(iy + 1) * w * c]
+            for kx in range(3):
+                lo, hi = _columns(kx, 1, left, w, wo)
+                lo, hi = max(lo, p0), min(hi, p1)
+                s = (lo + kx - left) * c
+                dst, src, kk = out[(lo - p0) * c:(hi - p0) * c], row[s:s + (hi - lo) * c], kt[ky, kx]
+                for j in range(dst.shape[0]):
+                    dst[j] += src[j] * kk[j]
+
+
+@njit(**JIT)
+def _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c):
+    # Other strides: pixel by pixel, a product over channels per tap.
+    for ox in range(wo):
+        dst = y[ox * c:ox * c + c]
+        dst[:] = 0
+        for ky in range(3):
+            iy = oy * stride + ky - top
+            if iy < 0 or iy >= h:
+                continue
+            for kx in range(3):
+                ix = ox * stride + kx - left
+                if ix < 0 or ix >= w:
+                    continue
+                src, kk = x[(iy * w + ix) * c:(iy * w + ix) * c + c], k[ky, kx]
+                for ci in range(c):
+                    dst[ci] += src[ci] * kk[ci]
+
+
+def row_kernel(k, stride, chunk=512):
+    """The depthwise kernel (3, 3, C) as _depthwise_row takes it: for stride 1 tiled P times, P * C ~ chunk floats."""
+    return np.ascontiguousarray(np.tile(k, (1, 1, max(1, chunk // k.shape[2])))) if stride == 1 else k
+
+
 @njit(parallel=True, **JIT)
 def _stem(x, k, b, y, stride, pad):
-    # x (N, H, W, 3), k (3, 3, 3, C), b (C,), y (N, Ho, Wo, C)
-    n_img, h, w, cin = x.shape
+    # x (N, H, W, 3), y (N, Ho, Wo, C): parallel over the N * Ho output rows
+    n_img, h, w, _ = x.shape
     _, ho, wo, c = y.shape
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
-        for ox in range(wo):
-            acc = y[n, oy, ox]
-            acc[:] = 0
-            for ky in range(3):
-                iy = oy * stride + ky - pad[0]
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(3):
-                    ix = ox * stride + kx - pad[1]
-                    if ix < 0 or ix >= w:
-                        continue
-                    for ci in range(cin):
-                        v = x[n, iy, ix, ci]
-                        for co in range(c):
-                            acc[co] += v * k[ky, kx, ci, co]
-            for co in range(c):
-                acc[co] = min(max(acc[co] + b[co], np.float32(0)), np.float32(6))
+        _stem_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
+
+
+@njit(parallel=True, **JIT)
+def _stem_gemm(gemm, x, k, b, y, stride):
+    # x (N, H, W, Cin), k (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of 8 output rows
+    n_img, h, w, cin = x.shape
+    _, ho, wo, c = y.shape
+    bands = (ho + 7) // 8
+    for t in prange(n_img * bands):
+        n, r0 = t // bands, t % bands * 8
+        tile = np.empty(8 * wo * 9 * cin, np.float32)
+        _stem_rows(gemm, x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + 8), tile)
 
 
 @njit(parallel=True, **JIT)
 def _depthwise(x, k, b, y, stride, pad):
-    # x (N, H, W, C), k (3, 3, C), b (C,), y (N, Ho, Wo, C)
-    n_img, h, w, c = x.shape
+    # x (N, H, W, C), y (N, Ho, Wo, C): parallel over the N * Ho output rows
+    n_img, h, w, _ = x.shape
     _, ho, wo, _ = y.shape
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
-        for ox in range(wo):
-            acc = y[n, oy, ox]
-            acc[:] = 0
-            for ky in range(3):
-                iy = oy * stride + ky - pad[0]
-                if iy < 0 or iy >= h:
-                    continue
-                for kx in range(3):
-                    ix = ox * stride + kx - pad[1]
-                    if ix < 0 or ix >= w:
-                        continue
-                    for ci in range(c):
-                        acc[ci] += x[n, iy, ix, ci] * k[ky, kx, ci]
-            # The bias last, as Keras adds batch norm after the convolution.
-            for ci in range(c):
-                acc[ci] = min(max(acc[ci] + b[ci], np.float32(0)), np.float32(6))
+        _depthwise_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
 
 
 @njit(parallel=True, **JIT)
 def _bias_relu6(y, b):
-    # y (M, C) in place, b (C,)
+    # y (M, C) in place, b (C,); parallel over blocks of 64 rows
     m, c = y.shape
-    for i in prange(m):
-        for j in range(c):
-            y[i, j] = min(max(y[i, j] + b[j], np.float32(0)), np.float32(6))
+    flat = y.ravel()
+    for i in prange((m + 63) // 64):
+        _bias_relu6_flat(flat, i * 64 * c, min(m, i * 64 + 64) * c, b)
+
+
+@njit(**JIT)
+def _pointwise_rows(gemm, a, w, b, y, m, n0=0, n1=-1):
+    # Columns [n0, n1) of y[:m * Cout] = relu6(a[:m * Cin] @ w + b):
+    # a flat (m, Cin), w (Cin, Cout), b (Cout,), y flat (m, Cout)
+    cin, cout = w.shape
+    n1 = cout if n1 < 0 else n1
+    if m > 0 and n1 > n0:  # row-major, no transposes
+        gemm(101, 111, 111, m, n1 - n0, cin, np.float32(1), a.ctypes.data, cin, w.ravel()[n0:].ctypes.data,
+             cout, np.float32(0), y[n0:].ctypes.data, cout)
+    # The epilogue on the block just written, while it is in cache.
+    for i in range(m):
+        row = y[i * cout + n0:i * cout + n1]
+        for j in range(n1 - n0):
+            row[j] = min(max(row[j] + b[n0 + j], np.float32(0)), np.float32(6))
+
+
+@njit(parallel=True, **JIT)
+def _pointwise(gemm, x, w, b, y):
+    # x (M, Cin), y (M, Cout): parallel over tiles of 256 rows
+    m, cin = x.shape
+    cout = w.shape[1]
+    xf, yf = x.ravel(), y.ravel()
+    for t in prange((m + 255) // 256):
+        r0, r1 = t * 256, min(m, t * 256 + 256)
+        _pointwise_rows(gemm, xf[r0 * cin:], w, b, yf[r0 * cout:], r1 - r0)
+
+
+@njit(**JIT)
+def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
+    # One depthwise-separable block on output rows [t0, t1) of a stack of
+    # images (G * Ho rows), the depthwise output a few rows at a time in tile,
+    # so that the pointwise product reads it from cache and multiplies
+    # rows * Wo pixels at once, across images: x flat (G, H, W, C) -> y flat (G, Ho, Wo, Cout).
+    c, cout = wp.shape
+    ho, top = same_padding(h, stride)
+    wo, left = same_padding(w, stride)
+    rows = max(1, tile.shape[0] // (wo * c))
+    for r0 in range(t0, t1, rows):
+        r1 = min(t1, r0 + rows)
+        for t in range(r0, r1):
+            _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
+                           tile[(t - r0) * wo * c:], wo)
+        _pointwise_rows(gemm, tile, wp, bp, y[r0 * wo * cout:], (r1 - r0) * wo)
+
+
+@njit(**JIT)
+def _block_cols(gemm, x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
+    # One block on a stack of g images, output channels [n0, n1) only: the
+    # whole depthwise output in tile, then its product with columns [n0, n1) of wp.
+    c = wp.shape[0]
+    ho, top = same_padding(side, stride)
+    for t in range(g * ho):
+        _depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
+                       tile[t * ho * c:], ho)
+    _pointwise_rows(gemm, tile, wp, bp, y, g * ho * ho, n0, n1)
+
+
+@njit(**JIT)
+def _pool_flat(x, m, out):
+    # out (C,) = mean of the m pixels of x flat (m, C)
+    c = out.shape[0]
+    acc = np.zeros(c, np.float64)  # 49 to 196 terms: the sum is exact enough in float64 only
+    for i in range(m):
+        px = x[i * c:i * c + c]
+        for ci in range(c):
+            acc[ci] += px[ci]
+    for ci in range(c):
+        out[ci] = acc[ci] / m
+
+
+@njit(**JIT)
+def _stack(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled):
+    # The whole network on a stack of g images, serially, layer by layer:
+    # x flat (g, r, r, 3) -> pooled (g, F). Activations alternate between the
+    # flat buffers act0 and act1.
+    side = -(-r // 2)
+    _stem_rows(gemm, x, r, r, k0, b0, 2, act0, 0, g * side, tile)
+    src, dst = act0, act1
+    for i in range(len(kd)):
+        out = -(-side // strides[i])
+        _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile)
+        side, src, dst = out, dst, src
+    c = pooled.shape[1]
+    for n in range(g):
+        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
+
+
+@njit(parallel=True, **JIT)
+def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x flat (N, r, r, 3) -> pooled (N, F); thread t runs images [N t / T, N (t + 1) / T),
+    # up to `stack` at a time, on its own buffers act[t] (2, S) and tile[t]:
+    # no synchronisation between layers.
+    threads = tile.shape[0]
+    size = r * r * 3
+    for t in prange(threads):
+        for n0 in range(n_img * t // threads, n_img * (t + 1) // threads, stack):
+            n1 = min(n_img * (t + 1) // threads, n0 + stack)
+            _stack(gemm, x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides,
+                   act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
+
+
+# Mult-adds below which a layer of the banded pass runs on one thread: a
+# parallel loop costs its threads a wake-up and a barrier, tens of
+# microseconds, and much more on a loaded machine.
+SPLIT = 8_000_000
+
+
+@njit(parallel=True, **JIT)
+def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+    # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer large
+    # enough split into T bands of the g * Ho output rows (thread t: band t,
+    # with tile[t]), or into T ranges of output channels when it has few rows;
+    # act[0] holds the activations.
+    threads = tile.shape[0]
+    a, b = act[0, 0], act[0, 1]
+    side = -(-r // 2)
+    if g * side * side * k0.size < SPLIT:
+        _stem_rows(gemm, x, r, r, k0, b0, 2, a, 0, g * side, tile[0])
+    else:
+        for t in prange(threads):
+            _stem_rows(gemm, x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
+    src, dst = a, b
+    for i in range(len(kd)):
+        out = -(-side // strides[i])
+        c, cout = wp[i].shape
+        if g * out * out * (9 + cout) * c < SPLIT:
+            _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
+        elif g * out * out < 256 and g * out * out * c <= tile.shape[1]:
+            # Few rows: split the output channels instead, each thread repeating the (small) depthwise.
+            for t in prange(threads):
+                _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            cout * t // threads, cout * (t + 1) // threads, tile[t])
+        else:
+            for t in prange(threads):
+                _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            g * out * t // threads, g * out * (t + 1) // threads, tile[t])
+        side, src, dst = out, dst, src
+    c = pooled.shape[1]
+    for n in range(g):
+        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
 
 @njit(parallel=True, **JIT)
@@ -121,7 +463,7 @@ def _conv3x3(kernel, x, k, b, stride):
     n, h, w, _ = x.shape
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
-    y = np.empty((n, ho, wo, k.shape[-1]), np.float32)
+    y = np.empty((n, ho, wo, b.shape[0]), np.float32)
     kernel(x, k, b, y, stride, (top, left))
     return y
 
@@ -134,7 +476,13 @@ def stem(x, k, b, stride=2):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 4), _check(b, "bias", 1)
     if k.shape[:3] != (3, 3, x.shape[3]) or b.shape != (k.shape[3],):
         raise ValueError(f"stem: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_stem, x, k, b, stride)
+    if SGEMM is None:
+        return _conv3x3(_stem, x, k, b, stride)
+    n, h, w, _ = x.shape
+    y = np.empty((n, -(-h // stride), -(-w // stride), k.shape[3]), np.float32)
+    with single_threaded_blas():
+        _stem_gemm(SGEMM, x, k.reshape(-1, k.shape[3]), b, y, stride)
+    return y
 
 
 def depthwise(x, k, b, stride):
@@ -145,7 +493,7 @@ def depthwise(x, k, b, stride):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 3), _check(b, "bias", 1)
     if k.shape != (3, 3, x.shape[3]) or b.shape != (x.shape[3],):
         raise ValueError(f"depthwise: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_depthwise, x, k, b, stride)
+    return _conv3x3(_depthwise, x, row_kernel(k, stride), b, stride)
 
 
 def pointwise(x, w, b):
@@ -156,8 +504,14 @@ def pointwise(x, w, b):
     x, w, b = _check(x, "x", 4), _check(w, "kernel", 2), _check(b, "bias", 1)
     if w.shape[0] != x.shape[3] or b.shape != (w.shape[1],):
         raise ValueError(f"pointwise: kernel {w.shape} / bias {b.shape} do not fit input {x.shape}")
-    y = x.reshape(-1, x.shape[3]) @ w
-    _bias_relu6(y, b)
+    x2 = x.reshape(-1, x.shape[3])
+    if SGEMM is None:
+        y = x2 @ w
+        _bias_relu6(y, b)
+    else:
+        y = np.empty((x2.shape[0], w.shape[1]), np.float32)
+        with single_threaded_blas():
+            _pointwise(SGEMM, x2, w, b, y)
     return y.reshape(x.shape[:3] + (w.shape[1],))
 
 

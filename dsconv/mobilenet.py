@@ -24,6 +24,9 @@ for these; counting the layers gives the numbers above, and Howard et al.'s
 own Table 6 agrees (325 M for 0.75-224, 149 M for 0.5-224). See
 tests/test_mobilenet.py.
 """
+import threading
+
+import numba
 import numpy as np
 
 from dsconv import kernels
@@ -35,6 +38,12 @@ STEM = 32
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 CLASSES = 1000
+# Floats of depthwise output (or stem patches) each thread keeps for the matrix
+# product that follows: 512 KB, a few rows, in L2 with the product's output.
+TILE = 1 << 17
+# Floats of activations per thread a stack of images may take (4 MB): small
+# variants run several images per layer, for matrix products with more rows.
+STACK = 1 << 20
 
 
 def check_variant(alpha, resolution):
@@ -116,15 +125,20 @@ class MobileNet:
     def features(self):
         return feature_size(self.alpha)
 
-    def layers(self, images):
-        """Yield (Keras activation name, activation) after every layer.
-
-        images (N, r, r, 3) float32 scaled to [-1, 1].
-        """
+    def _images(self, images):
         x = np.ascontiguousarray(images, np.float32)
         if x.ndim != 4 or x.shape[1:] != (self.resolution, self.resolution, 3):
             raise ValueError(f"expected images of shape (N, {self.resolution}, {self.resolution}, 3), "
                              f"got {x.shape}")
+        return x
+
+    def layers(self, images):
+        """Yield (Keras activation name, activation) after every layer.
+
+        images (N, r, r, 3) float32 scaled to [-1, 1]. One kernel call per
+        layer: the simple path, for inspection (forward() is the fast one).
+        """
+        x = self._images(images)
         p = self.params
         x = kernels.stem(x, p["conv1"]["kernel"], p["conv1"]["bias"])
         yield "conv1_relu", x
@@ -142,9 +156,63 @@ class MobileNet:
 
     def forward(self, images):
         """(pooled (N, 1024a), logits (N, 1000) or None without the head)."""
-        pooled = kernels.global_avg_pool(self.feature_maps(images))
+        x = self._images(images)
+        if kernels.SGEMM is None:  # no BLAS Numba can call: layer by layer
+            pooled = kernels.global_avg_pool(self.feature_maps(x))
+        else:
+            pooled = self._pooled(x)
         return pooled, self.logits(pooled) if self.has_head else None
 
     def logits(self, pooled):
         head = self.params["conv_preds"]
         return kernels.dense(pooled, head["kernel"], head["bias"])
+
+    def _pooled(self, x):
+        """The fused forward pass up to the pooled features, on Numba's threads.
+
+        Whole images per thread, in stacks of up to ``stack`` images (so that
+        the late layers' matrix products have enough rows), while there are
+        at least as many images as threads: no synchronisation between
+        layers. Then the remaining images together, every layer split into
+        bands of rows across the threads.
+        """
+        threads = numba.get_num_threads()
+        if getattr(self, "_fused", None) is None or self._fused[0] != threads:
+            self._fused = (threads, threading.Lock(), *self._buffers(threads))
+        _, lock, stack, act, tile, args = self._fused
+        n, r = len(x), self.resolution
+        pooled = np.empty((n, self.features), np.float32)
+        whole, flat = n // threads * threads, x.reshape(-1)
+        with lock, kernels.single_threaded_blas():
+            if whole:
+                kernels._network_stacks(kernels.SGEMM, flat[:whole * r * r * 3], whole, r, stack,
+                                        *args, act, tile, pooled[:whole])
+            if whole < n:
+                kernels._network_bands(kernels.SGEMM, flat[whole * r * r * 3:], n - whole, r,
+                                       *args, act, tile, pooled[whole:])
+        return pooled
+
+    def _buffers(self, threads):
+        """(stack, activations (T, 2, S), tiles (T, tile), weights as tuples) for the fused pass.
+
+        A stack is as many images as fit STACK floats of their largest
+        activation (at least one); S holds a stack, or the images left over
+        for the banded pass (fewer than the threads).
+        """
+        p, side = self.params, self.resolution // 2
+        c = width(STEM, self.alpha)
+        largest, row = side * side * c, side * 27
+        for out, stride in BLOCKS:
+            row = max(row, -(-side // stride) * c)
+            side, c = -(-side // stride), width(out, self.alpha)
+            largest = max(largest, side * side * c)
+        stack = max(1, STACK // largest)
+        act = np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32)
+        tile = np.empty((threads, max(TILE, row)), np.float32)
+        args = (p["conv1"]["kernel"].reshape(27, -1), p["conv1"]["bias"],
+                tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)),
+                tuple(p[f"conv_dw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
+                tuple(p[f"conv_pw_{i}"]["kernel"] for i in range(1, len(BLOCKS) + 1)),
+                tuple(p[f"conv_pw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
+                np.array([s for _, s in BLOCKS], np.int64))
+        return stack, act, tile, args
