@@ -452,8 +452,9 @@ def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, po
         c, cout = wp[i].shape
         if g * out * out * (9 + cout) * c < SPLIT:
             _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
-        elif g * out * out < 256 and g * out * out * c <= tile.shape[1]:
-            # Few rows: split the output channels instead, each thread repeating the (small) depthwise.
+        elif g * out * out < 64 and g * out * out * c <= tile.shape[1]:
+            # Few rows (7x7): split the output channels instead, each thread repeating the small
+            # depthwise. At 14x14 (196 rows) repeating it costs more than halving the product's rows.
             for t in prange(threads):
                 _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
                             cout * t // threads, cout * (t + 1) // threads, tile[t])
