@@ -189,60 +189,94 @@ def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
         _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
 
 
+@njit(inline="always", **JIT)
+def _relu6(v):
+    return min(max(v, np.float32(0)), np.float32(6))
+
+
 @njit(**JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
     # x flat (H, W, C), b (C,); y flat output row (Wo, C); k (3, 3, C), or for
-    # stride 1 tiled to (3, 3, P * C) (see row_kernel)
+    # stride 1 tiled to (3, 3, P * C) (see row_kernel). The pixels whose 3x3
+    # window lies inside the image take all nine taps in one pass with no
+    # bounds tests; the others (first and last rows and columns) one by one.
     c = b.shape[0]
+    iy = oy * stride - top
+    lo = min(wo, -(-left // stride))
+    hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
+    if iy < 0 or iy + 2 >= h:
+        lo = hi = wo
+    for ox in range(lo):
+        _depthwise_pixel(x, h, w, k, b, iy, ox * stride - left, y[ox * c:ox * c + c])
     if stride == 1:
-        _depthwise_row_s1(x, h, w, k, oy, top, left, y, wo, c)
+        _depthwise_inside_s1(x, w, k, b, iy, lo, hi, left, y)
     else:
-        _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c)
+        _depthwise_inside(x, w, k, b, iy, lo, hi, stride, left, y)
+    for ox in range(hi, wo):
+        _depthwise_pixel(x, h, w, k, b, iy, ox * stride - left, y[ox * c:ox * c + c])
+
+
+@njit(**JIT)
+def _depthwise_pixel(x, h, w, k, b, iy, ix, dst):
+    # One output pixel dst (C,) of the window at input row iy, column ix, taps outside the image skipped.
+    c = b.shape[0]
+    dst[:] = 0
+    for ky in range(3):
+        if iy + ky < 0 or iy + ky >= h:
+            continue
+        for kx in range(3):
+            if ix + kx < 0 or ix + kx >= w:
+                continue
+            s = ((iy + ky) * w + ix + kx) * c
+            src, kk = x[s:s + c], k[ky, kx]
+            for ci in range(c):
+                dst[ci] += src[ci] * kk[ci]
     # The bias last, as Keras adds batch norm after the convolution.
-    _bias_relu6_flat(y, 0, wo * c, b)
+    for ci in range(c):
+        dst[ci] = _relu6(dst[ci] + b[ci])
 
 
 @njit(**JIT)
-def _depthwise_row_s1(x, h, w, kt, oy, top, left, y, wo, c):
-    # Stride 1, P pixels at a time (P * C floats, in L1): each tap is one
-    # product over P pixels x C channels, with the input shifted by a pixel
-    # and the kernel tiled P times in kt.
+def _depthwise_inside_s1(x, w, kt, b, iy, lo, hi, left, y):
+    # Stride 1, output pixels [lo, hi) of the row, P at a time: each tap reads
+    # P * C contiguous floats of input, shifted by a pixel, against the
+    # kernel tiled P times in kt (3, 3, P * C), so the nine taps are one loop
+    # over P * C floats with a single store, whatever C.
+    c = b.shape[0]
     p = kt.shape[2] // c
-    for p0 in range(0, wo, p):
-        p1 = min(wo, p0 + p)
-        out = y[p0 * c:p1 * c]
-        out[:] = 0
-        for ky in range(3):
-            iy = oy + ky - top
-            if iy < 0 or iy >= h:
-                continue
-            row = x[iy * w * c:(iy + 1) * w * c]
-            for kx in range(3):
-                lo, hi = _columns(kx, 1, left, w, wo)
-                lo, hi = max(lo, p0), min(hi, p1)
-                s = (lo + kx - left) * c
-                dst, src, kk = out[(lo - p0) * c:(hi - p0) * c], row[s:s + (hi - lo) * c], kt[ky, kx]
-                for j in range(dst.shape[0]):
-                    dst[j] += src[j] * kk[j]
+    k00, k01, k02, k10, k11, k12, k20, k21, k22 = (kt[0, 0], kt[0, 1], kt[0, 2], kt[1, 0], kt[1, 1],
+                                                   kt[1, 2], kt[2, 0], kt[2, 1], kt[2, 2])
+    for p0 in range(lo, hi, p):
+        n = (min(hi, p0 + p) - p0) * c
+        s = (iy * w + p0 - left) * c
+        a0, a1, a2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
+        s += w * c
+        b0, b1, b2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
+        s += w * c
+        d0, d1, d2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
+        dst = y[p0 * c:p0 * c + n]
+        for j in range(n):  # summed in the order of _depthwise_pixel: the same floats
+            dst[j] = (np.float32(0) + a0[j] * k00[j] + a1[j] * k01[j] + a2[j] * k02[j]
+                      + b0[j] * k10[j] + b1[j] * k11[j] + b2[j] * k12[j]
+                      + d0[j] * k20[j] + d1[j] * k21[j] + d2[j] * k22[j])
+    _bias_relu6_flat(y, lo * c, hi * c, b)
 
 
 @njit(**JIT)
-def _depthwise_row_s2(x, h, w, k, oy, stride, top, left, y, wo, c):
-    # Other strides: pixel by pixel, a product over channels per tap.
-    for ox in range(wo):
-        dst = y[ox * c:ox * c + c]
-        dst[:] = 0
-        for ky in range(3):
-            iy = oy * stride + ky - top
-            if iy < 0 or iy >= h:
-                continue
-            for kx in range(3):
-                ix = ox * stride + kx - left
-                if ix < 0 or ix >= w:
-                    continue
-                src, kk = x[(iy * w + ix) * c:(iy * w + ix) * c + c], k[ky, kx]
-                for ci in range(c):
-                    dst[ci] += src[ci] * kk[ci]
+def _depthwise_inside(x, w, k, b, iy, lo, hi, stride, left, y):
+    # Other strides, output pixels [lo, hi) of the row: per pixel, the nine taps in one loop over channels.
+    c = b.shape[0]
+    k00, k01, k02, k10, k11, k12, k20, k21, k22 = (k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1],
+                                                   k[1, 2], k[2, 0], k[2, 1], k[2, 2])
+    for ox in range(lo, hi):
+        s = (iy * w + ox * stride - left) * c
+        r0, r1, r2 = x[s:s + 3 * c], x[s + w * c:s + w * c + 3 * c], x[s + 2 * w * c:s + 2 * w * c + 3 * c]
+        a0, a1, a2, b0, b1, b2 = r0[:c], r0[c:2 * c], r0[2 * c:], r1[:c], r1[c:2 * c], r1[2 * c:]
+        d0, d1, d2, dst = r2[:c], r2[c:2 * c], r2[2 * c:], y[ox * c:ox * c + c]
+        for ci in range(c):
+            dst[ci] = _relu6(np.float32(0) + a0[ci] * k00[ci] + a1[ci] * k01[ci] + a2[ci] * k02[ci]
+                             + b0[ci] * k10[ci] + b1[ci] * k11[ci] + b2[ci] * k12[ci]
+                             + d0[ci] * k20[ci] + d1[ci] * k21[ci] + d2[ci] * k22[ci] + b[ci])
 
 
 def row_kernel(k, stride, chunk=512):
@@ -418,8 +452,9 @@ def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, po
         c, cout = wp[i].shape
         if g * out * out * (9 + cout) * c < SPLIT:
             _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
-        elif g * out * out < 256 and g * out * out * c <= tile.shape[1]:
-            # Few rows: split the output channels instead, each thread repeating the (small) depthwise.
+        elif g * out * out < 64 and g * out * out * c <= tile.shape[1]:
+            # Few rows (7x7): split the output channels instead, each thread repeating the small
+            # depthwise. At 14x14 (196 rows) repeating it costs more than halving the product's rows.
             for t in prange(threads):
                 _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
                             cout * t // threads, cout * (t + 1) // threads, tile[t])
