@@ -49,7 +49,7 @@ def keras_dirs():
     repo = Path(__file__).resolve().parent.parent
     dirs += [repo.parent / "shared" / "weights" / "keras", Path("../shared/weights/keras"),
              Path.home() / ".keras" / "models"]
-    return dirs
+    return list({d.resolve(): d for d in dirs}.values())
 
 
 def keras_file_name(alpha, resolution, head=True):
@@ -210,7 +210,7 @@ def find(alpha, resolution, head=False):
     want = keras_file_name(alpha, resolution, True if head else False)
     raise WeightsError(
         f"no weights for MobileNet {alpha:g}-{resolution}{' with the ImageNet head' if head else ''} "
-        f"in {d}. Get Keras' {want} (or the 224 one), for example with "
+        f"in {d}. Get Keras' {want}{' (or the 224 one)' if resolution != 224 else ''}, for example with "
         f"keras.applications.MobileNet(alpha={alpha:g}), then run "
         f"`python -m dsconv.weights convert PATH/{want}`, or put it in one of: "
         + ", ".join(str(k) for k in keras_dirs()))
