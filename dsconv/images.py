@@ -15,7 +15,7 @@ pydicom (dsconv.dicom) and then take the same path.
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Recorded in bottleneck caches and model files: change it when the
 # preprocessing changes, so that old bottlenecks are not reused.
@@ -27,12 +27,10 @@ class ImageError(Exception):
     """An image that cannot be decoded, naming the file."""
 
 
-def is_dicom(source):
-    """A .dcm file, or any file with DICOM's "DICM" marker at byte 128."""
+def _has_dicom_marker(source):
+    """DICOM's "DICM" at byte 128 (a DICOM file whatever its name)."""
     if isinstance(source, bytes):
         return source[128:132] == b"DICM"
-    if str(source).lower().endswith((".dcm", ".dicom")):
-        return True
     try:
         with open(source, "rb") as f:
             return f.read(132)[128:] == b"DICM"
@@ -40,21 +38,26 @@ def is_dicom(source):
         return False
 
 
+def _read_dicom(source, name):
+    from dsconv import dicom
+    try:
+        return dicom.read(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except ImportError as e:
+        raise ImageError(f"{name}: {e}") from None
+    except Exception as e:  # pydicom raises many kinds on a damaged file
+        raise ImageError(f"{name}: cannot be read as DICOM ({type(e).__name__}: {e})") from None
+
+
 def open_image(source, size=None, name=None):
     """An image file (path or bytes) as a Pillow image, mode L or RGB.
 
     With ``size``, large JPEGs are decoded at reduced scale (never below
-    size x size). DICOM files go through dsconv.dicom.
+    size x size). DICOM files (.dcm, or any file Pillow does not know that
+    carries the DICOM marker) go through dsconv.dicom.
     """
     name = name or source
-    if is_dicom(source):
-        from dsconv import dicom
-        try:
-            return dicom.read(io.BytesIO(source) if isinstance(source, bytes) else source)
-        except ImportError as e:
-            raise ImageError(f"{name}: {e}") from None
-        except Exception as e:  # pydicom raises many kinds on a damaged file
-            raise ImageError(f"{name}: cannot be read as DICOM ({type(e).__name__}: {e})") from None
+    if not isinstance(source, bytes) and str(source).lower().endswith((".dcm", ".dicom")):
+        return _read_dicom(source, name)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
             if size:
@@ -64,6 +67,10 @@ def open_image(source, size=None, name=None):
                 x = np.asarray(im, np.float64) / scale16
                 return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
             return im.convert("L" if im.mode in ("L", "1") else "RGB")
+    except UnidentifiedImageError as e:
+        if _has_dicom_marker(source):
+            return _read_dicom(source, name)
+        raise ImageError(f"{name}: cannot be read as an image ({e})") from None
     except (OSError, ValueError, SyntaxError, AttributeError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
 

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ ORIGINALS = SHARED / "data" / "originals"
 
 if not SHARED.is_dir():
     raise RuntimeError(f"the tests read the shared data at {SHARED}; it is missing")
+
+
+def copy_xrays(root, per_class, step):
+    """Every step-th chest X-ray, per_class of each class, copied to root/CLASS; returns root."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for src in sorted((CHEST / cls).glob("*.jpeg"))[::step][:per_class]:
+            shutil.copyfile(src, root / cls / src.name)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -5,11 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsconv import dicom
+from dsconv import dicom, images
 from tests import dicomfiles
 from tests.conftest import CHEST
 
-pytest.importorskip("pydicom", reason="the dicom extra is part of the test extra")
 
 @pytest.fixture(scope="module")
 def xray():
@@ -32,6 +31,12 @@ def test_window_clips(tmp_path):
     got = np.asarray(dicom.read(dicomfiles.write(tmp_path / "w.dcm", stored, window=(150.5, 101))))
     # values at or below c - 0.5 - (w-1)/2 = 100 are black, above c - 0.5 + (w-1)/2 = 200 white
     assert got.tolist() == [[0, 0, 255, 255]]
+
+def test_dicom_without_its_suffix_is_recognised(xray, tmp_path):
+    path = dicomfiles.write(tmp_path / "IM0001", xray, window=(128, 256))
+    assert np.array_equal(images.decode(path, 64), images.decode(dicomfiles.write(tmp_path / "a.dcm", xray,
+                                                                                   window=(128, 256)), 64))
+
 
 def test_missing_pydicom_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)

@@ -2,24 +2,18 @@
 import csv
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
 
 from dsconv import classifier, data, experiments, features, weights
-from tests.conftest import CHEST
+from tests.conftest import copy_xrays
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """24 chest X-rays per class, several images of some patients."""
-    root = tmp_path_factory.mktemp("xrays")
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (root / cls).mkdir()
-        for src in sorted((CHEST / cls).glob("*.jpeg"))[::25][:24]:
-            shutil.copyfile(src, root / cls / src.name)
-    return root
+    return copy_xrays(tmp_path_factory.mktemp("xrays"), 24, 25)
 
 
 def read_csv(path):

@@ -8,21 +8,17 @@ import pytest
 from PIL import Image
 
 import dsconv
-from dsconv import cam, classifier, features, images, predict, train
+from dsconv import cam, classifier, images, predict, train
 from dsconv.mobilenet import MobileNet
 from tests import dicomfiles
-from tests.conftest import CHEST
+from tests.conftest import CHEST, copy_xrays
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, weights_dir):
     """Two small models on 0.25-128: pooled + standardised, and logits."""
     root = tmp_path_factory.mktemp("predict")
-    data = root / "data"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (data / cls).mkdir(parents=True)
-        for src in sorted((CHEST / cls).glob("*.jpeg"))[::50][:16]:
-            shutil.copyfile(src, data / cls / src.name)
+    data = copy_xrays(root / "data", 16, 50)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSCONV_WEIGHTS", str(weights_dir))
         for name, extra in (("pooled", ["--standardize"]), ("logits", ["--bottleneck", "logits"])):

@@ -7,7 +7,7 @@ import pytest
 
 from dsconv import classifier, data, features, train, weights
 from dsconv.mobilenet import MobileNet
-from tests.conftest import CHEST
+from tests.conftest import CHEST, copy_xrays
 
 BAD = ("empty.jpeg", "corrupt.jpeg", "notes.txt")
 
@@ -15,11 +15,7 @@ BAD = ("empty.jpeg", "corrupt.jpeg", "notes.txt")
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """20 images per class from the chest X-rays, plus three unreadable files."""
-    root = tmp_path_factory.mktemp("small")
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (root / cls).mkdir()
-        for src in sorted((CHEST / cls).glob("*.jpeg"))[::60][:20]:
-            shutil.copyfile(src, root / cls / src.name)
+    root = copy_xrays(tmp_path_factory.mktemp("small"), 20, 60)
     (root / "NORMAL" / "empty.jpeg").write_bytes(b"")
     (root / "PNEUMONIA" / "corrupt.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "PNEUMONIA" / "notes.txt").write_text("to do")
