@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dsconv import kernels, mobilenet  # noqa: E402
+from dsconv import gemm, kernels, mobilenet  # noqa: E402
 from tests import naive  # noqa: E402
 
 THREADS = 2
@@ -74,13 +74,13 @@ def network_layers(alpha=1.0, resolution=224):
 
 # Thread t runs one layer on its own image x[t] (flat (H, H, C)) into y[t], as forward() does.
 @njit(parallel=True, **kernels.JIT)
-def _per_image_stem(gemm, x, h, k, b, stride, y, tile):
+def _per_image_stem(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
-        kernels._stem_rows(gemm, x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
+        kernels._stem_rows(x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
 
 
 @njit(parallel=True, **kernels.JIT)
-def _per_image_depthwise(gemm, x, h, k, b, stride, y, tile):
+def _per_image_depthwise(x, h, k, b, stride, y, tile):
     ho, top = kernels.same_padding(h, stride)
     for t in prange(x.shape[0]):
         for oy in range(ho):
@@ -88,9 +88,9 @@ def _per_image_depthwise(gemm, x, h, k, b, stride, y, tile):
 
 
 @njit(parallel=True, **kernels.JIT)
-def _per_image_pointwise(gemm, x, h, k, b, stride, y, tile):
+def _per_image_pointwise(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
-        kernels._pointwise_rows(gemm, x[t], k, b, y[t], h * h)
+        gemm.gemm(x[t], h * h, k, b, y[t])
 
 
 def case(kind, n, shape, cout, stride, rng, per_image=False):
@@ -119,12 +119,12 @@ def case(kind, n, shape, cout, stride, rng, per_image=False):
         ho, wo = -(-h // stride), -(-w // stride)
         y = np.empty((n, ho, wo, cout), np.float32)
         driver = {"stem": _per_image_stem, "depthwise": _per_image_depthwise, "pointwise": _per_image_pointwise}[kind]
-        kk = k.reshape(27, cout) if kind == "stem" else kernels.row_kernel(k, stride) if kind == "depthwise" else k
+        kk = (gemm.pack(k.reshape(27, cout)) if kind == "stem" else kernels.row_kernel(k, stride)
+              if kind == "depthwise" else gemm.pack(k))
         tile = np.empty((n, 1 << 17), np.float32)
 
         def run():
-            with kernels.single_threaded_blas():
-                driver(kernels.SGEMM, x.reshape(n, -1), h, kk, b, stride, y.reshape(n, -1), tile)
+            driver(x.reshape(n, -1), h, kk, b, stride, y.reshape(n, -1), tile)
             return y
 
     def check():
@@ -183,8 +183,7 @@ def main():
     print(f"sgemm peak (4096^3 NumPy matmul, BLAS threads as configured): {peak:.1f} GFLOP/s")
     for n in a.batch:
         bench(n, a.repeats, peak)
-    if kernels.SGEMM is not None:
-        bench(THREADS, a.repeats, peak, per_image=True)
+    bench(THREADS, a.repeats, peak, per_image=True)
 
 
 if __name__ == "__main__":

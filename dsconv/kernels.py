@@ -6,20 +6,20 @@ the outermost independent axis (batch x output rows) only. Batch norm is
 folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
 
-Matrix products (pointwise layers, the stem as patches x kernel) call the
-BLAS's cblas_sgemm from inside Numba's threads, single-threaded, so that one
-thread pool runs everything. The row kernels (``_*_row``, ``_*_rows``, on
+Matrix products (pointwise layers, the stem as patches x kernel) go through
+dsconv.gemm, with the bias + ReLU6 epilogue fused and the weights packed
+once. The row kernels (``_*_row``, ``_*_rows``, on
 flat buffers) serve both the one-layer public kernels and the fused forward
 pass at the end of this file (``_network_stacks``, ``_network_bands``),
 which runs the whole network per image or per band of rows with its
 buffers allocated once (see MobileNet._pooled).
 """
-import contextlib
-import ctypes
 import os
 
 import numpy as np
 from numba import njit, prange
+
+from dsconv.gemm import NR, gemm, pack
 
 # Numba's OpenMP threads wait at the end of every parallel loop. By default
 # GNU OpenMP spins there for ~300000 iterations: when another process holds a
@@ -47,74 +47,6 @@ def same_padding(size, stride):
     return out, total // 2
 
 
-def _openblas_paths():
-    """Paths of the OpenBLAS libraries NumPy loaded (Linux: from /proc; else NumPy's bundled ones)."""
-    try:
-        with open("/proc/self/maps") as f:
-            found = {line.split(None, 5)[-1].strip() for line in f if "openblas" in line.lower()}
-    except OSError:
-        found = set()
-    if not found:
-        here = os.path.dirname(np.__file__)
-        for d in (os.path.join(here, "..", "numpy.libs"), os.path.join(here, ".dylibs")):
-            if os.path.isdir(d):
-                found |= {os.path.join(d, f) for f in os.listdir(d) if "openblas" in f.lower()}
-    return sorted(p for p in found if os.path.isfile(p))
-
-
-def _find_openblas():
-    """(cblas_sgemm, openblas_get_num_threads, openblas_set_num_threads) of NumPy's OpenBLAS, or None.
-
-    Numba's threads call sgemm with the BLAS on one thread (see
-    single_threaded_blas), so one thread pool runs the whole forward pass: the
-    BLAS's own threads would spin against Numba's on the same cores. Without
-    an OpenBLAS (NumPy built on another BLAS) the forward pass goes layer by
-    layer through NumPy's matmul instead.
-    """
-    for path in _openblas_paths():
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_", "64_"), ("", "64_"), ("", "")):
-            names = [f"{prefix}{n}{suffix}" for n in ("openblas_get_config", "cblas_sgemm",
-                                                     "openblas_get_num_threads", "openblas_set_num_threads")]
-            if not all(hasattr(lib, n) for n in names):
-                continue
-            config, sgemm, get_threads, set_threads = (getattr(lib, n) for n in names)
-            config.restype = ctypes.c_char_p
-            blasint = ctypes.c_int64 if b"USE64BITINT" in config() else ctypes.c_int
-            sgemm.restype = None
-            sgemm.argtypes = [ctypes.c_int] * 3 + [blasint] * 3 + [ctypes.c_float, ctypes.c_void_p, blasint,
-                                                                   ctypes.c_void_p, blasint, ctypes.c_float,
-                                                                   ctypes.c_void_p, blasint]
-            get_threads.restype, set_threads.argtypes = ctypes.c_int, [ctypes.c_int]
-            a, b, c = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), np.float32), np.zeros((2, 2), np.float32)
-            sgemm(101, 111, 111, 2, 2, 3, 1.0, a.ctypes.data, 3, b.ctypes.data, 2, 0.0, c.ctypes.data, 2)
-            if np.array_equal(c, a @ b):
-                return sgemm, get_threads, set_threads
-    return None
-
-
-_OPENBLAS = _find_openblas()
-SGEMM = _OPENBLAS[0] if _OPENBLAS else None
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """The BLAS on one thread while Numba's threads call it; restored afterwards."""
-    if _OPENBLAS is None:
-        yield
-        return
-    _, get_threads, set_threads = _OPENBLAS
-    before = get_threads()
-    set_threads(1)
-    try:
-        yield
-    finally:
-        set_threads(before)
-
-
 def _check(x, name, ndim):
     if x.dtype != np.float32 or x.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d float32 array, got {x.ndim}-d {x.dtype}")
@@ -138,32 +70,12 @@ def _bias_relu6_flat(y, lo, hi, b):
 
 
 @njit(**JIT)
-def _stem_row(x, h, w, k, b, oy, stride, top, left, y, wo):
-    # x flat (H, W, 3), k (3, 3, 3, C), b (C,); y flat output row (Wo, C)
-    cin, c = k.shape[2], k.shape[3]
-    y[:wo * c] = 0
-    for ky in range(3):
-        iy = oy * stride + ky - top
-        if iy < 0 or iy >= h:
-            continue
-        for kx in range(3):
-            lo, hi = _columns(kx, stride, left, w, wo)
-            for ox in range(lo, hi):
-                s = (iy * w + ox * stride + kx - left) * cin
-                src, dst = x[s:s + cin], y[ox * c:ox * c + c]
-                for ci in range(cin):
-                    v, kk = src[ci], k[ky, kx, ci]
-                    for co in range(c):
-                        dst[co] += v * kk[co]
-    _bias_relu6_flat(y, 0, wo * c, b)
-
-
-@njit(**JIT)
-def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
+def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
     # product: the 3x3 patches of a few rows, (pixels, 9 Cin), gathered in
-    # tile, times k (9 Cin, C). x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
-    taps, c = k.shape
+    # tile, times the kernel (9 Cin, C) packed in k.
+    # x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
+    taps, c = k.shape[1], b.shape[0]
     cin = taps // 9
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
@@ -186,7 +98,7 @@ def _stem_rows(gemm, x, h, w, k, b, stride, y, t0, t1, tile):
                             jx = ix + j // cin
                             inside = iy >= 0 and iy < h and jx >= 0 and jx < w
                             tile[p + j] = img[(iy * w + jx) * cin + j % cin] if inside else np.float32(0)
-        _pointwise_rows(gemm, tile, k, b, y[r0 * wo * c:], (r1 - r0) * wo)
+        gemm(tile, (r1 - r0) * wo, k, b, y[r0 * wo * c:])
 
 
 @njit(inline="always", **JIT)
@@ -285,25 +197,15 @@ def row_kernel(k, stride, chunk=512):
 
 
 @njit(parallel=True, **JIT)
-def _stem(x, k, b, y, stride, pad):
-    # x (N, H, W, 3), y (N, Ho, Wo, C): parallel over the N * Ho output rows
-    n_img, h, w, _ = x.shape
-    _, ho, wo, c = y.shape
-    for t in prange(n_img * ho):
-        n, oy = t // ho, t % ho
-        _stem_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
-
-
-@njit(parallel=True, **JIT)
-def _stem_gemm(gemm, x, k, b, y, stride):
-    # x (N, H, W, Cin), k (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of 8 output rows
+def _stem(x, k, b, y, stride):
+    # x (N, H, W, Cin), k packed (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of 8 output rows
     n_img, h, w, cin = x.shape
     _, ho, wo, c = y.shape
     bands = (ho + 7) // 8
     for t in prange(n_img * bands):
         n, r0 = t // bands, t % bands * 8
         tile = np.empty(8 * wo * 9 * cin, np.float32)
-        _stem_rows(gemm, x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + 8), tile)
+        _stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + 8), tile)
 
 
 @njit(parallel=True, **JIT)
@@ -317,48 +219,24 @@ def _depthwise(x, k, b, y, stride, pad):
 
 
 @njit(parallel=True, **JIT)
-def _bias_relu6(y, b):
-    # y (M, C) in place, b (C,); parallel over blocks of 64 rows
-    m, c = y.shape
-    flat = y.ravel()
-    for i in prange((m + 63) // 64):
-        _bias_relu6_flat(flat, i * 64 * c, min(m, i * 64 + 64) * c, b)
-
-
-@njit(**JIT)
-def _pointwise_rows(gemm, a, w, b, y, m, n0=0, n1=-1):
-    # Columns [n0, n1) of y[:m * Cout] = relu6(a[:m * Cin] @ w + b):
-    # a flat (m, Cin), w (Cin, Cout), b (Cout,), y flat (m, Cout)
-    cin, cout = w.shape
-    n1 = cout if n1 < 0 else n1
-    if m > 0 and n1 > n0:  # row-major, no transposes
-        gemm(101, 111, 111, m, n1 - n0, cin, np.float32(1), a.ctypes.data, cin, w.ravel()[n0:].ctypes.data,
-             cout, np.float32(0), y[n0:].ctypes.data, cout)
-    # The epilogue on the block just written, while it is in cache.
-    for i in range(m):
-        row = y[i * cout + n0:i * cout + n1]
-        for j in range(n1 - n0):
-            row[j] = min(max(row[j] + b[n0 + j], np.float32(0)), np.float32(6))
-
-
-@njit(parallel=True, **JIT)
-def _pointwise(gemm, x, w, b, y):
-    # x (M, Cin), y (M, Cout): parallel over tiles of 256 rows
+def _pointwise(x, w, b, y):
+    # x (M, Cin), w packed (Cin, Cout), y (M, Cout): parallel over tiles of 256 rows
     m, cin = x.shape
-    cout = w.shape[1]
+    cout = b.shape[0]
     xf, yf = x.ravel(), y.ravel()
     for t in prange((m + 255) // 256):
         r0, r1 = t * 256, min(m, t * 256 + 256)
-        _pointwise_rows(gemm, xf[r0 * cin:], w, b, yf[r0 * cout:], r1 - r0)
+        gemm(xf[r0 * cin:], r1 - r0, w, b, yf[r0 * cout:])
 
 
 @njit(**JIT)
-def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
+def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
     # One depthwise-separable block on output rows [t0, t1) of a stack of
     # images (G * Ho rows), the depthwise output a few rows at a time in tile,
     # so that the pointwise product reads it from cache and multiplies
-    # rows * Wo pixels at once, across images: x flat (G, H, W, C) -> y flat (G, Ho, Wo, Cout).
-    c, cout = wp.shape
+    # rows * Wo pixels at once, across images: x flat (G, H, W, C) -> y flat
+    # (G, Ho, Wo, Cout), wp the packed pointwise kernel (C, Cout).
+    c, cout = wp.shape[1], bp.shape[0]
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
     rows = max(1, tile.shape[0] // (wo * c))
@@ -367,19 +245,20 @@ def _block_rows(gemm, x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
         for t in range(r0, r1):
             _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
                            tile[(t - r0) * wo * c:], wo)
-        _pointwise_rows(gemm, tile, wp, bp, y[r0 * wo * cout:], (r1 - r0) * wo)
+        gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:])
 
 
 @njit(**JIT)
-def _block_cols(gemm, x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
-    # One block on a stack of g images, output channels [n0, n1) only: the
-    # whole depthwise output in tile, then its product with columns [n0, n1) of wp.
-    c = wp.shape[0]
+def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
+    # One block on a stack of g images, output channels [n0, n1) only (n0 a
+    # multiple of gemm.NR): the whole depthwise output in tile, then its
+    # product with columns [n0, n1) of wp.
+    c = wp.shape[1]
     ho, top = same_padding(side, stride)
     for t in range(g * ho):
         _depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
                        tile[t * ho * c:], ho)
-    _pointwise_rows(gemm, tile, wp, bp, y, g * ho * ho, n0, n1)
+    gemm(tile, g * ho * ho, wp, bp, y, n0, n1)
 
 
 @njit(**JIT)
@@ -396,16 +275,16 @@ def _pool_flat(x, m, out):
 
 
 @njit(**JIT)
-def _stack(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled):
+def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled):
     # The whole network on a stack of g images, serially, layer by layer:
     # x flat (g, r, r, 3) -> pooled (g, F). Activations alternate between the
     # flat buffers act0 and act1.
     side = -(-r // 2)
-    _stem_rows(gemm, x, r, r, k0, b0, 2, act0, 0, g * side, tile)
+    _stem_rows(x, r, r, k0, b0, 2, act0, 0, g * side, tile)
     src, dst = act0, act1
     for i in range(len(kd)):
         out = -(-side // strides[i])
-        _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile)
+        _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile)
         side, src, dst = out, dst, src
     c = pooled.shape[1]
     for n in range(g):
@@ -413,7 +292,7 @@ def _stack(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, poo
 
 
 @njit(parallel=True, **JIT)
-def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+def _network_stacks(x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
     # x flat (N, r, r, 3) -> pooled (N, F); thread t runs images [N t / T, N (t + 1) / T),
     # up to `stack` at a time, on its own buffers act[t] (2, S) and tile[t]:
     # no synchronisation between layers.
@@ -422,7 +301,7 @@ def _network_stacks(gemm, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, a
     for t in prange(threads):
         for n0 in range(n_img * t // threads, n_img * (t + 1) // threads, stack):
             n1 = min(n_img * (t + 1) // threads, n0 + stack)
-            _stack(gemm, x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides,
+            _stack(x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides,
                    act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
 
 
@@ -433,7 +312,7 @@ SPLIT = 8_000_000
 
 
 @njit(parallel=True, **JIT)
-def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
+def _network_bands(x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
     # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer large
     # enough split into T bands of the g * Ho output rows (thread t: band t,
     # with tile[t]), or into T ranges of output channels when it has few rows;
@@ -442,25 +321,26 @@ def _network_bands(gemm, x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, po
     a, b = act[0, 0], act[0, 1]
     side = -(-r // 2)
     if g * side * side * k0.size < SPLIT:
-        _stem_rows(gemm, x, r, r, k0, b0, 2, a, 0, g * side, tile[0])
+        _stem_rows(x, r, r, k0, b0, 2, a, 0, g * side, tile[0])
     else:
         for t in prange(threads):
-            _stem_rows(gemm, x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
+            _stem_rows(x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
     src, dst = a, b
     for i in range(len(kd)):
         out = -(-side // strides[i])
-        c, cout = wp[i].shape
+        c, cout = wp[i].shape[1], bp[i].shape[0]
         if g * out * out * (9 + cout) * c < SPLIT:
-            _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
+            _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
         elif g * out * out < 64 and g * out * out * c <= tile.shape[1]:
             # Few rows (7x7): split the output channels instead, each thread repeating the small
             # depthwise. At 14x14 (196 rows) repeating it costs more than halving the product's rows.
+            panels = wp[i].shape[0]
             for t in prange(threads):
-                _block_cols(gemm, src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
-                            cout * t // threads, cout * (t + 1) // threads, tile[t])
+                _block_cols(src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                            NR * (panels * t // threads), min(cout, NR * (panels * (t + 1) // threads)), tile[t])
         else:
             for t in prange(threads):
-                _block_rows(gemm, src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
+                _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
                             g * out * t // threads, g * out * (t + 1) // threads, tile[t])
         side, src, dst = out, dst, src
     c = pooled.shape[1]
@@ -511,12 +391,9 @@ def stem(x, k, b, stride=2):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 4), _check(b, "bias", 1)
     if k.shape[:3] != (3, 3, x.shape[3]) or b.shape != (k.shape[3],):
         raise ValueError(f"stem: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    if SGEMM is None:
-        return _conv3x3(_stem, x, k, b, stride)
     n, h, w, _ = x.shape
     y = np.empty((n, -(-h // stride), -(-w // stride), k.shape[3]), np.float32)
-    with single_threaded_blas():
-        _stem_gemm(SGEMM, x, k.reshape(-1, k.shape[3]), b, y, stride)
+    _stem(x, pack(k.reshape(-1, k.shape[3])), b, y, stride)
     return y
 
 
@@ -540,13 +417,8 @@ def pointwise(x, w, b):
     if w.shape[0] != x.shape[3] or b.shape != (w.shape[1],):
         raise ValueError(f"pointwise: kernel {w.shape} / bias {b.shape} do not fit input {x.shape}")
     x2 = x.reshape(-1, x.shape[3])
-    if SGEMM is None:
-        y = x2 @ w
-        _bias_relu6(y, b)
-    else:
-        y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-        with single_threaded_blas():
-            _pointwise(SGEMM, x2, w, b, y)
+    y = np.empty((x2.shape[0], w.shape[1]), np.float32)
+    _pointwise(x2, pack(w), b, y)
     return y.reshape(x.shape[:3] + (w.shape[1],))
 
 

@@ -29,7 +29,7 @@ import threading
 import numba
 import numpy as np
 
-from dsconv import kernels
+from dsconv import gemm, kernels
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (224, 192, 160, 128)
@@ -156,11 +156,7 @@ class MobileNet:
 
     def forward(self, images):
         """(pooled (N, 1024a), logits (N, 1000) or None without the head)."""
-        x = self._images(images)
-        if kernels.SGEMM is None:  # no BLAS Numba can call: layer by layer
-            pooled = kernels.global_avg_pool(self.feature_maps(x))
-        else:
-            pooled = self._pooled(x)
+        pooled = self._pooled(self._images(images))
         return pooled, self.logits(pooled) if self.has_head else None
 
     def logits(self, pooled):
@@ -183,13 +179,11 @@ class MobileNet:
         n, r = len(x), self.resolution
         pooled = np.empty((n, self.features), np.float32)
         whole, flat = n // threads * threads, x.reshape(-1)
-        with lock, kernels.single_threaded_blas():
+        with lock:
             if whole:
-                kernels._network_stacks(kernels.SGEMM, flat[:whole * r * r * 3], whole, r, stack,
-                                        *args, act, tile, pooled[:whole])
+                kernels._network_stacks(flat[:whole * r * r * 3], whole, r, stack, *args, act, tile, pooled[:whole])
             if whole < n:
-                kernels._network_bands(kernels.SGEMM, flat[whole * r * r * 3:], n - whole, r,
-                                       *args, act, tile, pooled[whole:])
+                kernels._network_bands(flat[whole * r * r * 3:], n - whole, r, *args, act, tile, pooled[whole:])
         return pooled
 
     def _buffers(self, threads):
@@ -209,10 +203,10 @@ class MobileNet:
         stack = max(1, STACK // largest)
         act = np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32)
         tile = np.empty((threads, max(TILE, row)), np.float32)
-        args = (p["conv1"]["kernel"].reshape(27, -1), p["conv1"]["bias"],
+        args = (gemm.pack(p["conv1"]["kernel"].reshape(27, -1)), p["conv1"]["bias"],
                 tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)),
                 tuple(p[f"conv_dw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
-                tuple(p[f"conv_pw_{i}"]["kernel"] for i in range(1, len(BLOCKS) + 1)),
+                tuple(gemm.pack(p[f"conv_pw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
                 tuple(p[f"conv_pw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
                 np.array([s for _, s in BLOCKS], np.int64))
         return stack, act, tile, args

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dsconv import kernels
+from dsconv import gemm, kernels
 from tests import naive
 
 rng = np.random.default_rng(0)
@@ -57,6 +57,26 @@ def test_stride2_pads_bottom_right_only():
 def test_pointwise(n, h, w, cin, cout):
     x, wt, b = rand(n, h, w, cin, lo=0, hi=6), rand(cin, cout), rand(cout)
     close(kernels.pointwise(x, wt, b), naive.pointwise(x, wt, b), 1e-4)
+
+
+MR = gemm.MR
+
+
+@pytest.mark.parametrize("m", [1, MR - 1, MR, MR + 1, 2 * MR + 1, 61])
+@pytest.mark.parametrize("k,n", [(1, 1), (27, 8), (5, 16), (3, 17), (64, 48), (300, 200)])  # 300 x 200: panel by panel
+def test_gemm(m, k, n):
+    # every row and column remainder of the micro-kernels, both loop orders;
+    # a column range leaves the other columns untouched
+    a, w, b = rand(m, k, lo=0, hi=6), rand(k, n), rand(n)
+    y = np.full((m, n), np.nan, np.float32)
+    gemm.gemm(a.ravel(), m, gemm.pack(w), b, y.ravel())
+    close(y, naive.relu6(a.astype(np.float64) @ w + b), 1e-4)
+    n0 = gemm.NR if n > gemm.NR else 0
+    n1 = max(n0 + 1, n - 1)
+    y[:] = np.nan
+    gemm.gemm(a.ravel(), m, gemm.pack(w), b, y.ravel(), n0, n1)
+    close(y[:, n0:n1], naive.relu6(a.astype(np.float64) @ w[:, n0:n1] + b[n0:n1]), 1e-4)
+    assert np.isnan(y[:, :n0]).all() and np.isnan(y[:, n1:]).all()
 
 
 @pytest.mark.parametrize("n,h,w,c", [(1, 1, 1, 1), (3, 7, 7, 5), (2, 4, 9, 33)])

@@ -128,30 +128,3 @@ def test_fused_forward_matches_layer_by_layer(converted, n, threads):
         numba.set_num_threads(before)
     want = net.feature_maps(x).astype(np.float64).mean(axis=(1, 2))
     assert largest(pooled, want) <= 1e-5
-
-
-def test_without_a_callable_blas_matches_keras(converted, reference, monkeypatch):
-    # NumPy built on a BLAS other than OpenBLAS: kernels and forward() fall
-    # back to NumPy's matmul, and must still match Keras.
-    from dsconv import kernels
-    monkeypatch.setattr(kernels, "SGEMM", None)
-    net = weights.load(0.25, 128, head=True, quiet=True)
-    ref = reference["alpha_0.25/res_128"]
-    pooled, logits = net.forward(ref["input"][()])
-    assert largest(pooled, ref["pooled"][()]) <= 1e-4
-    assert largest(logits, ref["logits"][()]) <= 1e-4
-
-
-def test_openblas_found_and_thread_count_restored():
-    # where NumPy is built on OpenBLAS (its Linux wheels), the fast path must be the one in use
-    from dsconv import kernels
-    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    if "openblas" not in blas:
-        assert kernels.SGEMM is None
-        return
-    assert kernels.SGEMM is not None, f"NumPy uses {blas}, not found among {kernels._openblas_paths()}"
-    _, get_threads, _ = kernels._OPENBLAS
-    before = get_threads()
-    with kernels.single_threaded_blas():
-        assert get_threads() == 1
-    assert get_threads() == before
