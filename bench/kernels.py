@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from dsconv import gemm, kernels, mobilenet  # noqa: E402
+from dsconv import kernels, mobilenet  # noqa: E402
 from tests import naive  # noqa: E402
 
 THREADS = 2
@@ -73,13 +73,14 @@ def network_layers(alpha=1.0, resolution=224):
 
 
 # Thread t runs one layer on its own image x[t] (flat (H, H, C)) into y[t], as forward() does.
-@njit(parallel=True, **kernels.JIT)
+# Not cached: Numba's cache would not see a change to the dsconv kernels these call.
+@njit(parallel=True, **dict(kernels.JIT, cache=False))
 def _per_image_stem(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
         kernels._stem_rows(x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
 
 
-@njit(parallel=True, **kernels.JIT)
+@njit(parallel=True, **dict(kernels.JIT, cache=False))
 def _per_image_depthwise(x, h, k, b, stride, y, tile):
     ho, top = kernels.same_padding(h, stride)
     for t in prange(x.shape[0]):
@@ -87,10 +88,10 @@ def _per_image_depthwise(x, h, k, b, stride, y, tile):
             kernels._depthwise_row(x[t], h, h, k, b, oy, stride, top, top, y[t, oy * ho * b.shape[0]:], ho)
 
 
-@njit(parallel=True, **kernels.JIT)
+@njit(parallel=True, **dict(kernels.JIT, cache=False))
 def _per_image_pointwise(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
-        gemm.gemm(x[t], h * h, k, b, y[t])
+        kernels.gemm(x[t], h * h, k, b, y[t])
 
 
 def case(kind, n, shape, cout, stride, rng, per_image=False):
@@ -119,8 +120,8 @@ def case(kind, n, shape, cout, stride, rng, per_image=False):
         ho, wo = -(-h // stride), -(-w // stride)
         y = np.empty((n, ho, wo, cout), np.float32)
         driver = {"stem": _per_image_stem, "depthwise": _per_image_depthwise, "pointwise": _per_image_pointwise}[kind]
-        kk = (gemm.pack(k.reshape(27, cout)) if kind == "stem" else kernels.row_kernel(k, stride)
-              if kind == "depthwise" else gemm.pack(k))
+        kk = (kernels.pack(k.reshape(27, cout)) if kind == "stem" else kernels.pack_depthwise(k)
+              if kind == "depthwise" else kernels.pack(k))
         tile = np.empty((n, 1 << 17), np.float32)
 
         def run():

@@ -6,20 +6,23 @@ the outermost independent axis (batch x output rows) only. Batch norm is
 folded into the kernels and biases at conversion time (dsconv.weights), so
 each convolution is conv + bias + ReLU6.
 
-Matrix products (pointwise layers, the stem as patches x kernel) go through
-dsconv.gemm, with the bias + ReLU6 epilogue fused and the weights packed
-once. The row kernels (``_*_row``, ``_*_rows``, on
-flat buffers) serve both the one-layer public kernels and the fused forward
-pass at the end of this file (``_network_stacks``, ``_network_bands``),
-which runs the whole network per image or per band of rows with its
-buffers allocated once (see MobileNet._pooled).
+The two innermost loops are vector code written in LLVM IR: the
+micro-kernel of the matrix products (pointwise layers, and the stem as
+patches x kernel), ``gemm_block``, and one output row of the depthwise
+convolution, ``depthwise_row``; their weights are packed once (``pack``,
+``pack_depthwise``). The row kernels (``_*_row``, ``_*_rows``, on flat
+buffers) serve both the one-layer public kernels and the fused forward pass
+at the end of this file (``_network_stacks``, ``_network_bands``), which
+runs the whole network per image or per band of rows with its buffers
+allocated once (see MobileNet._pooled).
 """
 import os
 
 import numpy as np
-from numba import njit, prange
-
-from dsconv.gemm import NR, gemm, pack
+from llvmlite import binding, ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # Numba's OpenMP threads wait at the end of every parallel loop. By default
 # GNU OpenMP spins there for ~300000 iterations: when another process holds a
@@ -47,26 +50,276 @@ def same_padding(size, stride):
     return out, total // 2
 
 
+# ---------------------------------------------------------------------------
+# The two innermost loops in explicit vector code. Numba has no vector types,
+# and LLVM's auto-vectoriser gave the depthwise loop a fifth of what the
+# hardware does, so these are written in LLVM IR through
+# numba.extending.intrinsic and inlined into the @njit functions that call
+# them. (They live in this file so that Numba's cache, keyed by this file's
+# timestamp, is invalidated when they change.) LLVM compiles them for the
+# host CPU: a vector of LANES = 16 floats is one AVX-512 register here, two
+# AVX2 registers elsewhere. Both multiply-add with one rounding per tap
+# (fused multiply-add) in the order a naive loop sums, add the bias last (as
+# Keras adds batch norm after the convolution), clamp to [0, 6] and store
+# masked where a row of channels ends mid-vector.
+
+LANES = 16  # floats per vector
+# Rows of the matrix-product micro-kernel: mr x 2 vectors of accumulators
+# fill 28 of the 32 AVX-512 registers; 16 AVX2 registers hold half as many
+# floats each.
+MR = 14 if "+avx512f" in binding.get_host_cpu_features().flatten() else 3
+
+F32, I1, I32, I64 = ir.FloatType(), ir.IntType(1), ir.IntType(32), ir.IntType(64)
+VEC, MASK, INDEX = ir.VectorType(F32, LANES), ir.VectorType(I1, LANES), ir.VectorType(I64, LANES)
+VPTR = VEC.as_pointer()
+
+
+class _IR:
+    """The LLVM helpers both micro-kernels use, bound to one builder."""
+
+    def __init__(self, context, builder, signature, args):
+        self.context, self.b = context, builder
+        self.types, self.args = signature.args, args
+        mod = builder.module
+        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(VEC, [VEC] * 3), "llvm.fma.v16f32")
+        self.mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [VEC, VPTR, I32, MASK]),
+                                                     "llvm.masked.store.v16f32.p0")
+        self.mload = cgutils.get_or_insert_function(mod, ir.FunctionType(VEC, [VPTR, I32, MASK, VEC]),
+                                                    "llvm.masked.load.v16f32.p0")
+        self.zero, self.six = ir.Constant(VEC, [0.0] * LANES), ir.Constant(VEC, [6.0] * LANES)
+
+    def pointer(self, array, offset):
+        """&array[offset] of argument number `array` (a float32 array), offset an i64 value."""
+        data = self.context.make_array(self.types[array])(self.context, self.b, self.args[array]).data
+        return self.b.gep(data, [offset])
+
+    def at(self, pointer, offset):
+        return self.b.gep(pointer, [offset if isinstance(offset, ir.Value) else ir.Constant(I64, offset)])
+
+    def splat(self, value):
+        vector = ir.VectorType(value.type, LANES)
+        undef = ir.Constant(vector, ir.Undefined)
+        return self.b.shuffle_vector(self.b.insert_element(undef, value, ir.Constant(I32, 0)), undef,
+                                     ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+
+    def first(self, count):
+        """The mask of lanes [0, count)."""
+        return self.b.icmp_signed("<", ir.Constant(INDEX, list(range(LANES))), self.splat(count))
+
+    def load(self, pointer, mask=None):
+        p = self.b.bitcast(pointer, VPTR)
+        if mask is None:
+            return self.b.load(p, align=4)
+        return self.b.call(self.mload, [p, ir.Constant(I32, 4), mask, self.zero])
+
+    def store_bias_relu6(self, acc, bias, pointer, mask):
+        """pointer[:LANES] = min(max(acc + bias, 0), 6) where mask."""
+        b = self.b
+        s = b.fadd(acc, bias)
+        s = b.select(b.fcmp_ordered(">", s, self.zero), s, self.zero)
+        s = b.select(b.fcmp_ordered("<", s, self.six), s, self.six)
+        b.call(self.mstore, [s, b.bitcast(pointer, VPTR), ir.Constant(I32, 4), mask])
+
+    def loop(self, start, stop, carried, body):
+        """for i in range(start, stop): carried = body(i, carried); returns the final carried values."""
+        b = self.b
+        entry = b.block
+        head, done = b.append_basic_block("loop"), b.append_basic_block("loop.done")
+        b.cbranch(b.icmp_signed("<", start, stop), head, done)
+        b.position_at_end(head)
+        i = b.phi(I64)
+        phis = [b.phi(v.type) for v in carried]
+        new = body(i, phis)
+        nxt = b.add(i, ir.Constant(I64, 1))
+        end = b.block
+        i.add_incoming(start, entry)
+        i.add_incoming(nxt, end)
+        for p, start, value in zip(phis, carried, new):
+            p.add_incoming(start, entry)
+            p.add_incoming(value, end)
+        b.cbranch(b.icmp_signed("<", nxt, stop), head, done)
+        b.position_at_end(done)
+        out = []
+        for start, value in zip(carried, new):
+            p = b.phi(start.type)
+            p.add_incoming(start, entry)
+            p.add_incoming(value, end)
+            out.append(p)
+        return out
+
+
+def gemm_block(mr, nv):
+    """The intrinsic for an mr x (nv LANES) block of y = relu6(a @ w + b).
+
+    kernel(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols): the
+    block's first element is a[a0] (rows lda apart), row kk of its panel of
+    w is w[w0 + kk ldw :], then y[y0] (rows ldy apart) and b[b0]; rows <= mr
+    and cols <= nv LANES of the block are inside y. Per step of K: nv vectors
+    of the panel, one float of each of the mr rows of a broadcast, mr nv
+    fused multiply-adds into registers. Rows past `rows` re-read the last
+    row of a and are not stored.
+    """
+    @intrinsic
+    def kernel(typingctx, a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols):
+        def codegen(context, builder, signature, args):
+            g = _IR(context, builder, signature, args)
+            _, a0, lda, _, w0, ldw, k, _, y0, ldy, _, b0, rows, cols = args
+            pa, pw, py, pb = g.pointer(0, a0), g.pointer(3, w0), g.pointer(7, y0), g.pointer(10, b0)
+            last = builder.sub(rows, ir.Constant(I64, 1))
+            row = [g.at(pa, builder.mul(builder.select(builder.icmp_signed("<", ir.Constant(I64, r), rows),
+                                                       ir.Constant(I64, r), last), lda)) for r in range(mr)]
+
+            def step(kk, acc):
+                panel = g.at(pw, builder.mul(kk, ldw))
+                wv = [g.load(g.at(panel, v * LANES)) for v in range(nv)]
+                new = []
+                for r in range(mr):
+                    av = g.splat(builder.load(g.at(row[r], kk)))
+                    new += [builder.call(g.fma, [av, wv[v], acc[r * nv + v]]) for v in range(nv)]
+                return new
+
+            acc = g.loop(ir.Constant(I64, 0), k, [g.zero] * (mr * nv), step)
+            inside = [g.first(builder.sub(cols, ir.Constant(I64, v * LANES))) for v in range(nv)]
+            bias = [g.load(g.at(pb, v * LANES), inside[v]) for v in range(nv)]
+            for r in range(mr):
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), rows)):
+                    out = g.at(py, builder.mul(ir.Constant(I64, r), ldy))
+                    for v in range(nv):
+                        g.store_bias_relu6(acc[r * nv + v], bias[v], g.at(out, v * LANES), inside[v])
+            return context.get_dummy_value()
+
+        return types.void(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
+
+    return kernel
+
+
+@intrinsic
+def depthwise_row(typingctx, x, h, w, c, k, b, iy, ix, stride, lo, hi, wo, y):
+    """One output row of the depthwise 3x3 convolution.
+
+    x flat (H, W, C) image, k = pack_depthwise(kernel), b (C,), y flat (Wo,
+    C) output row. Output pixel ox takes the window whose top-left input
+    pixel is (iy, ix + ox stride), LANES channels at a time, each tap one
+    load of the input and one of the kernel (the nine taps of LANES channels
+    contiguous in k, in L1). Pixels [lo, hi) have their window
+    inside the image: nine plain loads each. The others take the taps
+    outside the image (the SAME padding) as masked loads of zero, which
+    leaves the sum as if they were skipped. Channels past C are masked.
+    """
+    def codegen(context, builder, signature, args):
+        g = _IR(context, builder, signature, args)
+        _, h, w, c, _, _, iy, ix, stride, lo, hi, wo, _ = args
+        zero64 = ir.Constant(I64, 0)
+        none = ir.Constant(MASK, [0] * LANES)
+        px, pk, pb, py = g.pointer(0, zero64), g.pointer(4, zero64), g.pointer(5, zero64), g.pointer(12, zero64)
+        nine = ir.Constant(I64, 9)
+        line = [g.at(px, builder.mul(builder.add(iy, ir.Constant(I64, ky)), builder.mul(w, c))) for ky in range(3)]
+        blocks = builder.sdiv(builder.add(c, ir.Constant(I64, LANES - 1)), ir.Constant(I64, LANES))
+
+        def inside(v, size):
+            return builder.and_(builder.icmp_signed(">=", v, zero64), builder.icmp_signed("<", v, size))
+
+        rows = [inside(builder.add(iy, ir.Constant(I64, ky)), h) for ky in range(3)]
+
+        def pixel(ox, border):
+            left = builder.add(ix, builder.mul(ox, stride))
+            cols = [builder.add(left, ir.Constant(I64, kx)) for kx in range(3)]
+            src = [g.at(line[ky], builder.mul(cols[kx], c)) for ky in range(3) for kx in range(3)]
+            valid = [builder.and_(rows[ky], inside(cols[kx], w)) for ky in range(3) for kx in range(3)]
+            out = g.at(py, builder.mul(ox, c))
+
+            def block(i, _):
+                c0 = builder.mul(i, ir.Constant(I64, LANES))
+                channels = g.first(builder.sub(c, c0))
+                acc = g.zero
+                for t in range(9):
+                    mask = builder.select(valid[t], channels, none) if border else channels
+                    v = g.load(g.at(src[t], c0), mask)
+                    kt = g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * LANES))))
+                    acc = builder.call(g.fma, [v, kt, acc])
+                g.store_bias_relu6(acc, g.load(g.at(pb, c0), channels), g.at(out, c0), channels)
+                return []
+
+            g.loop(zero64, blocks, [], block)
+            return []
+
+        g.loop(zero64, lo, [], lambda ox, _: pixel(ox, True))
+        g.loop(lo, hi, [], lambda ox, _: pixel(ox, False))
+        g.loop(hi, wo, [], lambda ox, _: pixel(ox, True))
+        return context.get_dummy_value()
+
+    return types.void(x, h, w, c, k, b, iy, ix, stride, lo, hi, wo, y), codegen
+
+
+NR = 2 * LANES  # columns per packed panel of a matrix product's weights
+
+
+def pack(w):
+    """w (K, N) -> (panels, K, NR) float32: columns [p NR, (p + 1) NR) of w in panel p, zero-padded.
+
+    The layout the matrix products take their weights in (see gemm): one
+    contiguous row of a panel per step of K.
+    """
+    k, n = w.shape
+    panels = -(-n // NR)
+    padded = np.zeros((k, panels * NR), np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
+
+
+def pack_depthwise(k):
+    """k (3, 3, C) -> (blocks, 9, LANES) float32: the nine taps of channels [b LANES, (b + 1) LANES) in block b."""
+    c = k.shape[2]
+    blocks = -(-c // LANES)
+    padded = np.zeros((9, blocks * LANES), np.float32)
+    padded[:, :c] = k.reshape(9, c)
+    return np.ascontiguousarray(padded.reshape(9, blocks, LANES).transpose(1, 0, 2))
+
+
+_wide = gemm_block(MR, 2)  # MR x NR
+_narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used
+
+# B (K x columns) floats up to which the product goes row block by row block,
+# all panels for each (the block of a stays in L1); above, panel by panel
+# (each panel stays in L2 while every row block passes).
+SMALL_B = 1 << 15
+
+
+@njit(inline="always")
+def _block(a, k, m, wp, b, y, n, i0, j0, n1):
+    # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y
+    rows, cols = min(2 * MR, m - i0), min(NR, n1 - j0)
+    w0 = j0 // NR * k * NR
+    if cols <= LANES:
+        _narrow(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
+    else:
+        _wide(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, min(MR, rows), cols)
+        if rows > MR:
+            _wide(a, (i0 + MR) * k, k, wp, w0, NR, k, y, (i0 + MR) * n + j0, n, b, j0, rows - MR, cols)
+
+
+@njit(**JIT)
+def gemm(a, m, wp, b, y, n0=0, n1=-1):
+    """Columns [n0, n1) of y[:m * N] = relu6(a[:m * K] @ w + b); n0 a multiple of NR.
+
+    a flat (m, K), wp = pack(w) (panels, K, NR), b (N,), y flat (m, N).
+    """
+    k, n = wp.shape[1], b.shape[0]
+    n1 = n if n1 < 0 else n1
+    if k * (n1 - n0) <= SMALL_B:
+        for i0 in range(0, m, 2 * MR):
+            for j0 in range(n0, n1, NR):
+                _block(a, k, m, wp, b, y, n, i0, j0, n1)
+    else:
+        for j0 in range(n0, n1, NR):
+            for i0 in range(0, m, 2 * MR):
+                _block(a, k, m, wp, b, y, n, i0, j0, n1)
+
+
 def _check(x, name, ndim):
     if x.dtype != np.float32 or x.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d float32 array, got {x.ndim}-d {x.dtype}")
     return np.ascontiguousarray(x)
-
-
-@njit(inline="always", **JIT)
-def _columns(kx, stride, left, w, wo):
-    # the output columns [lo, hi) whose input column ox * stride + kx - left is inside the image
-    return max(0, -((kx - left) // stride)), min(wo, (w - 1 + left - kx) // stride + 1)
-
-
-@njit(**JIT)
-def _bias_relu6_flat(y, lo, hi, b):
-    # y[lo:hi] = relu6(y + b) in place, y flat (M, C) rows, b (C,)
-    c = b.shape[0]
-    for i in range(lo, hi, c):
-        row = y[i:i + c]
-        for j in range(c):
-            row[j] = min(max(row[j] + b[j], np.float32(0)), np.float32(6))
 
 
 @njit(**JIT)
@@ -101,99 +354,17 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
         gemm(tile, (r1 - r0) * wo, k, b, y[r0 * wo * c:])
 
 
-@njit(inline="always", **JIT)
-def _relu6(v):
-    return min(max(v, np.float32(0)), np.float32(6))
-
-
 @njit(**JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
-    # x flat (H, W, C), b (C,); y flat output row (Wo, C); k (3, 3, C), or for
-    # stride 1 tiled to (3, 3, P * C) (see row_kernel). The pixels whose 3x3
-    # window lies inside the image take all nine taps in one pass with no
-    # bounds tests; the others (first and last rows and columns) one by one.
-    c = b.shape[0]
+    # Output row oy: x flat (H, W, C), k packed (3, 3, C), b (C,), y flat (Wo, C),
+    # see simd.depthwise_row. Output pixels [lo, hi) have their whole window
+    # inside the image.
     iy = oy * stride - top
     lo = min(wo, -(-left // stride))
     hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
     if iy < 0 or iy + 2 >= h:
         lo = hi = wo
-    for ox in range(lo):
-        _depthwise_pixel(x, h, w, k, b, iy, ox * stride - left, y[ox * c:ox * c + c])
-    if stride == 1:
-        _depthwise_inside_s1(x, w, k, b, iy, lo, hi, left, y)
-    else:
-        _depthwise_inside(x, w, k, b, iy, lo, hi, stride, left, y)
-    for ox in range(hi, wo):
-        _depthwise_pixel(x, h, w, k, b, iy, ox * stride - left, y[ox * c:ox * c + c])
-
-
-@njit(**JIT)
-def _depthwise_pixel(x, h, w, k, b, iy, ix, dst):
-    # One output pixel dst (C,) of the window at input row iy, column ix, taps outside the image skipped.
-    c = b.shape[0]
-    dst[:] = 0
-    for ky in range(3):
-        if iy + ky < 0 or iy + ky >= h:
-            continue
-        for kx in range(3):
-            if ix + kx < 0 or ix + kx >= w:
-                continue
-            s = ((iy + ky) * w + ix + kx) * c
-            src, kk = x[s:s + c], k[ky, kx]
-            for ci in range(c):
-                dst[ci] += src[ci] * kk[ci]
-    # The bias last, as Keras adds batch norm after the convolution.
-    for ci in range(c):
-        dst[ci] = _relu6(dst[ci] + b[ci])
-
-
-@njit(**JIT)
-def _depthwise_inside_s1(x, w, kt, b, iy, lo, hi, left, y):
-    # Stride 1, output pixels [lo, hi) of the row, P at a time: each tap reads
-    # P * C contiguous floats of input, shifted by a pixel, against the
-    # kernel tiled P times in kt (3, 3, P * C), so the nine taps are one loop
-    # over P * C floats with a single store, whatever C.
-    c = b.shape[0]
-    p = kt.shape[2] // c
-    k00, k01, k02, k10, k11, k12, k20, k21, k22 = (kt[0, 0], kt[0, 1], kt[0, 2], kt[1, 0], kt[1, 1],
-                                                   kt[1, 2], kt[2, 0], kt[2, 1], kt[2, 2])
-    for p0 in range(lo, hi, p):
-        n = (min(hi, p0 + p) - p0) * c
-        s = (iy * w + p0 - left) * c
-        a0, a1, a2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
-        s += w * c
-        b0, b1, b2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
-        s += w * c
-        d0, d1, d2 = x[s:s + n], x[s + c:s + c + n], x[s + 2 * c:s + 2 * c + n]
-        dst = y[p0 * c:p0 * c + n]
-        for j in range(n):  # summed in the order of _depthwise_pixel: the same floats
-            dst[j] = (np.float32(0) + a0[j] * k00[j] + a1[j] * k01[j] + a2[j] * k02[j]
-                      + b0[j] * k10[j] + b1[j] * k11[j] + b2[j] * k12[j]
-                      + d0[j] * k20[j] + d1[j] * k21[j] + d2[j] * k22[j])
-    _bias_relu6_flat(y, lo * c, hi * c, b)
-
-
-@njit(**JIT)
-def _depthwise_inside(x, w, k, b, iy, lo, hi, stride, left, y):
-    # Other strides, output pixels [lo, hi) of the row: per pixel, the nine taps in one loop over channels.
-    c = b.shape[0]
-    k00, k01, k02, k10, k11, k12, k20, k21, k22 = (k[0, 0], k[0, 1], k[0, 2], k[1, 0], k[1, 1],
-                                                   k[1, 2], k[2, 0], k[2, 1], k[2, 2])
-    for ox in range(lo, hi):
-        s = (iy * w + ox * stride - left) * c
-        r0, r1, r2 = x[s:s + 3 * c], x[s + w * c:s + w * c + 3 * c], x[s + 2 * w * c:s + 2 * w * c + 3 * c]
-        a0, a1, a2, b0, b1, b2 = r0[:c], r0[c:2 * c], r0[2 * c:], r1[:c], r1[c:2 * c], r1[2 * c:]
-        d0, d1, d2, dst = r2[:c], r2[c:2 * c], r2[2 * c:], y[ox * c:ox * c + c]
-        for ci in range(c):
-            dst[ci] = _relu6(np.float32(0) + a0[ci] * k00[ci] + a1[ci] * k01[ci] + a2[ci] * k02[ci]
-                             + b0[ci] * k10[ci] + b1[ci] * k11[ci] + b2[ci] * k12[ci]
-                             + d0[ci] * k20[ci] + d1[ci] * k21[ci] + d2[ci] * k22[ci] + b[ci])
-
-
-def row_kernel(k, stride, chunk=512):
-    """The depthwise kernel (3, 3, C) as _depthwise_row takes it: for stride 1 tiled P times, P * C ~ chunk floats."""
-    return np.ascontiguousarray(np.tile(k, (1, 1, max(1, chunk // k.shape[2])))) if stride == 1 else k
+    depthwise_row(x, h, w, b.shape[0], k, b, iy, -left, stride, lo, hi, wo, y)
 
 
 @njit(parallel=True, **JIT)
@@ -405,7 +576,7 @@ def depthwise(x, k, b, stride):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 3), _check(b, "bias", 1)
     if k.shape != (3, 3, x.shape[3]) or b.shape != (x.shape[3],):
         raise ValueError(f"depthwise: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_depthwise, x, row_kernel(k, stride), b, stride)
+    return _conv3x3(_depthwise, x, pack_depthwise(k), b, stride)
 
 
 def pointwise(x, w, b):

@@ -29,7 +29,7 @@ import threading
 import numba
 import numpy as np
 
-from dsconv import gemm, kernels
+from dsconv import kernels
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (224, 192, 160, 128)
@@ -203,10 +203,10 @@ class MobileNet:
         stack = max(1, STACK // largest)
         act = np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32)
         tile = np.empty((threads, max(TILE, row)), np.float32)
-        args = (gemm.pack(p["conv1"]["kernel"].reshape(27, -1)), p["conv1"]["bias"],
-                tuple(kernels.row_kernel(p[f"conv_dw_{i}"]["kernel"], s) for i, (_, s) in enumerate(BLOCKS, 1)),
+        args = (kernels.pack(p["conv1"]["kernel"].reshape(27, -1)), p["conv1"]["bias"],
+                tuple(kernels.pack_depthwise(p[f"conv_dw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
                 tuple(p[f"conv_dw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
-                tuple(gemm.pack(p[f"conv_pw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
+                tuple(kernels.pack(p[f"conv_pw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
                 tuple(p[f"conv_pw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
                 np.array([s for _, s in BLOCKS], np.int64))
         return stack, act, tile, args

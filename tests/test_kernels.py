@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dsconv import gemm, kernels
+from dsconv import kernels
 from tests import naive
 
 rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def test_pointwise(n, h, w, cin, cout):
     close(kernels.pointwise(x, wt, b), naive.pointwise(x, wt, b), 1e-4)
 
 
-MR = gemm.MR
+MR = kernels.MR
 
 
 @pytest.mark.parametrize("m", [1, MR - 1, MR, MR + 1, 2 * MR + 1, 61])
@@ -69,12 +69,12 @@ def test_gemm(m, k, n):
     # a column range leaves the other columns untouched
     a, w, b = rand(m, k, lo=0, hi=6), rand(k, n), rand(n)
     y = np.full((m, n), np.nan, np.float32)
-    gemm.gemm(a.ravel(), m, gemm.pack(w), b, y.ravel())
+    kernels.gemm(a.ravel(), m, kernels.pack(w), b, y.ravel())
     close(y, naive.relu6(a.astype(np.float64) @ w + b), 1e-4)
-    n0 = gemm.NR if n > gemm.NR else 0
+    n0 = kernels.NR if n > kernels.NR else 0
     n1 = max(n0 + 1, n - 1)
     y[:] = np.nan
-    gemm.gemm(a.ravel(), m, gemm.pack(w), b, y.ravel(), n0, n1)
+    kernels.gemm(a.ravel(), m, kernels.pack(w), b, y.ravel(), n0, n1)
     close(y[:, n0:n1], naive.relu6(a.astype(np.float64) @ w[:, n0:n1] + b[n0:n1]), 1e-4)
     assert np.isnan(y[:, :n0]).all() and np.isnan(y[:, n1:]).all()
 
