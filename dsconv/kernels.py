@@ -193,62 +193,81 @@ def gemm_block(mr, nv):
     return kernel
 
 
-@intrinsic
-def depthwise_row(typingctx, x, h, w, c, k, b, iy, ix, stride, lo, hi, wo, y):
-    """One output row of the depthwise 3x3 convolution.
+def depthwise_row(stride):
+    """The intrinsic for one output row of the depthwise 3x3 convolution with this stride.
 
-    x flat (H, W, C) image, k = pack_depthwise(kernel), b (C,), y flat (Wo,
-    C) output row. Output pixel ox takes the window whose top-left input
-    pixel is (iy, ix + ox stride), LANES channels at a time, each tap one
-    load of the input and one of the kernel (the nine taps of LANES channels
-    contiguous in k, in L1). Pixels [lo, hi) have their window
-    inside the image: nine plain loads each. The others take the taps
-    outside the image (the SAME padding) as masked loads of zero, which
-    leaves the sum as if they were skipped. Channels past C are masked.
+    kernel(x, h, w, c, k, b, iy, ix, lo, hi, wo, y): x flat (H, W, C) image,
+    k = pack_depthwise(kernel), b (C,), y flat (Wo, C) output row. Output
+    pixel ox takes the window whose top-left input pixel is (iy, ix + ox
+    stride), LANES channels at a time, each tap one load of the input and
+    one of the kernel (the nine taps of LANES channels contiguous in k, in
+    L1). Pixels [lo, hi) have their window inside the image: they go two at
+    a time, sharing the kernel's loads and the input columns their windows
+    have in common. The others take the taps outside the image (the SAME
+    padding) as masked loads of zero, which leaves the sum as if they were
+    skipped. Channels past C are masked.
     """
-    def codegen(context, builder, signature, args):
-        g = _IR(context, builder, signature, args)
-        _, h, w, c, _, _, iy, ix, stride, lo, hi, wo, _ = args
-        zero64 = ir.Constant(I64, 0)
-        none = ir.Constant(MASK, [0] * LANES)
-        px, pk, pb, py = g.pointer(0, zero64), g.pointer(4, zero64), g.pointer(5, zero64), g.pointer(12, zero64)
-        nine = ir.Constant(I64, 9)
-        line = [g.at(px, builder.mul(builder.add(iy, ir.Constant(I64, ky)), builder.mul(w, c))) for ky in range(3)]
-        blocks = builder.sdiv(builder.add(c, ir.Constant(I64, LANES - 1)), ir.Constant(I64, LANES))
+    @intrinsic
+    def kernel(typingctx, x, h, w, c, k, b, iy, ix, lo, hi, wo, y):
+        def codegen(context, builder, signature, args):
+            g = _IR(context, builder, signature, args)
+            _, h, w, c, _, _, iy, ix, lo, hi, wo, _ = args
+            zero64, nine = ir.Constant(I64, 0), ir.Constant(I64, 9)
+            none = ir.Constant(MASK, [0] * LANES)
+            px, pk, pb, py = (g.pointer(i, zero64) for i in (0, 4, 5, 11))
+            line = [g.at(px, builder.mul(builder.add(iy, ir.Constant(I64, ky)), builder.mul(w, c))) for ky in range(3)]
+            blocks = builder.sdiv(builder.add(c, ir.Constant(I64, LANES - 1)), ir.Constant(I64, LANES))
 
-        def inside(v, size):
-            return builder.and_(builder.icmp_signed(">=", v, zero64), builder.icmp_signed("<", v, size))
+            def inside(v, size):
+                return builder.and_(builder.icmp_signed(">=", v, zero64), builder.icmp_signed("<", v, size))
 
-        rows = [inside(builder.add(iy, ir.Constant(I64, ky)), h) for ky in range(3)]
+            rows = [inside(builder.add(iy, ir.Constant(I64, ky)), h) for ky in range(3)]
 
-        def pixel(ox, border):
-            left = builder.add(ix, builder.mul(ox, stride))
-            cols = [builder.add(left, ir.Constant(I64, kx)) for kx in range(3)]
-            src = [g.at(line[ky], builder.mul(cols[kx], c)) for ky in range(3) for kx in range(3)]
-            valid = [builder.and_(rows[ky], inside(cols[kx], w)) for ky in range(3) for kx in range(3)]
-            out = g.at(py, builder.mul(ox, c))
+            def pixels(ox, n, border):
+                # output pixels [ox, ox + n): input columns left + [0, (n - 1) stride + 3)
+                left = builder.add(ix, builder.mul(ox, ir.Constant(I64, stride)))
+                cols = [builder.add(left, ir.Constant(I64, j)) for j in range((n - 1) * stride + 3)]
+                src = [[g.at(line[ky], builder.mul(col, c)) for col in cols] for ky in range(3)]
+                valid = [[builder.and_(rows[ky], inside(col, w)) for col in cols] for ky in range(3)]
+                out = g.at(py, builder.mul(ox, c))
 
-            def block(i, _):
-                c0 = builder.mul(i, ir.Constant(I64, LANES))
-                channels = g.first(builder.sub(c, c0))
-                acc = g.zero
-                for t in range(9):
-                    mask = builder.select(valid[t], channels, none) if border else channels
-                    v = g.load(g.at(src[t], c0), mask)
-                    kt = g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * LANES))))
-                    acc = builder.call(g.fma, [v, kt, acc])
-                g.store_bias_relu6(acc, g.load(g.at(pb, c0), channels), g.at(out, c0), channels)
+                def block(i, _):
+                    c0 = builder.mul(i, ir.Constant(I64, LANES))
+                    channels = g.first(builder.sub(c, c0))
+                    taps = [g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * LANES))))
+                            for t in range(9)]
+                    inputs = {}
+                    for p in range(n):
+                        acc = g.zero
+                        for ky in range(3):
+                            for kx in range(3):
+                                j = p * stride + kx
+                                if (ky, j) not in inputs:
+                                    mask = builder.select(valid[ky][j], channels, none) if border else channels
+                                    inputs[ky, j] = g.load(g.at(src[ky][j], c0), mask)
+                                acc = builder.call(g.fma, [inputs[ky, j], taps[3 * ky + kx], acc])
+                        g.store_bias_relu6(acc, g.load(g.at(pb, c0), channels),
+                                           g.at(out, builder.add(builder.mul(ir.Constant(I64, p), c), c0)), channels)
+                    return []
+
+                g.loop(zero64, blocks, [], block)
                 return []
 
-            g.loop(zero64, blocks, [], block)
-            return []
+            pairs = builder.sdiv(builder.sub(hi, lo), ir.Constant(I64, 2))
+            g.loop(zero64, lo, [], lambda ox, _: pixels(ox, 1, True))
+            g.loop(zero64, pairs, [], lambda i, _: pixels(builder.add(lo, builder.mul(i, ir.Constant(I64, 2))), 2,
+                                                          False))
+            g.loop(builder.add(lo, builder.mul(pairs, ir.Constant(I64, 2))), hi, [],
+                   lambda ox, _: pixels(ox, 1, False))
+            g.loop(hi, wo, [], lambda ox, _: pixels(ox, 1, True))
+            return context.get_dummy_value()
 
-        g.loop(zero64, lo, [], lambda ox, _: pixel(ox, True))
-        g.loop(lo, hi, [], lambda ox, _: pixel(ox, False))
-        g.loop(hi, wo, [], lambda ox, _: pixel(ox, True))
-        return context.get_dummy_value()
+        return types.void(x, h, w, c, k, b, iy, ix, lo, hi, wo, y), codegen
 
-    return types.void(x, h, w, c, k, b, iy, ix, stride, lo, hi, wo, y), codegen
+    return kernel
+
+
+_depthwise_s1, _depthwise_s2 = depthwise_row(1), depthwise_row(2)
 
 
 NR = 2 * LANES  # columns per packed panel of a matrix product's weights
@@ -277,6 +296,7 @@ def pack_depthwise(k):
 
 
 _wide = gemm_block(MR, 2)  # MR x NR
+_half = gemm_block(MR // 2, 2)  # MR / 2 x NR, for the last rows: a block costs its full height
 _narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used
 
 # B (K x columns) floats up to which the product goes row block by row block,
@@ -293,9 +313,12 @@ def _block(a, k, m, wp, b, y, n, i0, j0, n1):
     if cols <= LANES:
         _narrow(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
     else:
-        _wide(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, min(MR, rows), cols)
-        if rows > MR:
-            _wide(a, (i0 + MR) * k, k, wp, w0, NR, k, y, (i0 + MR) * n + j0, n, b, j0, rows - MR, cols)
+        for r0 in range(i0, i0 + rows, MR):
+            r = min(MR, i0 + rows - r0)
+            if r <= MR // 2:
+                _half(a, r0 * k, k, wp, w0, NR, k, y, r0 * n + j0, n, b, j0, r, cols)
+            else:
+                _wide(a, r0 * k, k, wp, w0, NR, k, y, r0 * n + j0, n, b, j0, r, cols)
 
 
 @njit(**JIT)
@@ -364,7 +387,10 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
     hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
     if iy < 0 or iy + 2 >= h:
         lo = hi = wo
-    depthwise_row(x, h, w, b.shape[0], k, b, iy, -left, stride, lo, hi, wo, y)
+    if stride == 1:
+        _depthwise_s1(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
+    else:
+        _depthwise_s2(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
 
 
 @njit(parallel=True, **JIT)

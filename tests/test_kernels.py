@@ -62,7 +62,7 @@ def test_pointwise(n, h, w, cin, cout):
 MR = kernels.MR
 
 
-@pytest.mark.parametrize("m", [1, MR - 1, MR, MR + 1, 2 * MR + 1, 61])
+@pytest.mark.parametrize("m", [1, MR - 1, MR, MR + 1, MR + MR // 2, 2 * MR + 1, 61])
 @pytest.mark.parametrize("k,n", [(1, 1), (27, 8), (5, 16), (3, 17), (64, 48), (300, 200)])  # 300 x 200: panel by panel
 def test_gemm(m, k, n):
     # every row and column remainder of the micro-kernels, both loop orders;
