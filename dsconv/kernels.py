@@ -18,6 +18,7 @@ allocated once (see MobileNet._pooled).
 """
 import os
 
+import numba
 import numpy as np
 from llvmlite import binding, ir
 from numba import njit, prange, types
@@ -416,14 +417,20 @@ def _depthwise(x, k, b, y, stride, pad):
 
 
 @njit(parallel=True, **JIT)
-def _pointwise(x, w, b, y):
-    # x (M, Cin), w packed (Cin, Cout), y (M, Cout): parallel over tiles of 256 rows
+def _pointwise(x, w, b, y, threads):
+    # x (M, Cin), w packed (Cin, Cout), y (M, Cout): parallel over tiles of
+    # 256 rows, each split into ranges of output panels when there are fewer
+    # tiles than twice the threads (a 7x7 or 14x14 image)
     m, cin = x.shape
-    cout = b.shape[0]
+    cout, panels = b.shape[0], w.shape[0]
+    tiles = (m + 255) // 256
+    groups = min(panels, max(1, -(-2 * threads // tiles)))
     xf, yf = x.ravel(), y.ravel()
-    for t in prange((m + 255) // 256):
-        r0, r1 = t * 256, min(m, t * 256 + 256)
-        gemm(xf[r0 * cin:], r1 - r0, w, b, yf[r0 * cout:])
+    for t in prange(tiles * groups):
+        i, j = t // groups, t % groups
+        r0, r1 = i * 256, min(m, i * 256 + 256)
+        gemm(xf[r0 * cin:], r1 - r0, w, b, yf[r0 * cout:], NR * (panels * j // groups),
+             min(cout, NR * (panels * (j + 1) // groups)))
 
 
 @njit(**JIT)
@@ -615,7 +622,7 @@ def pointwise(x, w, b):
         raise ValueError(f"pointwise: kernel {w.shape} / bias {b.shape} do not fit input {x.shape}")
     x2 = x.reshape(-1, x.shape[3])
     y = np.empty((x2.shape[0], w.shape[1]), np.float32)
-    _pointwise(x2, pack(w), b, y)
+    _pointwise(x2, pack(w), b, y, numba.get_num_threads())
     return y.reshape(x.shape[:3] + (w.shape[1],))
 
 
