@@ -187,7 +187,7 @@ class MobileNet:
         return pooled
 
     def _buffers(self, threads):
-        """(stack, activations (T, 2, S), tiles (T, tile), weights as tuples) for the fused pass.
+        """(stack, activations (T, 2, S), tiles (T, tile), weights packed for the kernels) for the fused pass.
 
         A stack is as many images as fit STACK floats of their largest
         activation (at least one); S holds a stack, or the images left over
