@@ -580,15 +580,6 @@ def _softmax(z, p):
         p[n, :] /= s
 
 
-def _conv3x3(kernel, x, k, b, stride):
-    n, h, w, _ = x.shape
-    ho, top = same_padding(h, stride)
-    wo, left = same_padding(w, stride)
-    y = np.empty((n, ho, wo, b.shape[0]), np.float32)
-    kernel(x, k, b, y, stride, (top, left))
-    return y
-
-
 def stem(x, k, b, stride=2):
     """3x3 convolution, 3 -> C channels, SAME padding, + bias + ReLU6.
 
@@ -611,7 +602,12 @@ def depthwise(x, k, b, stride):
     x, k, b = _check(x, "x", 4), _check(k, "kernel", 3), _check(b, "bias", 1)
     if k.shape != (3, 3, x.shape[3]) or b.shape != (x.shape[3],):
         raise ValueError(f"depthwise: kernel {k.shape} / bias {b.shape} do not fit input {x.shape}")
-    return _conv3x3(_depthwise, x, pack_depthwise(k), b, stride)
+    n, h, w, c = x.shape
+    ho, top = same_padding(h, stride)
+    wo, left = same_padding(w, stride)
+    y = np.empty((n, ho, wo, c), np.float32)
+    _depthwise(x, pack_depthwise(k), b, y, stride, (top, left))
+    return y
 
 
 def pointwise(x, w, b):
