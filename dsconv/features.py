@@ -7,9 +7,12 @@ A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
 
 The cache is one folder per variant under ``cache_dir``, named by alpha,
-resolution, bottleneck kind and the sha256 of the weight file and of the
-preprocessing description; rows are keyed by the sha256 of the image file's
-bytes, so renamed or copied images hit and an edited image misses. Each
+resolution, bottleneck kind, the sha256 of the network tensors the
+bottleneck depends on (the backbone for ``pooled``, backbone and head for
+``logits``: the with-top and no-top weight files of one alpha share pooled
+bottlenecks) and that of the preprocessing description; rows are keyed by
+the sha256 of the image file's bytes, so renamed or copied images hit and an
+edited image misses. Each
 batch is written as its own small HDF5 file (written to a temporary name,
 then renamed), so Ctrl-C or a killed process loses at most the batch in
 flight; at the end the parts are merged into ``bottlenecks.h5``. Every file
@@ -52,13 +55,13 @@ def variant(net, kind):
         raise ValueError("the logits bottleneck needs the network with its ImageNet head "
                          "(MobileNet.pretrained(..., head=True))")
     return {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
-            "weights_sha256": net.weights_sha256, "preprocessing": images.PREPROCESSING}
+            "tensors_sha256": net.tensors_sha256(head=kind == "logits"), "preprocessing": images.PREPROCESSING}
 
 
 def variant_dir(cache_dir, v):
     prep = hashlib.sha256(v["preprocessing"].encode()).hexdigest()[:8]
     return Path(cache_dir) / (f"mobilenet-{v['alpha']:g}-{v['resolution']}-{v['kind']}-"
-                              f"{v['weights_sha256'][:16]}-{prep}")
+                              f"{v['tensors_sha256'][:16]}-{prep}")
 
 
 def file_key(path):

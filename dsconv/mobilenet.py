@@ -24,6 +24,7 @@ for these; counting the layers gives the numbers above, and Howard et al.'s
 own Table 6 agrees (325 M for 0.75-224, 149 M for 0.5-224). See
 tests/test_mobilenet.py.
 """
+import hashlib
 import threading
 
 import numba
@@ -120,6 +121,27 @@ class MobileNet:
         """Load converted ImageNet weights (see dsconv.weights.load)."""
         from dsconv import weights
         return weights.load(alpha, resolution, head=head, quiet=quiet)
+
+    def tensors_sha256(self, head=False):
+        """sha256 of the backbone's layer names, shapes and float32 tensors (and the head's, with ``head``).
+
+        What a bottleneck depends on, whichever file the weights came from:
+        Keras' with-top and no-top files of one alpha hold the same backbone.
+        Computed once per network.
+        """
+        if head and not self.has_head:
+            raise ValueError("this network has no ImageNet head")
+        hashes = self.__dict__.setdefault("_sha256", {})
+        if head not in hashes:
+            h = hashlib.sha256()
+            for name, tensors in self.params.items():
+                if name == "conv_preds" and not head:
+                    continue
+                for t, a in tensors.items():
+                    h.update(f"{name}/{t}{a.shape}".encode())
+                    h.update(a.tobytes())
+            hashes[head] = h.hexdigest()
+        return hashes[head]
 
     @property
     def features(self):

@@ -122,3 +122,30 @@ def test_unreadable_files_skipped_with_names(net, paths, tmp_path, capsys):
     assert feats.shape == (2, 256)
     err = capsys.readouterr().err
     assert all(name in err for name in ("empty.jpeg", "corrupt.jpeg", "notes.txt"))
+
+
+def test_with_top_and_no_top_share_pooled(net, paths, calls, tmp_path, weights_dir):
+    # the cache keys the backbone's tensors, not the file: either file of an alpha, converted in either
+    # order, finds the other's pooled bottlenecks; the logits key the head too
+    features.extract(paths[:4], net, "pooled", tmp_path, progress=False)
+    top = weights.load_file(weights_dir / "mobilenet_0.25_224.h5", 0.25, 128)
+    assert top.weights_sha256 != net.weights_sha256
+    assert top.tensors_sha256() == net.tensors_sha256() != top.tensors_sha256(head=True)
+    seen = []
+    forward = top.forward
+    top.forward = lambda x: seen.append(len(x)) or forward(x)
+    feats, _ = features.extract(paths[:4], top, "pooled", tmp_path, progress=False)
+    assert seen == [] and len(list(tmp_path.iterdir())) == 1
+    direct, _ = top.forward(np.stack([images.load(p, 128) for p in paths[:4]]))
+    assert np.array_equal(feats, direct)
+    features.extract(paths[:4], top, "logits", tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+    with pytest.raises(ValueError, match="ImageNet head"):
+        net.tensors_sha256(head=True)
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.75, 1.0])
+def test_keras_files_of_an_alpha_hold_one_backbone(weights_dir, alpha):
+    top = weights.load_file(weights_dir / f"mobilenet_{alpha:g}_224.h5")
+    no_top = weights.load_file(weights_dir / f"mobilenet_{alpha:g}_224_no_top.h5")
+    assert top.tensors_sha256() == no_top.tensors_sha256()
