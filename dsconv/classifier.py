@@ -16,7 +16,9 @@ default: feature standardisation (mu, sigma: the training rows' mean and
 standard deviation, stored with the model; off means mu = 0, sigma = 1) and
 L2 weight decay wd (the gradient of wd/2 |W|^2; off means wd = 0).
 
-The arithmetic is float64 and the random draws come from one
+The arithmetic is float64 (float32 bottlenecks are widened as they are
+read), in one Numba loop over the steps that never copies a batch out (the
+draws are one index array made up front), and the random draws come from one
 numpy.random.default_rng(seed): the same data, settings and seed give
 bitwise-identical weights.
 
@@ -30,6 +32,9 @@ from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+from numba import njit
+
+from dsconv.kernels import JIT
 
 FORMAT = "dsconv-classifier-v1"
 LR = 0.01
@@ -74,6 +79,52 @@ def batches(labels, steps, batch, sampling, rng):
     within = np.minimum((u[..., 1] * counts[cls]).astype(np.int64), counts[cls] - 1)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return np.concatenate(members)[offsets[cls] + within]
+
+
+# Reassociation lets LLVM vectorise the dot products and contract lets it fuse
+# multiply-adds: the sums are then taken in another (still fixed) order than
+# the formula's, which changes the last bits of the weights, not the
+# determinism: the same data and seed give the same bits on one machine.
+SGD_JIT = dict(JIT, fastmath={"reassoc", "contract"})
+
+
+@njit(**SGD_JIT)
+def _sgd(x, y, idx, w, b, lr, weight_decay):
+    """The SGD steps of idx on one model, in place; see the module docstring.
+
+    x (N, D) float32 or float64 bottlenecks (rows read as float64), y (N,)
+    labels, idx (S, B) rows drawn per step, w (C, D) the weights transposed,
+    b (C,).
+    """
+    classes, dims = w.shape
+    batch = idx.shape[1]
+    grad = np.empty((classes, dims))
+    gb = np.empty(classes)
+    p = np.empty(classes)
+    for s in range(idx.shape[0]):
+        grad[:] = 0.0
+        gb[:] = 0.0
+        for j in range(batch):
+            i = idx[s, j]
+            for c in range(classes):
+                z = 0.0
+                for d in range(dims):
+                    z += np.float64(x[i, d]) * w[c, d]
+                p[c] = z + b[c]
+            top = p.max()
+            total = 0.0
+            for c in range(classes):
+                p[c] = np.exp(p[c] - top)
+                total += p[c]
+            for c in range(classes):
+                g = (p[c] / total - (1.0 if c == y[i] else 0.0)) / batch
+                gb[c] += g
+                for d in range(dims):
+                    grad[c, d] += np.float64(x[i, d]) * g
+        for c in range(classes):
+            for d in range(dims):
+                w[c, d] -= lr * (grad[c, d] + weight_decay * w[c, d])
+            b[c] -= lr * gb[c]
 
 
 def softmax(z):
@@ -180,7 +231,8 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     step do not depend on ``steps``, each copy is bitwise the model that a
     run of that many steps gives.
     """
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x)
+    x = x if x.dtype == np.float32 else x.astype(np.float64)  # float32 rows are widened as they are read
     y = np.asarray(y, np.int64)
     n_classes = len(classes)
     if len(np.unique(y)) < 2:
@@ -189,30 +241,32 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     model = Classifier(truncated_normal(rng, (x.shape[1], n_classes), INIT_STD),
                        np.zeros(n_classes), list(classes))
     if standardize:
+        x = np.asarray(x, np.float64)
         model.mean, model.std = x.mean(axis=0), x.std(axis=0)
         model.std[model.std == 0] = 1.0
         x = model.prepare(x)
     xv = model.prepare(x_val) if x_val is not None and len(x_val) else np.zeros((0, x.shape[1]))
     yv = np.asarray(y_val if xv.shape[0] else [], np.int64)
     idx = batches(y, steps, batch, sampling, rng)
-    onehot = np.eye(n_classes)
-    w, b = model.weights, model.bias
     curves = {k: [] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
     keep = set(snapshots)
     if any(not 1 <= k <= steps for k in keep):
         raise ValueError(f"snapshots {sorted(keep)} must lie within 1..{steps} steps")
     if keep:
         curves["snapshots"] = {}
-    for step in range(steps):
-        xb, yb = x[idx[step]], y[idx[step]]
-        g = (softmax(xb @ w + b) - onehot[yb]) / batch
-        w -= lr * (xb.T @ g + weight_decay * w)
-        b -= lr * g.sum(axis=0)
-        if step + 1 in keep:
-            curves["snapshots"][step + 1] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            curves["step"].append(step + 1)
+    wt, b = model.weights.T.copy(), model.bias  # the kernel's layout: (C, D)
+    done = 0
+    for stop in sorted(keep | {steps} | set(range(eval_every, steps, eval_every))):
+        _sgd(x, y, idx[done:stop], wt, b, float(lr), float(weight_decay))
+        done = stop
+        w = wt.T
+        if stop in keep:
+            curves["snapshots"][stop] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std)
+        if stop % eval_every == 0 or stop == steps:
+            xb, yb = x[idx[stop - 1]], y[idx[stop - 1]]
+            curves["step"].append(stop)
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
                             loss_accuracy(softmax(xb @ w + b), yb) + loss_accuracy(softmax(xv @ w + b), yv)):
                 curves[k].append(v)
+    model.weights = wt.T.copy()
     return model, curves
