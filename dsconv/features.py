@@ -170,10 +170,10 @@ class Progress:
         self.stream.flush()
 
 
-def _decode(path, size):
-    """(pixels or None, error message or None) of one file."""
+def _decode(path, sizes):
+    """({size: pixels} or None, error message or None) of one file."""
     try:
-        return images.decode(path, size), None
+        return images.decode_sizes(path, sizes), None
     except images.ImageError as e:
         return None, str(e)
 
@@ -198,10 +198,21 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     Returns ({kind: features}, failed); each kind has its own cache, and an
     image missing from any of them goes through the network once for all.
     """
+    (feats,), failed = extract_nets(paths, [net], kinds, cache_dir, batch, workers, progress)
+    return feats, failed
+
+
+def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True, seconds=None):
+    """As extract_kinds, for several networks (an alpha at several resolutions) decoding each image once.
+
+    Returns ([{kind: features} per net], failed). An image missing from any
+    cache goes through every network; ``seconds``, a list with one number
+    per net, accumulates each network's forward time.
+    """
     kinds = tuple(dict.fromkeys(kinds))
-    vs = {kind: variant(net, kind) for kind in kinds}
-    sizes = {kind: net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
-             for kind in kinds}
+    vs = [{kind: variant(net, kind) for kind in kinds} for net in nets]
+    sizes = [{kind: net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
+              for kind in kinds} for net in nets]
     paths = [Path(p) for p in paths]
     failed, keys = {}, {}
     pool = ThreadPoolExecutor(max(1, workers))
@@ -214,41 +225,46 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
             else:
                 keys[path] = key
         root = default_cache_dir() if cache_dir is None else cache_dir
-        caches = {kind: Cache(root, vs[kind], sizes[kind]) for kind in kinds} if cache_dir is not False else {}
-        known = {kind: caches[kind].rows if caches else {} for kind in kinds}
+        caches = [{kind: Cache(root, v[kind], size[kind]) for kind in kinds} if cache_dir is not False else {}
+                  for v, size in zip(vs, sizes)]
+        known = [{kind: c[kind].rows if c else {} for kind in kinds} for c in caches]
         todo = list({keys[p]: p for p in paths
-                     if p in keys and any(keys[p] not in known[kind] for kind in kinds)}.items())
-        computed = {kind: {} for kind in kinds}
+                     if p in keys and any(keys[p] not in k[kind] for k in known for kind in kinds)}.items())
+        computed = [{kind: {} for kind in kinds} for _ in nets]
         if todo:
-            v = vs[kinds[0]]
-            _run(todo, net, caches, computed, failed, pool, batch,
-                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {'+'.join(kinds)}")
-                 if progress else None)
-        for cache in caches.values():
-            if cache.parts:
-                cache.merge()
+            label = "+".join(f"{net.alpha:g}-{net.resolution}" for net in nets)
+            _run(todo, nets, caches, computed, failed, pool, batch,
+                 Progress(len(todo), f"bottlenecks {label} {'+'.join(kinds)}") if progress else None,
+                 seconds if seconds is not None else [0.0] * len(nets))
+        for c in caches:
+            for cache in c.values():
+                if cache.parts:
+                    cache.merge()
     finally:
         pool.shutdown(cancel_futures=True)
     for p in paths:  # a key's first path failing to decode fails its duplicates too
-        if p in keys and p not in failed and any(keys[p] not in known[k] and keys[p] not in computed[k]
-                                                 for k in kinds):
+        if p in keys and p not in failed and any(keys[p] not in kn[k] and keys[p] not in co[k]
+                                                 for kn, co in zip(known, computed) for k in kinds):
             failed[p] = f"{p}: cannot be read as an image (same content as another file that failed)"
-    out = {}
-    for kind in kinds:
-        rows = [known[kind].get(keys[p], computed[kind].get(keys[p])) for p in paths if p not in failed]
-        out[kind] = np.stack(rows).astype(np.float32) if rows else np.zeros((0, sizes[kind]), np.float32)
+    out = []
+    for kn, co, size in zip(known, computed, sizes):
+        out.append({})
+        for kind in kinds:
+            rows = [kn[kind].get(keys[p], co[kind].get(keys[p])) for p in paths if p not in failed]
+            out[-1][kind] = np.stack(rows).astype(np.float32) if rows else np.zeros((0, size[kind]), np.float32)
     if failed:
         for msg in failed.values():
             print(f"dsconv: warning: skipped {msg}", file=sys.stderr)
     return out, failed
 
 
-def _run(todo, net, caches, computed, failed, pool, batch, bar):
-    """Forward (key, path) pairs in batches, decoding the next batch while this one runs."""
+def _run(todo, nets, caches, computed, failed, pool, batch, bar, seconds):
+    """Forward (key, path) pairs in batches through every net, decoding the next batch while this one runs."""
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    resolutions = [net.resolution for net in nets]
 
     def submit(chunk):
-        return [pool.submit(_decode, p, net.resolution) for _, p in chunk]
+        return [pool.submit(_decode, p, resolutions) for _, p in chunk]
 
     ahead = submit(batches[0])
     done = 0
@@ -263,21 +279,25 @@ def _run(todo, net, caches, computed, failed, pool, batch, bar):
                 else:
                     failed[p] = err
             if good:
-                pooled, logits = net.forward(images.scale(np.stack([px for _, px in good])))
                 ks = [k for k, _ in good]
-                for kind in computed:
-                    out = pooled if kind == "pooled" else logits
-                    if kind in caches:
-                        caches[kind].put(ks, out)
-                    computed[kind].update(zip(ks, np.asarray(out, np.float32)))
+                for n, net in enumerate(nets):
+                    t = time.perf_counter()
+                    pooled, logits = net.forward(images.scale(np.stack([px[net.resolution] for _, px in good])))
+                    seconds[n] += time.perf_counter() - t
+                    for kind in computed[n]:
+                        out = pooled if kind == "pooled" else logits
+                        if kind in caches[n]:
+                            caches[n][kind].put(ks, out)
+                        computed[n][kind].update(zip(ks, np.asarray(out, np.float32)))
             done += len(chunk)
             if bar:
                 bar.update(done)
     finally:
         if bar:
             bar.update(done, final=True)
-        for cache in caches.values():
-            cache.merge()
+        for c in caches:
+            for cache in c.values():
+                cache.merge()
 
 
 def _safe_key(path):

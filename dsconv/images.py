@@ -81,6 +81,29 @@ def decode(source, size, name=None):
     return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
+def decode_sizes(source, sizes, name=None):
+    """{size: decode(source, size)} for several sizes, decoding the file once where that gives the same pixels.
+
+    Pillow's JPEG draft decodes at a reduced scale only for images at least
+    twice the requested size on both sides; below twice the smallest size
+    (and for formats without draft) every size is resized from one decode.
+    """
+    sizes = sorted(set(sizes))
+    if _header_side(source) >= 2 * sizes[0]:
+        return {r: decode(source, r, name) for r in sizes}
+    im = open_image(source, None, name).convert("RGB")
+    return {r: np.asarray(im.resize((r, r), Image.BILINEAR)) for r in sizes}
+
+
+def _header_side(source):
+    """The smaller side from the file's header; 0 where Pillow cannot tell (DICOM, damaged files)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return min(im.size) if im.format == "JPEG" else 0
+    except Exception:  # decode() says what is wrong with the file
+        return 0
+
+
 def load(path, size):
     """Read an image file as (size, size, 3) float32 in [-1, 1]."""
     return scale(decode(path, size))

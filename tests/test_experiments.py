@@ -29,7 +29,28 @@ def grid_args(small, tmp_path, out):
     return ["--data", str(small), "--out", str(tmp_path / out), "--quick", "--cache", str(tmp_path / "cache")]
 
 
-def test_quick_grid_end_to_end_and_resume(converted, small, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def quarter(weights_dir, tmp_path, monkeypatch):
+    """Only alpha 0.25 converted and no Keras files to convert: the tables must not depend on ../shared."""
+    d = tmp_path / "weights-0.25"
+    d.mkdir()
+    for f in weights_dir.glob("mobilenet_0.25_*.h5"):
+        (d / f.name).symlink_to(f)
+    monkeypatch.setenv("DSCONV_WEIGHTS", str(d))
+    monkeypatch.setattr(weights, "keras_dirs", lambda: [])
+    return d
+
+
+def test_available_variants_follow_the_weights(converted, quarter):
+    assert experiments.available_variants() == tuple((0.25, r) for r in (224, 192, 160, 128))
+
+
+def test_available_variants_every_converted_alpha(converted):
+    alphas = {weights.describe(f)["alpha"] for f in converted.glob("*.h5") if weights.describe(f)["has_head"]}
+    assert {a for a, _ in experiments.available_variants()} == alphas
+
+
+def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch, capsys):
     experiments.main(grid_args(small, tmp_path, "a"))
     out = tmp_path / "a"
     for f in ("runs.csv", "table1.md", "table3.md", "table4.md", "figure4.png", "tradeoff.png", "summary.md"):
@@ -41,8 +62,11 @@ def test_quick_grid_end_to_end_and_resume(converted, small, tmp_path, monkeypatc
     assert {r["alpha"] + "-" + r["resolution"] for r in rows} == {"0.25-128"}
     assert {r["trained_resolution"] for r in rows} == {"224"}
     table4 = (out / "table4.md").read_text()
-    assert "| 0.25-128 † |" in table4 and "| 1.0-224 | no weights (98.0 ± 0.17) |" in table4
-    assert "| 0.75-224 | not in this grid (97.6 ± 0.36) |" in table4
+    assert "| 0.25-128 † |" in table4
+    for v, keras in (("1.0-224", "1_0"), ("0.50-160", "5_0"), ("0.75-128", "7_5")):
+        assert (f"| {v} (no weights: `python -m dsconv.weights convert PATH/mobilenet_{keras}_224_tf.h5`) "
+                "| no weights (") in table4
+    assert "| 0.25-224 | not in this grid (96.5 ± 0.21) |" in table4
     summary = (out / "summary.md").read_text()
     assert "validation" in summary and "the test partition played no part" in summary
 
@@ -160,7 +184,10 @@ def test_tables():
     assert ("| 0.75-224 | 96.1 ± 0.41 (97.6 ± 0.36) · 0.1/2500 | not in this grid (96.8 ± 0.75) | "
             "not in this grid (96.0 ± 0.35) |") in lines
     assert any(line.startswith("| 0.75-192 † | 96.1 ± 0.41 (97.4 ± 0.25)") for line in lines)
-    assert any(line.startswith("| 1.0-224 | no weights (98.0 ± 0.17) |") for line in lines)
+    assert any(line.startswith("| 1.0-224 (no weights: `python -m dsconv.weights convert "
+                               "PATH/mobilenet_1_0_224_tf.h5`) | no weights (98.0 ± 0.17) |") for line in lines)
+    assert any(line.startswith("| 0.50-192 (no weights: `python -m dsconv.weights convert "
+                               "PATH/mobilenet_5_0_224_tf.h5`) | no weights (96.8 ± 0.45) |") for line in lines)
     assert any(line.startswith("| 0.25-128 | not in this grid (97.2 ± 0.21) |") for line in lines)
     assert sum(line.startswith("| ") and "Model" not in line for line in lines) == 16
     assert "patient" not in t4.split("†")[0]  # only the protocols that were run
@@ -178,7 +205,7 @@ def test_tables():
     assert "| 70/15/15 | 3652 \\| 782 \\| 782 | not run | not run |" in t1
 
 
-def test_foreign_runs_csv_refused(converted, small, tmp_path):
+def test_foreign_runs_csv_refused(quarter, small, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "runs.csv").write_text("seed,accuracy\n0,0.9\n")
     with pytest.raises(SystemExit, match="runs.csv.*another --out"):

@@ -149,3 +149,21 @@ def test_keras_files_of_an_alpha_hold_one_backbone(weights_dir, alpha):
     top = weights.load_file(weights_dir / f"mobilenet_{alpha:g}_224.h5")
     no_top = weights.load_file(weights_dir / f"mobilenet_{alpha:g}_224_no_top.h5")
     assert top.tensors_sha256() == no_top.tensors_sha256()
+
+
+def test_resolutions_of_an_alpha_decode_once(net, paths, tmp_path, weights_dir, monkeypatch):
+    nets = [net] + [weights.load_file(weights_dir / "mobilenet_0.25_224.h5", 0.25, r) for r in (160, 224)]
+    opened = []
+    open_image = images.open_image
+    monkeypatch.setattr(images, "open_image", lambda *a, **k: opened.append(a[0]) or open_image(*a, **k))
+    seconds = [0.0] * 3
+    got, failed = features.extract_nets(paths[:6], nets, ("pooled",), tmp_path, batch=4, progress=False,
+                                        seconds=seconds)
+    assert not failed and len(opened) == 6 and all(s > 0 for s in seconds)
+    opened.clear()
+    for n, feats in zip(nets, got):
+        alone, _ = features.extract(paths[:6], n, "pooled", False, progress=False)
+        assert np.array_equal(feats["pooled"], alone)
+        cached, _ = features.extract(paths[:6], n, "pooled", tmp_path, progress=False)
+        assert np.array_equal(cached, alone)
+    assert len(opened) == 6 * len(nets)  # the runs without a cache; the cached ones decode nothing

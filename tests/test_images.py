@@ -52,3 +52,21 @@ def test_large_originals_draft_close_to_full_decode(size):
         diffs.append(np.abs(images.decode(path, size) - full).mean())
     print(f"\nmean |draft - full| at {size}: {np.mean(diffs):.2f} grey levels, worst image {max(diffs):.2f}")
     assert np.mean(diffs) < 1.5 and max(diffs) < 4
+
+
+def test_decode_sizes_equals_decode_per_size():
+    # one decode for all sizes where JPEG draft would not reduce, one per size where it would
+    sizes = (224, 192, 160, 128)
+    sources = [sorted((ORIGINALS.parent / "chest_xray" / "train" / "NORMAL").glob("*.jpeg"))[0],
+               sorted(ORIGINALS.glob("*/*.jpeg"))[0],
+               png(np.random.default_rng(1).integers(0, 256, (300, 260), dtype=np.uint8))]
+    small = io.BytesIO()
+    Image.open(sources[1]).resize((300, 250)).save(small, "JPEG")  # under 2 x 128: shared
+    sources.append(small.getvalue())
+    for src in sources:
+        got = images.decode_sizes(src, sizes)
+        assert sorted(got) == sorted(sizes)
+        for r in sizes:
+            assert np.array_equal(got[r], images.decode(src, r)), (src if isinstance(src, str) else "bytes", r)
+    with pytest.raises(images.ImageError, match="cannot be read"):
+        images.decode_sizes(b"not an image", sizes, name="x.jpeg")
