@@ -51,7 +51,7 @@ def test_variant_checks():
         mobilenet.check_variant(1.0, 100)
 
 
-CASES = [(a, r) for a in (0.25, 0.75) for r in (224, 160, 128)]
+CASES = [(a, r) for a in (0.25, 0.75, 1.0) for r in (224, 160, 128)]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_forward_matches_keras(converted, reference, alpha, resolution):
     assert np.array_equal(np.argsort(-logits, axis=1)[:, :5], ref["top5"][()])
 
 
-@pytest.mark.parametrize("alpha", [0.25, 0.75])
+@pytest.mark.parametrize("alpha", [0.25, 0.75, 1.0])
 def test_activations_match_keras(converted, reference, alpha):
     net = weights.load(alpha, 224, quiet=True)
     ref = reference[f"alpha_{alpha}/res_224"]
