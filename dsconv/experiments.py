@@ -711,7 +711,7 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
         curves = figure4_curves(ds, c, s, grid.shuffles, cache_dir, workers)
         figure4(out / "figure4.png", curves, f"MobileNet {name(c[:2])} {c[2]}, split by {c[3]} {c[4]}, "
                 f"lr {s['lr']:g}, {s['steps']} steps, {len(curves)} shuffles"
-                + (" (the paper's Figure 4 setting)" if paper_cell else " (best by validation)"), plt)
+                + ("\nthe paper's Figure 4 setting" if paper_cell else "\nbest by validation"), plt)
         tradeoff(out / "tradeoff.png", selected, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
