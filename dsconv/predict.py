@@ -108,9 +108,14 @@ class Model:
             W, b = top["kernel"].astype(np.float64) @ W, top["bias"].astype(np.float64) @ W + b
         return W, b
 
-    def heatmap(self, source, probability):
-        """The class activation map of the positive class over the X-ray, as an RGB Pillow image."""
-        original = images.open_image(source)
+    def heatmap(self, source, probability, size=None):
+        """The class activation map of the positive class over the X-ray, as an RGB Pillow image.
+
+        At the X-ray's own size, or with ``size`` at most size x size pixels (faster on large X-rays).
+        """
+        original = images.open_image(source, size)
+        if size:
+            original.thumbnail((size, size))
         x = images.scale(images.decode(source, self.resolution))[None]
         w, _ = cam.contrast(*self.linear(), self.head.positive)
         m = cam.class_map(self.net.feature_maps(x)[0], w)
