@@ -21,7 +21,7 @@ from PIL import Image
 
 from dsconv import predict, serve, train
 from tests import dicomfiles
-from tests.conftest import ORIGINALS, REPO, copy_xrays
+from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays
 
 MAX_MB = 4
 
@@ -283,7 +283,7 @@ def test_page(served, browser, tmp_path):
     for name, content in files:
         (tmp_path / name).write_bytes(content)
     d.find_element(By.ID, "files").send_keys("\n".join(str(tmp_path / n) for n, _ in files))
-    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result")) == 3)
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result:not(.pending)")) == 3)
     rows = d.find_elements(By.CSS_SELECTOR, "#results .result")
     assert [r.find_element(By.CLASS_NAME, "name").text for r in rows] == [n for n, _ in files]
     assert "error" in rows[2].get_attribute("class") and "cannot be read" in rows[2].text
@@ -330,3 +330,41 @@ def driver_download(d, name, timeout=30):
             return path
         time.sleep(0.1)
     raise AssertionError(f"{name} was not downloaded")
+
+
+def test_model_panel_shows_whatever_the_file_records(served, browser):
+    # calibration and evaluation of any shape (dicts of any keys), unknown keys, and a missing training
+    from selenium.webdriver.common.by import By
+    d = browser
+    d.get(f"http://127.0.0.1:{served['port']}/")
+    wait(d, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    described = d.execute_script("return model")
+    info = {k: v for k, v in described["info"].items() if k != "training"}
+    info.update(calibration={"site_dir": "clinic/xrays", "site_images": 314, "target_sensitivity": 0.95,
+                             "new_key": [1, 2]},
+                evaluation={"held-out": {"images": 522, "accuracy": 0.973, "auc": 0.9951, "brier": 0.02},
+                            "clinic": {"dir": "clinic/test", "sensitivity": 0.99, "specificity": 0.61}},
+                something_new={"a": None, "b": True})
+    d.execute_script("renderModel(arguments[0])", dict(described, info=info))
+    panel = d.find_element(By.ID, "model").text
+    for text in ["clinic/xrays", "95.0%", "new key", "1, 2", "held-out", "97.3%", "0.9951", "brier", "clinic/test",
+                 "61.0%", "something new", "yes", "MobileNet 0.25-128 pooled"]:
+        assert text in panel, text
+    assert "TRAINING" not in panel.upper()
+    d.execute_script("renderModel(arguments[0])", dict(described, info={"evaluation": [0.9, "x"]}))
+    assert "0.9, x" in d.find_element(By.ID, "model").text
+
+
+def test_many_files_go_in_several_requests_and_keep_their_order(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    d = browser
+    d.get(f"http://127.0.0.1:{served['port']}/")
+    wait(d, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    names = []
+    for k, src in enumerate(sorted((CHEST / "NORMAL").glob("*.jpeg"))[:6]):
+        names.append(f"{5 - k}-{src.name}")  # upload order is not name order
+        shutil.copyfile(src, tmp_path / names[-1])
+    d.find_element(By.ID, "files").send_keys("\n".join(str(tmp_path / n) for n in names))
+    wait(d, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .result:not(.pending)")) == 6)
+    assert [e.text for e in d.find_elements(By.CSS_SELECTOR, "#results .name")] == names
+    assert d.find_element(By.ID, "status").text.startswith("6 images in")
