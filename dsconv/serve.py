@@ -17,7 +17,7 @@ Probabilities are those of `python -m dsconv.predict` for the same files.
 
 These are patient images: each upload is written to a private temporary
 folder (mode 0700) and deleted before the response goes out; no bottleneck is
-cached and nothing is logged but the request line. The server listens on
+cached, and the log holds request lines and timings, never file names. It listens on
 127.0.0.1 only, unless --host says otherwise.
 """
 import argparse
@@ -58,6 +58,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+NO_FILE = "no file: send one or more images as multipart/form-data fields named `file`"
 
 
 class RequestError(Exception):
@@ -205,6 +208,8 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"the upload is {length / 2 ** 20:.1f} MB, over the server's limit of "
                                f"{self.server.max_upload / 2 ** 20:g} MB (--max-upload-mb); send fewer images at once")
+        if length == 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
         body = self.rfile.read(length)
         if len(body) < length:
             self.close_connection = True
@@ -212,8 +217,7 @@ class Handler(BaseHTTPRequestHandler):
         uploads = parse_multipart(self.headers.get("Content-Type"), body)
         del body
         if not uploads:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "no file: send one or more images as multipart/form-data "
-                                                       "fields named `file`")
+            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="request-", dir=self.server.workdir) as workdir:
             results = predict_files(self.server.model, uploads, self.server.lock, workdir)
@@ -225,10 +229,10 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length, not chunked")
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(self.headers.get("Content-Length", "0"))  # none: no body
         except ValueError:
             self.close_connection = True
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "the upload needs a valid Content-Length") from None
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the upload needs a valid Content-Length") from None
         if length < 0:
             self.close_connection = True
             raise RequestError(HTTPStatus.BAD_REQUEST, "negative Content-Length")
@@ -286,6 +290,11 @@ class Server(ThreadingHTTPServer):
     def url(self):
         host, port = self.server_address[:2]
         return f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+
+    def handle_error(self, request, client_address):
+        # a client that went away mid-answer: one line, not a traceback
+        e = sys.exc_info()[1]
+        sys.stderr.write(f"dsconv: connection from {client_address[0]} failed ({type(e).__name__}: {e})\n")
 
     def server_close(self):
         super().server_close()

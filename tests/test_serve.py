@@ -152,6 +152,7 @@ def test_refusals_are_json(served):
     for status, _, body in [
         post(served, []),                                          # no file
         post(served, [("notes.txt", b"hello")], field="comment"),  # no `file` field
+        request(served, "POST", "/api/predict"),                  # no body at all
         request(served, "POST", "/api/predict", b"{}", {"Content-Type": "application/json"}),
         request(served, "POST", "/api/predict", b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}),
     ]:
