@@ -58,8 +58,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
 NO_FILE = "no file: send one or more images as multipart/form-data fields named `file`"
 
 
