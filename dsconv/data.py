@@ -80,6 +80,34 @@ def scan(root, classes=None):
     return Dataset(root, list(classes), paths, np.array(labels, np.int64))
 
 
+def image_files(root):
+    """Every file under ``root`` (recursively), hidden ones excepted, sorted: a folder of unlabelled images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder of the site's images")
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no files in this folder; put a sample of the site's images there")
+    return files
+
+
+def shared_images(a, b):
+    """(path in a, path in b) for every image of Dataset b whose bytes equal an image of Dataset a."""
+    from dsconv.features import file_key
+
+    def key(p):  # empty and unreadable files are reported elsewhere, not matched here
+        try:
+            return file_key(p) if p.stat().st_size else None
+        except OSError:
+            return None
+    keys = {}
+    for p in a.paths:
+        keys.setdefault(key(p), p)
+    keys.pop(None, None)
+    return [(keys[k], p) for p in b.paths if (k := key(p)) in keys]
+
+
 def patient_id(path):
     """The patient of an image from its file name; a file matching no pattern is its own patient.
 

@@ -279,6 +279,7 @@ def test_page(served, browser, tmp_path):
     wait(d, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
     panel = d.find_element(By.ID, "model").text
     assert "MobileNet 0.25-128 pooled" in panel and "TRAINING" in panel.upper() and "model.h5" in panel
+    assert "test partition of --data" in panel and "sensitivity" in panel  # the file's own test figures
 
     files = xrays()
     for name, content in files:
