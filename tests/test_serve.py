@@ -5,6 +5,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -280,6 +281,7 @@ def test_page(served, browser, tmp_path):
     panel = d.find_element(By.ID, "model").text
     assert "MobileNet 0.25-128 pooled" in panel and "TRAINING" in panel.upper() and "model.h5" in panel
     assert "test partition of --data" in panel and "sensitivity" in panel  # the file's own test figures
+    assert re.search(r"accuracy\s+\d+\.\d%\s", panel) and re.search(r"\d+\.\d–\d+\.\d%", panel)  # interval
 
     files = xrays()
     for name, content in files:
