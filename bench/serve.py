@@ -73,7 +73,8 @@ def main():
     a = p.parse_args()
     files = sorted(Path(a.originals).rglob("*.jpeg"))
     server = subprocess.Popen([sys.executable, "-m", "dsconv.serve", a.model, "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = server.stdout.readline()
         url = re.search(r"http://\S+/", line)

@@ -224,10 +224,16 @@ def test_exposed_hosts():
     assert all(map(serve.exposed, ["0.0.0.0", "192.168.1.5", "::", "example.org"]))
 
 
+def ctrl_c_on():
+    # a shell that runs the tests in the background ignores SIGINT, and a child would inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_command_line_serves_and_stops_on_ctrl_c(served, weights_dir, tmp_path):
     env = dict(os.environ, DSCONV_WEIGHTS=str(weights_dir), TMPDIR=str(tmp_path))
     proc = subprocess.Popen([sys.executable, "-m", "dsconv.serve", str(served["model"]), "--port", "0"],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_on)
     try:
         line = proc.stdout.readline()
         assert "http://127.0.0.1:" in line, line + proc.stderr.read()
