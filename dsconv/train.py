@@ -327,6 +327,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
                                 if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
         "test": metrics.evaluate(y_test, s_test, 0.5),
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
+        "validation_report": assess(y_val, s_val, model.threshold, val.paths,
+                                    args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
     return result, model, curves, s_test
@@ -540,6 +542,9 @@ def main(argv=None):
           f"sensitivity {100 * s['sensitivity']['mean']:.2f}%, specificity {100 * s['specificity']['mean']:.2f}% "
           f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5)")
     r = runs[best]
+    if r["validation_report"] and args.val_dir:
+        print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
+              "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
     png = write_curves(out, all_curves, title)
     pngs = report.test_figures(out, r["test_report"], test.labels == positive if test else None,

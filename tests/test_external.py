@@ -117,7 +117,7 @@ def test_calibration_identity(converted, folders, tmp_path, capsys):
     assert cal["site_images"] == 20 and cal["threshold_images"] == 20 and cal["target_sensitivity"] == 0.8
     assert cal["on_threshold_dir"]["sensitivity"] == sens
     # the site's standardised bottlenecks have mean 0 and deviation 1: the site's own statistics
-    x, _ = features.extract(data.image_files(site), model.net, "pooled", False, progress=False)
+    x, _ = features.extract(data.image_files(site), model.net, "pooled", False, progress=False, tta=model.tta)
     z = model.head.prepare(x)
     assert np.abs(z.mean(axis=0)).max() < 1e-9 and np.abs(z.std(axis=0)[x.std(axis=0) > 0] - 1).max() < 1e-9
     # predict's CLI applies the same adaptation and threshold

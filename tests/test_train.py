@@ -29,7 +29,7 @@ def run(capsys, *args):
 
 def common(small, tmp_path):
     return ["--data", str(small), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
-            "--group-by", "image", "--repeats", "2", "--steps", "300", "--lr", "0.1",
+            "--group-by", "image", "--repeats", "2", "--steps", "300", "--lr", "0.1", "--tta", "none",
             "--cache", str(tmp_path / "cache")]
 
 
