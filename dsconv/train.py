@@ -264,6 +264,9 @@ def fit(args, x, y, classes, val, site, positive, seed):
             for steps in args.steps:
                 model = curves["snapshots"][steps] if steps != max(args.steps) else last
                 model.positive = positive
+                # validation images of the training clinic are scored as they are: the site's
+                # statistics would move them, not bring them closer to the training distribution
+                unadapted = model.scores(val.x) if site is not None and args.val_dir is None else None
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
@@ -271,7 +274,7 @@ def fit(args, x, y, classes, val, site, positive, seed):
                 if scored is None:
                     c["model"] = model
                     if not cross:
-                        c["scores"] = model.scores(val.x)
+                        c["scores"] = model.scores(val.x) if unadapted is None else unadapted
                 else:
                     c["scores"][scored] = model.scores(val.x[scored])
                 c["curves"] = curves
@@ -297,7 +300,7 @@ def fit(args, x, y, classes, val, site, positive, seed):
 
 
 def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
-    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, test scores).
+    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
 
     ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
     them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
@@ -331,7 +334,7 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
                                     args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
-    return result, model, curves, s_test
+    return result, model, curves, (y_test, s_test)
 
 
 def pct(v):
@@ -547,8 +550,7 @@ def main(argv=None):
               "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
     png = write_curves(out, all_curves, title)
-    pngs = report.test_figures(out, r["test_report"], test.labels == positive if test else None,
-                               test_scores[best] if test else None, r["threshold"], f"{title}\n{test_name}")
+    pngs = report.test_figures(out, r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}")
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
