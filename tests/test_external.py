@@ -97,6 +97,10 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["repeats"][0]["validation"]["auc"] == metrics.auc(val.labels == 1, oof)
     assert "out-of-fold" in res["repeats"][0]["choice"]["validation_scores"]
+    # bit for bit again from the cache
+    run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
+                "--site-weight", "3", "--out", tmp_path / "again"))
+    assert (tmp_path / "again" / "model.h5").read_bytes() == (tmp_path / "run" / "model.h5").read_bytes()
 
 
 def test_calibration_identity(converted, folders, tmp_path, capsys):
