@@ -39,7 +39,7 @@ def pyplot():
 
 
 def test_figures(out, rep, y, scores, threshold, title):
-    """roc.png and reliability.png of one test set in ``out``; the paths written."""
+    """roc-reliability.png (ROC curve with the operating point, reliability curve) of one test set in ``out``; the paths written."""
     if y is None or len(y) == 0 or y.all() or not y.any():
         return []
     plt = pyplot()
