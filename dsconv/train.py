@@ -10,17 +10,17 @@ model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib).
 """
 import argparse
+import io
 import json
 import math
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import __version__, classifier, data, features, images, metrics, weights
+from dsconv import __version__, classifier, data, features, files, images, metrics, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -71,9 +71,17 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
     args = p.parse_args(argv)
-    for name in ("repeats", "steps", "batch_size", "eval_every"):
+    for name in ("repeats", "steps", "batch_size", "eval_every", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr} must be a positive number, such as 0.01")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay {args.weight_decay} must be zero or a positive number")
+    try:
+        data.parse_split(args.split)
+    except data.DataError as e:
+        p.error(str(e))
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         p.error("--target-sensitivity must be in (0, 1], such as 0.95")
     return args
@@ -180,13 +188,14 @@ def table(runs, summary):
     return lines
 
 
-def write_curves(out, all_curves, title):
+def curve_files(all_curves, title):
+    """{"curves.csv": bytes, "curves.png": bytes (with matplotlib)} of the training curves."""
     keys = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    with open(out / "curves.csv", "w") as f:
-        f.write("seed," + ",".join(keys) + "\n")
-        for seed, c in all_curves:
-            for row in zip(*(c[k] for k in keys)):
-                f.write(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+    lines = ["seed," + ",".join(keys)]
+    for seed, c in all_curves:
+        for row in zip(*(c[k] for k in keys)):
+            lines.append(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    out = {"curves.csv": ("\n".join(lines) + "\n").encode()}
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -194,7 +203,7 @@ def write_curves(out, all_curves, title):
     except ImportError:
         print("note: matplotlib is not installed, so no curves.png "
               "(pip install matplotlib, or the extra: pip install -e .[plot])")
-        return None
+        return out
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for seed, c in all_curves:
         for ax, k in ((acc, "accuracy"), (loss, "loss")):
@@ -209,9 +218,11 @@ def write_curves(out, all_curves, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return out / "curves.png"
+    out["curves.png"] = png.getvalue()
+    return out
 
 
 def versions():
@@ -223,11 +234,44 @@ def versions():
             "platform": platform.platform()}
 
 
+def check_partitions(n, percentages, split_text, test_dir):
+    """Refuse a split that leaves a partition it asks for empty (it would report "nan%")."""
+    sizes = data.split_sizes(n, percentages)
+    for name, share, size in zip(data.PARTITIONS, percentages, sizes):
+        if share > 0 and size == 0 and not (name == "test" and test_dir):
+            raise data.DataError(f"--split {split_text} leaves the {name} partition empty with {n} images; "
+                                 f"give it a larger share or more images")
+
+
+def hygiene(ds, test_ds):
+    """Warnings about the data: contradictory duplicates, test images also in training, tiny classes."""
+    out = []
+    dups = data.duplicates_across_classes(ds)
+    if dups:
+        a, b = dups[0]
+        out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and {b}); "
+                   "their labels contradict each other")
+    if test_ds is not None:
+        shared = data.shared_images(test_ds, ds)
+        if shared:
+            out.append(f"{len(shared)} test image(s) in {test_ds.root} also sit in the training data "
+                       f"{ds.root} (e.g. {shared[0][0]} = {shared[0][1]}); the test metrics are optimistic")
+    for d in (ds, test_ds) if test_ds is not None else (ds,):
+        for c, n in data.small_classes(d).items():
+            out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
+                       "specificity) means little")
+    for w in out:
+        print(f"warning: {w}", file=sys.stderr)
+    return out
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
     times = {}
+    out = Path(args.out) if args.out else fresh_out_dir(args)
     try:
+        files.check_writable(out, "give another --out")
         percentages = data.parse_split(args.split)
         if args.test_dir:
             percentages = (percentages[0] + percentages[2], percentages[1], 0.0)
@@ -238,6 +282,7 @@ def main(argv=None):
         ds = data.scan(args.data)
         test_ds = data.scan(args.test_dir, ds.classes) if args.test_dir else None
         times["scan_s"] = time.perf_counter() - t
+        check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         if args.positive in ds.classes:
             positive = ds.classes.index(args.positive)
         elif args.positive == POSITIVE:
@@ -258,8 +303,8 @@ def main(argv=None):
             test_ds, x_test = bottlenecks(test_ds, net, args, cache_dir, skipped)
             test = (x_test, test_ds.labels)
         times["bottlenecks_s"] = time.perf_counter() - t
-        out = Path(args.out) if args.out else fresh_out_dir(args)
-        out.mkdir(parents=True, exist_ok=True)
+        check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
+        warnings = hygiene(ds, test_ds)
         t = time.perf_counter()
         runs, models, all_curves = [], [], []
         for seed in range(args.repeats):
@@ -268,12 +313,30 @@ def main(argv=None):
             models.append(model)
             all_curves.append((seed, curves))
         times["training_s"] = time.perf_counter() - t
+        outputs = report(args, out, net, ds, test_ds, x, positive, skipped, warnings, runs, models, all_curves,
+                         times, t_start)
     except (data.DataError, weights.WeightsError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: the bottlenecks computed so far are cached; run the same command "
-                 "again to resume")
+        sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
+                 "same command resumes")
+    try:
+        # all or nothing: every file to a temporary name first, then renamed, results.json first
+        with files.interrupts_deferred():
+            out.mkdir(parents=True, exist_ok=True)
+            files.remove_strays(out)
+            files.write_all({out / name: b for name, b in outputs.items()})
+    except OSError as e:
+        sys.exit(f"error: could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
+                 "free some space or give another --out")
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted: the outputs were written completely to {out}")
+    print(f"wrote {out}/: {', '.join(n for n in outputs if not n.startswith('model-'))} "
+          f"(total {times['total_s']:.1f} s)")
 
+
+def report(args, out, net, ds, test_ds, x, positive, skipped, warnings, runs, models, all_curves, times, t_start):
+    """Print the table; return {file name: bytes} of every output, results.json first."""
     info = {"alpha": net.alpha, "resolution": net.resolution, "trained_resolution": net.trained_resolution,
             "weights_file": Path(net.weights_path).name, "weights_sha256": net.weights_sha256,
             "bottleneck": args.bottleneck, "features": int(x.shape[1]), "preprocessing": images.PREPROCESSING,
@@ -281,11 +344,12 @@ def main(argv=None):
     settings = dict(vars(args))
     training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
+    model_files = {}
     for model, r in zip(models, runs):
         model.info = dict(info, threshold_rule=r["threshold_rule"],
                           training=dict(training, seed=r["seed"], sizes=r["sizes"]))
-        model.save(out / f"model-seed{r['seed']}.h5")
-    shutil.copyfile(out / f"model-seed{runs[best]['seed']}.h5", out / "model.h5")
+        model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
+    model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]
 
     summary = {"test": metrics.summary([r["test"] for r in runs]),
                "test_at_threshold": metrics.summary([r["test_at_threshold"] for r in runs])}
@@ -295,25 +359,27 @@ def main(argv=None):
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))
     s = summary["test"]
-    print(f"\ntest accuracy {100 * s['accuracy']['mean']:.2f}% ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
-          f"sensitivity {100 * s['sensitivity']['mean']:.2f}%, specificity {100 * s['specificity']['mean']:.2f}% "
-          f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5)")
-    png = write_curves(out, all_curves, title)
+    def percent(v):
+        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}%"
+    print(f"\ntest accuracy {percent(s['accuracy']['mean'])} ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
+          f"sensitivity {percent(s['sensitivity']['mean'])}, specificity {percent(s['specificity']['mean'])} "
+          f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
+          + ("; n/a: a test partition lacks that class)" if "n/a" in percent(s['sensitivity']['mean'])
+             + percent(s['specificity']['mean']) else ")"))
+    curves = curve_files(all_curves, title)
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
         "data": {"root": str(ds.root), "classes": ds.classes, "positive": ds.classes[positive],
                  "images": ds.counts(), "test_dir": str(test_ds.root) if test_ds else None,
                  "test_images": test_ds.counts() if test_ds else None,
-                 "skipped": len(skipped), "skipped_files": skipped},
+                 "skipped": len(skipped), "skipped_files": skipped, "warnings": warnings},
         "repeats": runs, "summary": summary, "std": "sample standard deviation (ddof=1) over repeats",
         "model": "model.h5", "model_seed": runs[best]["seed"],
         "model_choice": "the repeat with the lowest final validation loss",
         "versions": versions(), "times": times,
     }
-    (out / "results.json").write_text(json.dumps(clean(results), indent=2) + "\n")
-    print(f"wrote {out}/: results.json, model.h5, curves.csv{', curves.png' if png else ''} "
-          f"(total {times['total_s']:.1f} s)")
+    return {"results.json": (json.dumps(clean(results), indent=2) + "\n").encode(), **model_files, **curves}
 
 
 if __name__ == "__main__":
