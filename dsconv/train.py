@@ -237,7 +237,7 @@ def versions():
 def check_partitions(n, percentages, split_text, test_dir):
     """Refuse a split that leaves a partition it asks for empty (it would report "nan%")."""
     sizes = data.split_sizes(n, percentages)
-    for name, share, size in zip(data.PARTITIONS, percentages, sizes):
+    for name, share, size in zip(("training", "validation", "test"), percentages, sizes):
         if share > 0 and size == 0 and not (name == "test" and test_dir):
             raise data.DataError(f"--split {split_text} leaves the {name} partition empty with {n} images; "
                                  f"give it a larger share or more images")
