@@ -717,6 +717,7 @@ def main(argv=None):
     log = None
     held = contextlib.ExitStack()
     try:
+        files.check_writable(out, "give another --out")
         out.mkdir(parents=True, exist_ok=True)
         try:
             held.enter_context(files.lock(out / ".lock", wait=False))

@@ -282,7 +282,6 @@ def main(argv=None):
         ds = data.scan(args.data)
         test_ds = data.scan(args.test_dir, ds.classes) if args.test_dir else None
         times["scan_s"] = time.perf_counter() - t
-        check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         if args.positive in ds.classes:
             positive = ds.classes.index(args.positive)
         elif args.positive == POSITIVE:

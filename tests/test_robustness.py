@@ -196,12 +196,12 @@ def test_experiments_workers_refused(capsys):
     assert "--workers" in capsys.readouterr().err
 
 
-def test_split_leaving_a_partition_empty_refused(converted, small, tmp_path, monkeypatch):
-    monkeypatch.setattr(weights, "load", lambda *a, **k: pytest.fail("went on with an empty partition"))
-    args = train_args(small, tmp_path / "c", tmp_path / "o")
+def test_split_leaving_a_partition_empty_refused(converted, small, cache, tmp_path):
+    args = train_args(small, cache, tmp_path / "o")
     args[args.index("--split") + 1] = "99/0.5/0.5"
     code = exit_of(lambda: train.main(args))
     assert "leaves the validation partition empty with 32 images" in str(code)
+    assert not (tmp_path / "o").exists()
 
 
 # ---- 4. concurrency
