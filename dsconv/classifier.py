@@ -16,6 +16,12 @@ default: feature standardisation (mu, sigma: the training rows' mean and
 standard deviation, stored with the model; off means mu = 0, sigma = 1) and
 L2 weight decay wd (the gradient of wd/2 |W|^2; off means wd = 0).
 
+Site adaptation (dsconv.calibrate): the training rows' mean m and standard
+deviation s are stored with every model; a model adapted to a site also
+stores its images' m', s', and maps their bottlenecks onto the training
+distribution before anything else, x -> (x - m') / s' * s + m. With
+standardisation on, that is z = (x - m') / s': the site's own statistics.
+
 The arithmetic is float64 and the random draws come from one
 numpy.random.default_rng(seed): the same data, settings and seed give
 bitwise-identical weights.
@@ -40,10 +46,16 @@ BATCH = 100
 EVAL_EVERY = 10
 INIT_STD = 0.001
 SAMPLINGS = ("balanced", "natural")
+OPTIONAL = ("mean", "std", "train_mean", "train_std", "site_mean", "site_std")
 
 
 class ModelError(Exception):
     """A model file that cannot be used, naming it."""
+
+
+def _nonzero(std):
+    """Standard deviations with 0 (a constant feature) replaced by 1."""
+    return np.where(std == 0, 1.0, std)
 
 
 def truncated_normal(rng, shape, std):
@@ -108,10 +120,42 @@ class Classifier:
     positive: int = -1
     threshold: float = 0.5
     info: dict = field(default_factory=dict)
+    train_mean: np.ndarray = None  # (D,) the training rows' statistics (None in older files)
+    train_std: np.ndarray = None
+    site_mean: np.ndarray = None   # (D,) a site's statistics, None unless adapted
+    site_std: np.ndarray = None
+
+    def scale_shift(self):
+        """(a, c) (D,): prepare(x) = a * x + c."""
+        d = self.weights.shape[0]
+        a, c = np.ones(d), np.zeros(d)
+        if self.site_mean is not None:
+            a = self.train_std / self.site_std
+            c = self.train_mean - self.site_mean * a
+        if self.mean is not None:
+            a, c = a / self.std, (c - self.mean) / self.std
+        return a, c
 
     def prepare(self, x):
         x = np.asarray(x, np.float64)
+        if self.site_mean is not None:
+            x = (x - self.site_mean) / self.site_std * self.train_std + self.train_mean
         return x if self.mean is None else (x - self.mean) / self.std
+
+    def affine(self):
+        """(W (D, C), b (C,)): the logits as an affine map of raw bottlenecks, preparation folded in."""
+        a, c = self.scale_shift()
+        return a[:, None] * self.weights, c @ self.weights + self.bias
+
+    def adapt(self, site_features):
+        """Use the statistics of a site's (unlabelled) bottlenecks; see the module docstring."""
+        if self.train_mean is None:
+            raise ModelError("this model file predates stored training statistics; train it again "
+                             "to adapt it to a site")
+        x = np.asarray(site_features, np.float64)
+        if x.ndim != 2 or x.shape[1] != self.weights.shape[0] or len(x) < 2:
+            raise ValueError(f"site bottlenecks must be (N >= 2, {self.weights.shape[0]}), got {x.shape}")
+        self.site_mean, self.site_std = x.mean(axis=0), _nonzero(x.std(axis=0))
 
     def probabilities(self, bottlenecks):
         """(N, C) class probabilities of (N, D) bottlenecks."""
@@ -137,8 +181,7 @@ class Classifier:
         attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": int(self.positive),
                  "threshold": float(self.threshold), "info": json.dumps(self.info, sort_keys=True)}
         tensors = {"weights": self.weights, "bias": self.bias}
-        if self.mean is not None:
-            tensors.update(mean=self.mean, std=self.std)
+        tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
 
         def fill(f):
             f.attrs.update(attrs, checksum=files.checksum(attrs, tensors))
@@ -150,8 +193,8 @@ class Classifier:
 def load(path):
     """A Classifier from a model file written by save; ModelError if it is missing, damaged or changed.
 
-    The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``
-    and ``std`` (D,); attributes ``format``, ``classes`` (JSON list),
+    The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``,
+    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,); attributes ``format``, ``classes`` (JSON list),
     ``positive`` (index), ``threshold``, ``info`` (JSON: alpha, resolution,
     trained_resolution, weights_file, weights_sha256, bottleneck,
     preprocessing, training settings) and ``checksum`` (dsconv.files.checksum) of all
@@ -164,12 +207,13 @@ def load(path):
                 raise ModelError(f"{path}: not a dsconv classifier (format {f.attrs.get('format')!r}); "
                                  "train one with `python -m dsconv.train`")
             attrs = {k: f.attrs[k] for k in ("format", "classes", "positive", "threshold", "info")}
-            tensors = {k: f[k][()] for k in ("weights", "bias", "mean", "std") if k in f}
+            tensors = {k: f[k][()] for k in ("weights", "bias") + OPTIONAL if k in f}
             stored = f.attrs.get("checksum")
             attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
             model = Classifier(tensors["weights"], tensors["bias"], json.loads(attrs["classes"]),
-                               tensors.get("mean"), tensors.get("std"), int(attrs["positive"]),
-                               float(attrs["threshold"]), json.loads(attrs["info"]))
+                               positive=int(attrs["positive"]), threshold=float(attrs["threshold"]),
+                               info=json.loads(attrs["info"]),
+                               **{name: tensors[name] for name in OPTIONAL if name in tensors})
     except FileNotFoundError:
         raise ModelError(f"{path}: no such model file") from None
     except (OSError, KeyError, ValueError, TypeError) as e:
@@ -214,9 +258,9 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     rng = np.random.default_rng(seed)
     model = Classifier(truncated_normal(rng, (x.shape[1], n_classes), INIT_STD),
                        np.zeros(n_classes), list(classes))
+    model.train_mean, model.train_std = x.mean(axis=0), _nonzero(x.std(axis=0))
     if standardize:
-        model.mean, model.std = x.mean(axis=0), x.std(axis=0)
-        model.std[model.std == 0] = 1.0
+        model.mean, model.std = model.train_mean, model.train_std
         x = model.prepare(x)
     xv = model.prepare(x_val) if x_val is not None and len(x_val) else np.zeros((0, x.shape[1]))
     yv = np.asarray(y_val if xv.shape[0] else [], np.int64)
@@ -235,7 +279,8 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         w -= lr * (xb.T @ g + weight_decay * w)
         b -= lr * g.sum(axis=0)
         if step + 1 in keep:
-            curves["snapshots"][step + 1] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std)
+            curves["snapshots"][step + 1] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std,
+                                                       train_mean=model.train_mean, train_std=model.train_std)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curves["step"].append(step + 1)
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),

@@ -19,8 +19,8 @@ order until each partition has reached its share of a class, so the sizes
 come out close to, not exactly at, the targets.
 
 Hygiene checks compare images by content (the sha256 of the file's bytes,
-as the bottleneck cache keys them): ``duplicates_across_classes``,
-``shared_images`` between two data sets, ``small_classes``; ``fingerprint``
+as the bottleneck cache keys them): ``shared_images`` between two data
+sets, ``duplicates_across_classes``, ``small_classes``; ``fingerprint``
 names a data set by its contents.
 """
 import hashlib
@@ -88,6 +88,34 @@ def scan(root, classes=None):
         paths += files
         labels += [label] * len(files)
     return Dataset(root, list(classes), paths, np.array(labels, np.int64))
+
+
+def image_files(root):
+    """Every file under ``root`` (recursively), hidden ones excepted, sorted: a folder of unlabelled images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder of the site's images")
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no files in this folder; put a sample of the site's images there")
+    return files
+
+
+def shared_images(a, b):
+    """(path in a, path in b) for every image of Dataset b whose bytes equal an image of Dataset a."""
+    from dsconv.features import file_key
+
+    def key(p):  # empty and unreadable files are reported elsewhere, not matched here
+        try:
+            return file_key(p) if p.stat().st_size else None
+        except OSError:
+            return None
+    keys = {}
+    for p in a.paths:
+        keys.setdefault(key(p), p)
+    keys.pop(None, None)
+    return [(keys[k], p) for p in b.paths if (k := key(p)) in keys]
 
 
 def patient_id(path):
@@ -199,14 +227,6 @@ def duplicates_across_classes(ds):
         if label_of[p] != label_of[q]:
             out.append((q, p))
     return out
-
-
-def shared_images(ds_a, ds_b):
-    """[(path_a, path_b)]: images of ds_a whose content also sits in ds_b (such as test in training)."""
-    in_b = {}
-    for p, k in content_keys(ds_b).items():
-        in_b.setdefault(k, p)
-    return [(p, in_b[k]) for p, k in content_keys(ds_a).items() if k in in_b]
 
 
 def fingerprint(ds):

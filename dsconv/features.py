@@ -2,9 +2,14 @@
 
     feats, failed = extract(paths, net, "pooled", cache_dir)
     both, failed = extract_kinds(paths, net, ("pooled", "logits"), cache_dir)   # one forward pass
+    feats, failed = extract(paths, net, "pooled", cache_dir, tta="flip")
+    feats, failed = extract_ensemble(paths, [net_a, net_b], "pooled", cache_dir)
 
 A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
+With test-time augmentation ``tta="flip"`` it is the mean of the image's and
+its mirror image's (left-right) bottlenecks, cached as a variant of its own.
+An ensemble concatenates the bottlenecks of several networks, in order.
 
 The cache is one folder per variant under ``cache_dir``, named by alpha,
 resolution, bottleneck kind and the sha256 of the weight file and of the
@@ -37,6 +42,7 @@ import numpy as np
 from dsconv import files, images
 
 KINDS = ("pooled", "logits")
+TTAS = ("none", "flip")
 BATCH = 32
 MERGED = "bottlenecks.h5"
 FORMAT = "dsconv-bottlenecks-v1"
@@ -51,21 +57,36 @@ def default_cache_dir():
     return repo / "cache" if (repo / "setup.cfg").exists() else Path.home() / ".cache" / "dsconv"
 
 
-def variant(net, kind):
+def variant(net, kind, tta="none"):
     """The attributes that decide a bottleneck, besides the image."""
     if kind not in KINDS:
         raise ValueError(f"bottleneck must be one of {KINDS}, got {kind!r}")
+    if tta not in TTAS:
+        raise ValueError(f"test-time augmentation must be one of {TTAS}, got {tta!r}")
     if kind == "logits" and not net.has_head:
         raise ValueError("the logits bottleneck needs the network with its ImageNet head "
                          "(MobileNet.pretrained(..., head=True))")
-    return {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
-            "weights_sha256": net.weights_sha256, "preprocessing": images.PREPROCESSING}
+    v = {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
+         "weights_sha256": net.weights_sha256, "preprocessing": images.PREPROCESSING}
+    if tta != "none":  # absent for plain bottlenecks, so that their caches keep their names
+        v["tta"] = tta
+    return v
 
 
 def variant_dir(cache_dir, v):
     prep = hashlib.sha256(v["preprocessing"].encode()).hexdigest()[:8]
-    return Path(cache_dir) / (f"mobilenet-{v['alpha']:g}-{v['resolution']}-{v['kind']}-"
+    tta = f"-{v['tta']}" if "tta" in v else ""
+    return Path(cache_dir) / (f"mobilenet-{v['alpha']:g}-{v['resolution']}-{v['kind']}{tta}-"
                               f"{v['weights_sha256'][:16]}-{prep}")
+
+
+def forward(net, x, tta="none"):
+    """(pooled, logits or None) of a batch x (N, r, r, 3); with tta="flip" the mean of x's and its mirror's."""
+    if tta == "none":
+        return net.forward(x)
+    n = len(x)
+    pooled, logits = net.forward(np.concatenate([x, x[:, :, ::-1]]))
+    return (pooled[:n] + pooled[n:]) / 2, None if logits is None else (logits[:n] + logits[n:]) / 2
 
 
 def file_key(path):
@@ -231,7 +252,7 @@ def _decode(path, size):
         return None, str(e)
 
 
-def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, progress=True):
+def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none"):
     """Bottlenecks of image files, computing only those not in the cache.
 
     Returns (features, failed): ``failed`` maps each path that could not be
@@ -239,20 +260,35 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, p
     ``features`` is (N, D) float32, one row per path not in ``failed``, in
     the order of ``paths``. ``cache_dir=None`` uses default_cache_dir();
     ``cache_dir=False`` keeps nothing on disk. Decoding runs in ``workers``
-    threads ahead of the forward pass.
+    threads ahead of the forward pass. ``tta``: see the module docstring.
     """
-    feats, failed = extract_kinds(paths, net, (kind,), cache_dir, batch, workers, progress)
+    feats, failed = extract_kinds(paths, net, (kind,), cache_dir, batch, workers, progress, tta)
     return feats[kind], failed
 
 
-def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True):
+def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=2, progress=True, tta="none"):
+    """As extract, the bottlenecks of several networks concatenated in the order of ``nets``.
+
+    A path that fails in any network is in ``failed`` and has no row.
+    """
+    parts, failed = [], {}
+    for net in nets:
+        feats, bad = extract(paths, net, kind, cache_dir, workers=workers, progress=progress, tta=tta)
+        parts.append(dict(zip([p for p in map(Path, paths) if p not in bad], feats)))
+        failed.update(bad)
+    rows = [np.concatenate([part[p] for part in parts]) for p in map(Path, paths) if p not in failed]
+    width = sum(len(next(iter(part.values()))) for part in parts) if rows else 0
+    return (np.stack(rows) if rows else np.zeros((0, width), np.float32)), failed
+
+
+def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none"):
     """As extract, for several bottleneck kinds from one forward pass per image.
 
     Returns ({kind: features}, failed); each kind has its own cache, and an
     image missing from any of them goes through the network once for all.
     """
     kinds = tuple(dict.fromkeys(kinds))
-    vs = {kind: variant(net, kind) for kind in kinds}
+    vs = {kind: variant(net, kind, tta) for kind in kinds}
     sizes = {kind: net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
              for kind in kinds}
     paths = [Path(p) for p in paths]
@@ -274,8 +310,9 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
         computed = {kind: {} for kind in kinds}
         if todo:
             v = vs[kinds[0]]
-            _run(todo, net, caches, computed, failed, pool, batch,
-                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {'+'.join(kinds)}")
+            _run(todo, net, tta, caches, computed, failed, pool, batch,
+                 Progress(len(todo), f"bottlenecks {v['alpha']:g}-{v['resolution']} {'+'.join(kinds)}"
+                                     + (f" {tta}" if tta != "none" else ""))
                  if progress else None)
         for cache in caches.values():
             if cache.parts:
@@ -296,7 +333,7 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     return out, failed
 
 
-def _run(todo, net, caches, computed, failed, pool, batch, bar):
+def _run(todo, net, tta, caches, computed, failed, pool, batch, bar):
     """Forward (key, path) pairs in batches, decoding the next batch while this one runs."""
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
 
@@ -316,7 +353,7 @@ def _run(todo, net, caches, computed, failed, pool, batch, bar):
                 else:
                     failed[p] = err
             if good:
-                pooled, logits = net.forward(images.scale(np.stack([px for _, px in good])))
+                pooled, logits = forward(net, images.scale(np.stack([px for _, px in good])), tta)
                 ks = [k for k, _ in good]
                 for kind in computed:
                     out = pooled if kind == "pooled" else logits

@@ -14,12 +14,14 @@ counts at a threshold t (predict positive when score >= t):
 An undefined ratio (0 / 0) is NaN. Over repeats, ``summary`` gives the mean
 and the sample standard deviation (ddof = 1: the spread between shuffles, as
 the paper's "97.6% +/- 0.36" over three shuffles); one repeat has std NaN.
+Confidence intervals (``bootstrap``) resample whole patients.
 """
 import math
 
 import numpy as np
 
 NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
+BOOTSTRAP = 2000
 
 
 def _ratio(a, b):
@@ -99,3 +101,54 @@ def summary(runs, names=NAMES):
         out[n] = {"mean": float(np.mean(v)) if len(v) else math.nan,
                   "std": float(np.std(v, ddof=1)) if len(v) > 1 else math.nan}
     return out
+
+
+def specificity_at(y, scores, target):
+    """The specificity at the highest threshold whose sensitivity on (y, scores) reaches ``target``.
+
+    A property of the ROC curve (the threshold is read off these labels), so
+    not a figure a deployed model reaches without them.
+    """
+    y = np.asarray(y).astype(bool)
+    if not y.any() or y.all():
+        return math.nan
+    return evaluate(y, scores, sensitivity_threshold(y, scores, target))["specificity"]
+
+
+def bootstrap(y, scores, threshold, groups=None, names=("accuracy", "sensitivity", "specificity", "auc"),
+              n=BOOTSTRAP, seed=0):
+    """{name: [low, high]}: 95% percentile intervals over ``n`` resamples with replacement.
+
+    With ``groups`` (one patient id per image) whole patients are resampled,
+    so that images of one patient, which are not independent, move together.
+    The threshold stays fixed. A resample lacking a class leaves that
+    resample's undefined metrics out.
+    """
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)
+    ids = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups, str), return_inverse=True)[1]
+    members = [np.flatnonzero(ids == g) for g in range(ids.max() + 1)] if len(y) else []
+    rng = np.random.default_rng(seed)
+    values = {k: [] for k in names}
+    for _ in range(n if members else 0):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        e = evaluate(y[idx], scores[idx], threshold)
+        for k in names:
+            if not math.isnan(e[k]):
+                values[k].append(e[k])
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
+            for k, v in values.items()}
+
+
+def reliability(y, scores, bins=10):
+    """(mean predicted probability, observed positive fraction, count) per equal-width bin of scores."""
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)
+    which = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    rows = [(float(scores[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]
+    return rows
+
+
+def roc(y, scores):
+    """(false positive rate, true positive rate) arrays from (0, 0) to (1, 1)."""
+    _, sens, spec = _roc_points(y, scores)
+    return np.r_[0.0, 1 - spec], np.r_[0.0, sens]

@@ -44,19 +44,31 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Model:
-    """A trained classifier file with the frozen network it needs, in the manner of scikit-learn."""
+    """A trained classifier file with the frozen network(s) it needs, in the manner of scikit-learn.
+
+    The model file records the variant: one network or an ensemble (its
+    bottlenecks concatenated in order), the bottleneck kind and the
+    test-time augmentation; all of it is applied here as at training time.
+    """
 
     def __init__(self, path, threshold=None, cache_dir=None):
         self.path = Path(path)
         self.head = classifier.load(self.path)
         info = self.head.info
         try:
-            self.alpha, self.resolution = float(info["alpha"]), int(info["resolution"])
+            self.parts = parts(info)
             self.bottleneck = info["bottleneck"]
+            self.resolution = int(info["resolution"])
         except KeyError as e:
             raise classifier.ModelError(f"{path}: the model file does not record {e}; train it again "
                                         "with `python -m dsconv.train`") from None
-        self.net = _network(info)
+        self.tta = info.get("tta", "none")
+        if self.tta not in features.TTAS:
+            raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
+                                        f"{features.TTAS}; this version of dsconv cannot apply it")
+        self.alpha = info["alpha"]
+        self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
+        self.net = self.nets[0]
         self.classes = list(self.head.classes)
         self.positive = self.classes[self.head.positive]
         self.threshold = self.head.threshold if threshold is None else float(threshold)
@@ -67,16 +79,20 @@ class Model:
 
     @property
     def variant(self):
-        return f"{self.alpha:g}-{self.resolution} {self.bottleneck}"
+        return variant_name(self.head.info)
 
     def bottlenecks(self, paths, progress=False):
         """(features (N, D) of the readable paths, {path: reason} of the others); cached."""
-        return features.extract(paths, self.net, self.bottleneck, self.cache_dir, progress=progress)
+        return features.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
+                                         progress=progress, tta=self.tta)
 
     def _pixels_bottlenecks(self, arrays):
         x = np.stack([_prepare(a, self.resolution) for a in arrays])
-        pooled, logits = self.net.forward(x)
-        return pooled if self.bottleneck == "pooled" else logits
+        out = []
+        for net in self.nets:
+            pooled, logits = features.forward(net, x, self.tta)
+            out.append(pooled if self.bottleneck == "pooled" else logits)
+        return np.concatenate(out, axis=1)
 
     def predict_proba(self, images_):
         """(N, classes) probabilities of image paths and/or arrays.
@@ -89,7 +105,7 @@ class Model:
         paths = [p for p in items if not isinstance(p, np.ndarray)]
         feats = np.zeros((len(items), self.head.weights.shape[0]), np.float32)
         if paths:
-            got, failed = features.extract(paths, self.net, self.bottleneck, self.cache_dir, progress=False)
+            got, failed = self.bottlenecks(paths)
             if failed:
                 raise images.ImageError(next(iter(failed.values())))
             feats[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
@@ -110,29 +126,70 @@ class Model:
         return self.classes[max(others, key=lambda k: p[k])]
 
     def linear(self):
-        """(W (F, C), b (C,)): the class logits as an affine map of the pooled features."""
-        W, b = self.head.weights.astype(np.float64), self.head.bias.astype(np.float64)
-        if self.head.mean is not None:
-            W, b = W / self.head.std[:, None], b - (self.head.mean / self.head.std) @ W
+        """(W (F, C), b (C,)): the class logits as an affine map of the pooled features.
+
+        F is the networks' pooled widths added up, in order (an ensemble's
+        rows are its parts' rows stacked).
+        """
+        W, b = self.head.affine()
         if self.bottleneck == "logits":
-            top = self.net.params["conv_preds"]
-            W, b = top["kernel"].astype(np.float64) @ W, top["bias"].astype(np.float64) @ W + b
+            rows, at = [], 0
+            for net in self.nets:
+                top = net.params["conv_preds"]
+                Wi = W[at:at + top["bias"].shape[0]]
+                rows.append(top["kernel"].astype(np.float64) @ Wi)
+                b = b + top["bias"].astype(np.float64) @ Wi
+                at += top["bias"].shape[0]
+            W = np.concatenate(rows)
         return W, b
+
+    def class_map(self, x, w):
+        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck.
+
+        An ensemble's map is the sum of its parts' maps; with flip TTA each
+        part's map is the mean of the image's and the mirror image's (flipped back).
+        """
+        total, at = 0.0, 0
+        for net in self.nets:
+            wi = w[at:at + net.features]
+            at += net.features
+            m = cam.class_map(net.feature_maps(x[None])[0], wi)
+            if self.tta == "flip":
+                m = (m + cam.class_map(net.feature_maps(x[None, :, ::-1])[0], wi)[:, ::-1]) / 2
+            total = total + m
+        return total
 
     def heatmap(self, source, probability):
         """The class activation map of the positive class over the X-ray, as an RGB Pillow image."""
         original = images.open_image(source)
-        x = images.scale(images.decode(source, self.resolution))[None]
+        x = images.scale(images.decode(source, self.resolution))
         w, _ = cam.contrast(*self.linear(), self.head.positive)
-        m = cam.class_map(self.net.feature_maps(x)[0], w)
-        return cam.overlay(original, m, f"P({self.positive}) = {probability:.3f}  "
-                                        f"MobileNet {self.variant}")
+        return cam.overlay(original, self.class_map(x, w), f"P({self.positive}) = {probability:.3f}  "
+                                                           f"MobileNet {self.variant}")
 
 
-def _network(info):
-    """The frozen network the model was trained on: the converted file with its sha256 if present."""
-    alpha, resolution, head = float(info["alpha"]), int(info["resolution"]), info["bottleneck"] == "logits"
-    want = info.get("weights_sha256")
+def parts(info):
+    """One dict per network of a model's info (alpha, weights_file, weights_sha256, trained_resolution).
+
+    A single network stores scalars, an ensemble lists of them.
+    """
+    keys = ("alpha", "weights_file", "weights_sha256", "trained_resolution")
+    alphas = info["alpha"] if isinstance(info["alpha"], list) else [info["alpha"]]
+    columns = {k: info.get(k) if isinstance(info.get(k), list) else [info.get(k)] * len(alphas) for k in keys}
+    return [{k: columns[k][i] for k in keys} for i in range(len(alphas))]
+
+
+def variant_name(info):
+    """"0.75-224 pooled", "0.25+0.75-224 pooled flip"."""
+    alphas = "+".join(f"{float(p['alpha']):g}" for p in parts(info))
+    tta = info.get("tta", "none")
+    return f"{alphas}-{info['resolution']} {info['bottleneck']}" + (f" {tta}" if tta != "none" else "")
+
+
+def _network(part, resolution, bottleneck):
+    """The frozen network a model part was trained on: the converted file with its sha256 if present."""
+    alpha, head = float(part["alpha"]), bottleneck == "logits"
+    want = part.get("weights_sha256")
     d = weights.weights_dir()
     for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
         meta = weights.describe(path)
@@ -140,7 +197,7 @@ def _network(info):
             return weights.load_file(path, alpha, resolution)
     net = weights.load(alpha, resolution, head=head, quiet=True)
     if want and net.weights_sha256 != want:
-        print(f"dsconv: warning: the model was trained on weights {info.get('weights_file')} "
+        print(f"dsconv: warning: the model was trained on weights {part.get('weights_file')} "
               f"(sha256 {want[:12]}...), which are not in {d}; using {net.weights_path.name} instead",
               file=sys.stderr)
     return net

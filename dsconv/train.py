@@ -17,10 +17,11 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import __version__, classifier, data, features, files, images, metrics, weights
+from dsconv import __version__, classifier, data, features, files, images, metrics, report, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -32,6 +33,7 @@ POSITIVE = "PNEUMONIA"
 BOTTLENECK = "pooled"
 SAMPLING = "balanced"
 WORKERS = 2
+REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
 
 
 def parse_args(argv):
@@ -41,7 +43,18 @@ def parse_args(argv):
     p.add_argument("--test-dir", help="evaluate on this folder (same class subfolders) instead of carving "
                                       "a test partition out of --data; the test share of --split then "
                                       "goes to training")
-    p.add_argument("--alpha", type=float, default=ALPHA, choices=ALPHAS, help="MobileNet width multiplier")
+    p.add_argument("--val-dir", help="choose the threshold (and, with --steps-choice, the step count) on this "
+                                     "labelled folder (same class subfolders) instead of a validation "
+                                     "partition of --data, whose share then goes to training; with "
+                                     "--test-dir too, all of --data trains")
+    p.add_argument("--site-dir", help="adapt to a site: standardise bottlenecks with the statistics of this "
+                                      "folder's images (labels not used; class subfolders or not)")
+    p.add_argument("--alpha", type=alpha_list, default=[ALPHA], metavar="A[,A...]",
+                   help=f"MobileNet width multiplier, one of {', '.join(map(str, ALPHAS))}; several "
+                        "separated by commas concatenate their bottlenecks (an ensemble)")
+    p.add_argument("--tta", default="none", choices=features.TTAS,
+                   help="test-time augmentation: flip averages each image's bottleneck with its mirror "
+                        "image's, in training and prediction alike")
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="input size r (r x r), a multiple of 32")
     p.add_argument("--bottleneck", default=BOTTLENECK, choices=features.KINDS,
                    help="pooled 1024*alpha features, or the 1000 ImageNet logits (retrain.py's choice)")
@@ -87,8 +100,21 @@ def parse_args(argv):
     return args
 
 
+def alpha_list(text):
+    """"0.75" -> [0.75]; "0.25,0.75" -> [0.25, 0.75]."""
+    try:
+        alphas = [float(a) for a in text.split(",")]
+    except ValueError:
+        alphas = []
+    if not alphas or any(a not in ALPHAS for a in alphas) or len(set(alphas)) != len(alphas):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more of {', '.join(map(str, ALPHAS))}, "
+                                         "separated by commas, each once")
+    return alphas
+
+
 def fresh_out_dir(args):
-    base = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{args.alpha:g}-{args.resolution}")
+    alphas = "+".join(f"{a:g}" for a in args.alpha)
+    base = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{alphas}-{args.resolution}")
     out, k = base, 1
     while out.exists():
         k += 1
@@ -109,9 +135,10 @@ def clean(x):
     return x
 
 
-def bottlenecks(ds, net, args, cache_dir, skipped):
+def bottlenecks(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    feats, failed = features.extract(ds.paths, net, args.bottleneck, cache_dir, workers=args.workers)
+    feats, failed = features.extract_ensemble(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+                                              tta=args.tta)
     skipped.update({str(p): msg for p, msg in failed.items()})
     ds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
     for c, n in ds.counts().items():
@@ -120,45 +147,73 @@ def bottlenecks(ds, net, args, cache_dir, skipped):
     return ds, feats
 
 
-def run_repeat(seed, args, pct, ds, x, test, positive):
-    """Split, train, choose the threshold, evaluate: (result dict, Classifier, curves)."""
+class Part(NamedTuple):
+    """Bottlenecks with their labels and files: a validation or test set."""
+    x: np.ndarray
+    labels: np.ndarray
+    paths: list
+
+
+def choose_threshold(args, y, scores):
+    """(threshold, rule) on validation labels y (positive True) and scores."""
+    if not (y.any() and (~y).any()):
+        return 0.5, "0.5 (the validation set lacks a class)"
+    if args.target_sensitivity is not None:
+        return (metrics.sensitivity_threshold(y, scores, args.target_sensitivity),
+                f"highest reaching validation sensitivity {args.target_sensitivity:g}")
+    return metrics.youden_threshold(y, scores), "max Youden's J on validation"
+
+
+def assess(y, scores, threshold, paths, target):
+    """Metrics of a test set at 0.5 and at the threshold, patient-bootstrap 95% intervals, specificity at target."""
+    groups = [data.patient_id(p) for p in paths]
+    return {"at_0.5": metrics.evaluate(y, scores, 0.5),
+            "at_threshold": metrics.evaluate(y, scores, threshold),
+            "ci95_at_threshold": metrics.bootstrap(y, scores, threshold, groups),
+            "patients": len(set(groups)),
+            "specificity_at_sensitivity": {"target": target,
+                                           "specificity": metrics.specificity_at(y, scores, target)}}
+
+
+def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
+    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, test scores).
+
+    ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
+    them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
+    """
     groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
     part = data.split(ds.labels, pct, seed, groups)
-    if test is None:
-        test = (x[part == 2], ds.labels[part == 2])
-    tr, va = part == 0, part == 1
+    carve = lambda k: Part(x[part == k], ds.labels[part == k], [q for q, m in zip(ds.paths, part == k) if m])
+    val = carve(1) if val is None else val
+    test = carve(2) if test is None else test
+    tr = part == 0
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
                              "larger training share in --split")
     model, curves = classifier.train(
-        x[tr], ds.labels[tr], ds.classes, x[va], ds.labels[va], lr=args.lr, steps=args.steps,
+        x[tr], ds.labels[tr], ds.classes, val.x, val.labels, lr=args.lr, steps=args.steps,
         batch=args.batch_size, sampling=args.sampling, eval_every=args.eval_every,
         standardize=args.standardize, weight_decay=args.weight_decay, seed=seed)
     model.positive = positive
-    y_val = ds.labels[va] == positive
-    s_val = model.scores(x[va])
-    if not (y_val.any() and (~y_val).any()):
-        model.threshold, rule = 0.5, "0.5 (the validation partition lacks a class)"
-    elif args.target_sensitivity is not None:
-        model.threshold = metrics.sensitivity_threshold(y_val, s_val, args.target_sensitivity)
-        rule = f"highest reaching validation sensitivity {args.target_sensitivity:g}"
-    else:
-        model.threshold, rule = metrics.youden_threshold(y_val, s_val), "max Youden's J on validation"
-    y_test, s_test = test[1] == positive, model.scores(test[0])
-    sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), va.sum(), len(test[1])))}
+    if site is not None:
+        model.adapt(site)
+    y_val, s_val = val.labels == positive, model.scores(val.x)
+    model.threshold, rule = choose_threshold(args, y_val, s_val)
+    y_test, s_test = test.labels == positive, model.scores(test.x)
+    sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
+    count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
     result = {
         "seed": seed, "sizes": sizes,
-        "class_counts": {
-            "train": {c: int(n) for c, n in zip(ds.classes, np.bincount(ds.labels[tr], minlength=len(ds.classes)))},
-            "val": {c: int(n) for c, n in zip(ds.classes, np.bincount(ds.labels[va], minlength=len(ds.classes)))},
-            "test": {c: int(n) for c, n in zip(ds.classes, np.bincount(test[1], minlength=len(ds.classes)))}},
+        "class_counts": {"train": count(ds.labels[tr]), "val": count(val.labels), "test": count(test.labels)},
         "threshold": model.threshold, "threshold_rule": rule,
         "validation": metrics.evaluate(y_val, s_val, 0.5) if len(y_val) else None,
+        "validation_at_threshold": metrics.evaluate(y_val, s_val, model.threshold) if len(y_val) else None,
         "validation_loss": curves["val_loss"][-1],
         "test": metrics.evaluate(y_test, s_test, 0.5),
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
+        "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
-    return result, model, curves
+    return result, model, curves, s_test
 
 
 def pct(v):
@@ -243,26 +298,49 @@ def check_partitions(n, percentages, split_text, test_dir):
                                  f"give it a larger share or more images")
 
 
-def hygiene(ds, test_ds):
-    """Warnings about the data: contradictory duplicates, test images also in training, tiny classes."""
+def hygiene(datasets):
+    """Warnings about each Dataset: identical images in two classes, classes too small to measure on.
+
+    (Images shared between --data, --val-dir and --test-dir: warn_overlaps.)
+    """
     out = []
-    dups = data.duplicates_across_classes(ds)
-    if dups:
-        a, b = dups[0]
-        out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and {b}); "
-                   "their labels contradict each other")
-    if test_ds is not None:
-        shared = data.shared_images(test_ds, ds)
-        if shared:
-            out.append(f"{len(shared)} test image(s) in {test_ds.root} also sit in the training data "
-                       f"{ds.root} (e.g. {shared[0][0]} = {shared[0][1]}); the test metrics are optimistic")
-    for d in (ds, test_ds) if test_ds is not None else (ds,):
+    for d in datasets:
+        dups = data.duplicates_across_classes(d)
+        if dups:
+            a, b = dups[0]
+            out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and "
+                       f"{b}); their labels contradict each other")
         for c, n in data.small_classes(d).items():
             out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
                        "specificity) means little")
     for w in out:
         print(f"warning: {w}", file=sys.stderr)
     return out
+
+
+def network_info(nets, args, width):
+    """The model file's description of the frozen side: scalars for one network, lists for an ensemble."""
+    one = lambda values: values[0] if len(values) == 1 else values
+    info = {"alpha": one([n.alpha for n in nets]), "resolution": args.resolution,
+            "trained_resolution": one([n.trained_resolution for n in nets]),
+            "weights_file": one([Path(n.weights_path).name for n in nets]),
+            "weights_sha256": one([n.weights_sha256 for n in nets]),
+            "bottleneck": args.bottleneck, "features": int(width), "preprocessing": images.PREPROCESSING,
+            "dsconv": __version__}
+    if args.tta != "none":
+        info["tta"] = args.tta
+    return info
+
+
+def warn_overlaps(named):
+    """Warn when two of the (name, Dataset) pairs share images by content."""
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            shared = data.shared_images(a, b)
+            if shared:
+                print(f"dsconv: warning: {len(shared)} image(s) of {name_b} ({b.root}) are also in {name_a} "
+                      f"({a.root}), by content (e.g. {shared[0][1]} = {shared[0][0]}); figures measured "
+                      "on them are optimistic", file=sys.stderr)
 
 
 def main(argv=None):
@@ -272,15 +350,20 @@ def main(argv=None):
     out = Path(args.out) if args.out else fresh_out_dir(args)
     try:
         files.check_writable(out, "give another --out")
-        percentages = data.parse_split(args.split)
+        train_pct, val_pct, test_pct = data.parse_split(args.split)
+        if args.val_dir:
+            train_pct, val_pct = train_pct + val_pct, 0.0
         if args.test_dir:
-            percentages = (percentages[0] + percentages[2], percentages[1], 0.0)
-        elif percentages[2] == 0:
+            train_pct, test_pct = train_pct + test_pct, 0.0
+        elif test_pct == 0:
             raise data.DataError(f"--split {args.split} leaves no test partition; give a test share "
                                  "or --test-dir")
+        percentages = (train_pct, val_pct, test_pct)
         t = time.perf_counter()
         ds = data.scan(args.data)
+        val_ds = data.scan(args.val_dir, ds.classes) if args.val_dir else None
         test_ds = data.scan(args.test_dir, ds.classes) if args.test_dir else None
+        site_paths = data.image_files(args.site_dir) if args.site_dir else None
         times["scan_s"] = time.perf_counter() - t
         if args.positive in ds.classes:
             positive = ds.classes.index(args.positive)
@@ -290,31 +373,43 @@ def main(argv=None):
                   "(choose with --positive)")
         else:
             raise data.DataError(f"--positive {args.positive} is not one of the classes {ds.classes}")
+        warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
         t = time.perf_counter()
-        net = weights.load(args.alpha, args.resolution, head=args.bottleneck == "logits")
+        nets = [weights.load(a, args.resolution, head=args.bottleneck == "logits") for a in args.alpha]
         times["load_network_s"] = time.perf_counter() - t
         t = time.perf_counter()
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
-        ds, x = bottlenecks(ds, net, args, cache_dir, skipped)
-        test = None
+        ds, x = bottlenecks(ds, nets, args, cache_dir, skipped)
+        val = test = site = None
+        if val_ds is not None:
+            val_ds, x_val = bottlenecks(val_ds, nets, args, cache_dir, skipped)
+            val = Part(x_val, val_ds.labels, val_ds.paths)
         if test_ds is not None:
-            test_ds, x_test = bottlenecks(test_ds, net, args, cache_dir, skipped)
-            test = (x_test, test_ds.labels)
+            test_ds, x_test = bottlenecks(test_ds, nets, args, cache_dir, skipped)
+            test = Part(x_test, test_ds.labels, test_ds.paths)
+        if site_paths is not None:
+            site, failed = features.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
+                                                     workers=args.workers, tta=args.tta)
+            skipped.update({str(q): msg for q, msg in failed.items()})
+            if len(site) < 2:
+                raise data.DataError(f"{args.site_dir}: fewer than two readable images; site statistics "
+                                     "need a sample of the site's X-rays")
         times["bottlenecks_s"] = time.perf_counter() - t
         check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
-        warnings = hygiene(ds, test_ds)
+        warnings = hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
-        runs, models, all_curves = [], [], []
+        runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
-            result, model, curves = run_repeat(seed, args, percentages, ds, x, test, positive)
+            result, model, curves, s_test = run_repeat(seed, args, percentages, ds, x, val, test, site, positive)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))
+            test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
-        outputs = report(args, out, net, ds, test_ds, x, positive, skipped, warnings, runs, models, all_curves,
-                         times, t_start)
-    except (data.DataError, weights.WeightsError, ValueError, OSError) as e:
+        outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
+                             runs, models, all_curves, test_scores, times, t_start)
+    except (data.DataError, weights.WeightsError, classifier.ModelError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
@@ -334,51 +429,77 @@ def main(argv=None):
           f"(total {times['total_s']:.1f} s)")
 
 
-def report(args, out, net, ds, test_ds, x, positive, skipped, warnings, runs, models, all_curves, times, t_start):
-    """Print the table; return {file name: bytes} of every output, results.json first."""
-    info = {"alpha": net.alpha, "resolution": net.resolution, "trained_resolution": net.trained_resolution,
-            "weights_file": Path(net.weights_path).name, "weights_sha256": net.weights_sha256,
-            "bottleneck": args.bottleneck, "features": int(x.shape[1]), "preprocessing": images.PREPROCESSING,
-            "dsconv": __version__}
+def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings, runs, models,
+               all_curves, test_scores, times, t_start):
+    """Print the tables; return {file name: bytes} of every output, results.json first."""
+    info = network_info(nets, args, x.shape[1])
     settings = dict(vars(args))
     training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
+    test_name = str(test_ds.root) if test_ds else "test partition of --data"
     model_files = {}
     for model, r in zip(models, runs):
+        rep = r["test_report"]
         model.info = dict(info, threshold_rule=r["threshold_rule"],
-                          training=dict(training, seed=r["seed"], sizes=r["sizes"]))
+                          training=dict(training, seed=r["seed"], sizes=r["sizes"]),
+                          evaluation={test_name: dict(
+                              {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
+                              images=r["sizes"]["test"], patients=rep["patients"], ci95=rep["ci95_at_threshold"],
+                              threshold=r["threshold"])})
+        if site is not None or val_ds is not None:
+            model.info["calibration"] = {
+                "site_dir": str(args.site_dir) if site is not None else None,
+                "site_images": int(len(site)) if site is not None else 0,
+                "threshold_dir": str(val_ds.root) if val_ds else None,
+                "threshold_images": int(len(val.labels)) if val_ds else 0,
+                "threshold_rule": r["threshold_rule"], "target_sensitivity": args.target_sensitivity}
+        model.info = clean(model.info)
         model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
     model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]
 
     summary = {"test": metrics.summary([r["test"] for r in runs]),
                "test_at_threshold": metrics.summary([r["test_at_threshold"] for r in runs])}
-    title = (f"MobileNet {net.alpha:g}-{net.resolution} {args.bottleneck}, split {args.split} by "
-             f"{args.group_by}, lr {args.lr:g}, {args.steps} steps")
+    alphas = "+".join(f"{a:g}" for a in args.alpha)
+    where = (f"trained on all of --data, threshold on {args.val_dir}" if args.val_dir and args.test_dir
+             else f"split {args.split} by {args.group_by}")
+    title = (f"MobileNet {alphas}-{args.resolution} {args.bottleneck}"
+             + (f" {args.tta}" if args.tta != "none" else "") + (", site-adapted" if site is not None else "")
+             + f", {where}, lr {args.lr:g}, {args.steps} steps")
     lines = table(runs, summary)
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))
     s = summary["test"]
+
     def percent(v):
         return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}%"
+    missing = "n/a" in percent(s["sensitivity"]["mean"]) + percent(s["specificity"]["mean"])
     print(f"\ntest accuracy {percent(s['accuracy']['mean'])} ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
           f"sensitivity {percent(s['sensitivity']['mean'])}, specificity {percent(s['specificity']['mean'])} "
           f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
-          + ("; n/a: a test partition lacks that class)" if "n/a" in percent(s['sensitivity']['mean'])
-             + percent(s['specificity']['mean']) else ")"))
-    curves = curve_files(all_curves, title)
+          + ("; n/a: a test partition lacks that class)" if missing else ")"))
+    r = runs[best]
+    print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
+    figures = curve_files(all_curves, title)
+    figures.update(report.test_figures(r["test_report"], test.labels == positive if test else None,
+                                       test_scores[best] if test else None, r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
         "data": {"root": str(ds.root), "classes": ds.classes, "positive": ds.classes[positive],
                  "images": ds.counts(), "test_dir": str(test_ds.root) if test_ds else None,
                  "test_images": test_ds.counts() if test_ds else None,
+                 "val_dir": str(val_ds.root) if val_ds else None,
+                 "val_images": val_ds.counts() if val_ds else None,
+                 "site_dir": str(args.site_dir) if args.site_dir else None,
+                 "site_images": int(len(site)) if site is not None else None,
                  "skipped": len(skipped), "skipped_files": skipped, "warnings": warnings},
         "repeats": runs, "summary": summary, "std": "sample standard deviation (ddof=1) over repeats",
+        "ci95": "2.5th and 97.5th percentiles over 2000 resamples of whole patients",
         "model": "model.h5", "model_seed": runs[best]["seed"],
         "model_choice": "the repeat with the lowest final validation loss",
         "versions": versions(), "times": times,
     }
-    return {"results.json": (json.dumps(clean(results), indent=2) + "\n").encode(), **model_files, **curves}
+    return {"results.json": (json.dumps(clean(results), indent=2) + "\n").encode(), **model_files, **figures}
 
 
 if __name__ == "__main__":

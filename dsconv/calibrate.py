@@ -1,0 +1,122 @@
+"""Adapt a trained model to a new site without retraining.
+
+    python -m dsconv.calibrate runs/.../model.h5 --site-dir SITE/ --val-dir SITE_LABELLED/ --out site.h5
+
+A model trained on one clinic's X-rays ranks another clinic's well but
+decides them badly: its bottlenecks are shifted, so its probabilities and
+its threshold no longer mean what they did. Two repairs, each optional:
+
+- ``--site-dir``: a sample of the site's images, labels not needed (class
+  subfolders or not). Their bottlenecks' mean and standard deviation replace
+  the training set's (dsconv.classifier: site adaptation).
+- ``--val-dir``: labelled images of the site (one subfolder per class). The
+  decision threshold is chosen on them: Youden's J, or the highest threshold
+  reaching ``--target-sensitivity``.
+
+Both are stored in the new model file with where they came from
+(info["calibration"]); predict and dsconv.load_model apply them. Figures
+measured on --val-dir after choosing the threshold on it are optimistic.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dsconv import classifier, data, files, metrics, predict, report, weights
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m dsconv.calibrate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("model", help="model file written by `python -m dsconv.train` (model.h5)")
+    p.add_argument("--site-dir", help="the site's images, unlabelled: re-estimate the feature statistics")
+    p.add_argument("--val-dir", help="the site's labelled images (one subfolder per class): choose the threshold")
+    p.add_argument("--target-sensitivity", type=float,
+                   help="choose the highest threshold reaching this sensitivity on --val-dir "
+                        "(default: maximise Youden's J)")
+    p.add_argument("--out", required=True, help="the adapted model file to write")
+    p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
+    args = p.parse_args(argv)
+    if not (args.site_dir or args.val_dir):
+        p.error("give --site-dir (feature statistics), --val-dir (threshold) or both")
+    if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
+        p.error("--target-sensitivity must be in (0, 1], such as 0.95")
+    if args.target_sensitivity is not None and not args.val_dir:
+        p.error("--target-sensitivity chooses a threshold on --val-dir; give --val-dir")
+    if Path(args.out).resolve() == Path(args.model).resolve():
+        p.error("--out must name a new file; the trained model is kept as it is")
+    return args
+
+
+def calibrate(model, site_paths=None, val=None, target_sensitivity=None):
+    """Adapt ``model`` (a predict.Model) in place; returns its new calibration record.
+
+    ``val``: a data.Dataset of labelled site images with the model's classes.
+    """
+    head, record = model.head, {}
+    if site_paths is not None:
+        x, failed = model.bottlenecks(site_paths, progress=True)
+        if len(x) < 2:
+            raise data.DataError(f"{len(x)} readable image(s) among the site's {len(site_paths)}; "
+                                 "site statistics need a sample of the site's X-rays")
+        head.adapt(x)
+        record.update(site_images=int(len(x)), site_skipped=len(failed))
+    if val is not None:
+        x, failed = model.bottlenecks(val.paths, progress=True)
+        labels = val.labels[[p not in failed for p in val.paths]]
+        y, s = labels == head.positive, head.scores(x)
+        if not (y.any() and (~y).any()):
+            raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
+                                 "threshold needs both")
+        if target_sensitivity is not None:
+            head.threshold = metrics.sensitivity_threshold(y, s, target_sensitivity)
+            rule = f"highest reaching sensitivity {target_sensitivity:g} on the site's labelled images"
+        else:
+            head.threshold, rule = metrics.youden_threshold(y, s), "max Youden's J on the site's labelled images"
+        model.threshold = head.threshold
+        head.info["threshold_rule"] = rule
+        record.update(threshold_images=int(len(y)), threshold_rule=rule, target_sensitivity=target_sensitivity,
+                      on_threshold_dir=metrics.evaluate(y, s, head.threshold), y=y, scores=s)
+    return record
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        files.check_writable(Path(args.out).parent, "give another --out")
+        model = predict.load_model(args.model, cache_dir=args.cache)
+        before = model.threshold
+        val = data.scan(args.val_dir, model.classes) if args.val_dir else None
+        site = data.image_files(args.site_dir) if args.site_dir else None
+        rec = calibrate(model, site, val, args.target_sensitivity)
+        y, s = rec.pop("y", None), rec.pop("scores", None)
+        model.head.info["calibration"] = dict(
+            rec, site_dir=str(Path(args.site_dir).resolve()) if site else None,
+            threshold_dir=str(Path(args.val_dir).resolve()) if val else None,
+            from_model=str(Path(args.model).resolve()), date=time.strftime("%Y-%m-%d %H:%M"))
+        model.head.info = json.loads(json.dumps(model.head.info, default=float))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.head.save(out)
+    except (classifier.ModelError, weights.WeightsError, data.DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: nothing written; bottlenecks computed so far are cached")
+    if site:
+        print(f"feature statistics from {rec['site_images']} images of {args.site_dir}")
+    print(f"threshold {before:.3f} -> {model.threshold:.3f}"
+          + (f" ({rec['threshold_rule']})" if val else " (unchanged: no --val-dir)"))
+    if val:
+        e = rec["on_threshold_dir"]
+        print(f"on {args.val_dir} (optimistic: the threshold was chosen there): accuracy {report.pct(e['accuracy'])}%, "
+              f"sensitivity {report.pct(e['sensitivity'])}%, specificity {report.pct(e['specificity'])}%, "
+              f"AUC {e['auc']:.3f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

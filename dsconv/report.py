@@ -1,0 +1,77 @@
+"""What a test set says about a model: one line of figures with intervals, ROC and reliability figures.
+
+The figures need matplotlib (the ``plot`` extra); without it they are
+skipped with a note.
+"""
+import io
+import math
+
+import numpy as np
+
+from dsconv import metrics
+
+
+def pct(v):
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def describe(rep, threshold):
+    """"accuracy 93.1% [90.2-95.8], ..." from a train.assess() dict."""
+    e, ci = rep["at_threshold"], rep["ci95_at_threshold"]
+    parts = [f"{k} {pct(e[k])}% [{pct(ci[k][0])}-{pct(ci[k][1])}]"
+             for k in ("accuracy", "sensitivity", "specificity")]
+    spec = rep["specificity_at_sensitivity"]
+    return (", ".join(parts) + f", AUC {e['auc']:.3f} [{ci['auc'][0]:.3f}-{ci['auc'][1]:.3f}] at threshold "
+            f"{threshold:.3f}; specificity {pct(spec['specificity'])}% at sensitivity {spec['target']:g} "
+            f"(95% intervals over patients, {rep['patients']} patients)")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None with a note."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no figures "
+              "(pip install matplotlib, or the extra: pip install -e .[plot])")
+        return None
+    return plt
+
+
+def test_figures(rep, y, scores, threshold, title):
+    """{"roc-reliability.png": bytes}: the ROC and reliability of one test set ({} without matplotlib)."""
+    if y is None or len(y) == 0 or y.all() or not y.any():
+        return {}
+    plt = pyplot()
+    if plt is None:
+        return {}
+    fig, (roc, rel) = plt.subplots(1, 2, figsize=(11, 4.6))
+    fpr, tpr = metrics.roc(y, scores)
+    e = rep["at_threshold"]
+    roc.plot(fpr, tpr, color="tab:blue", lw=1.5, label=f"ROC, AUC {e['auc']:.3f}")
+    roc.plot([1 - e["specificity"]], [e["sensitivity"]], "o", color="tab:red",
+             label=f"threshold {threshold:.3f}: sens {pct(e['sensitivity'])}%, spec {pct(e['specificity'])}%")
+    roc.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    roc.set_xlabel("1 - specificity")
+    roc.set_ylabel("sensitivity")
+    roc.legend(loc="lower right", fontsize=8)
+    rows = metrics.reliability(y, scores)
+    rel.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--", label="perfectly calibrated")
+    rel.plot([r[0] for r in rows], [r[1] for r in rows], "o-", color="tab:blue", label="observed")
+    for mean, frac, n in rows:
+        rel.annotate(str(n), (mean, frac), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    rel.axvline(threshold, color="tab:red", lw=0.8, label=f"threshold {threshold:.3f}")
+    rel.set_xlabel("predicted probability (bins of 0.1; images per bin marked)")
+    rel.set_ylabel("fraction positive")
+    rel.legend(loc="upper left", fontsize=8)
+    for ax in (roc, rel):
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return {"roc-reliability.png": png.getvalue()}
