@@ -142,10 +142,14 @@ class Cache:
         self.writable = True
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            files.check_writable(self.dir, "")
-            files.remove_strays(self.dir)
         except OSError as e:
-            self._read_only(e)
+            self._read_only(e.strerror or e)
+        else:
+            reason = files.unwritable(self.dir)
+            if reason:
+                self._read_only(reason)
+            else:
+                files.remove_strays(self.dir)
         if not self.dir.is_dir():
             return
         with self._lock(shared=True):
@@ -159,9 +163,9 @@ class Cache:
                         path.unlink(missing_ok=True)
         self.parts = len(list(self.dir.glob("part-*.h5")))
 
-    def _read_only(self, error):
+    def _read_only(self, reason):
         if self.writable:
-            print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({error.strerror or error}); "
+            print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({reason}); "
                   "running without saving bottlenecks", file=sys.stderr)
         self.writable = False
 
@@ -185,7 +189,7 @@ class Cache:
         try:
             _write(self.dir / name, self.v, keys, feats)
         except OSError as e:
-            self._read_only(e)
+            self._read_only(e.strerror or e)
             return
         self.parts += 1
 
@@ -213,7 +217,7 @@ class Cache:
                 for p in parts:
                     p.unlink(missing_ok=True)
         except OSError as e:
-            self._read_only(e)
+            self._read_only(e.strerror or e)
             return
         self.rows.update(rows)
         self.parts = 0

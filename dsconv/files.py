@@ -10,7 +10,6 @@ a file; ``check_writable`` tells before long work starts that an output
 cannot be written; ``checksum`` is the integrity check of model and weight
 files.
 """
-import errno
 import fcntl
 import hashlib
 import io
@@ -135,6 +134,17 @@ def remove_strays(folder):
     return removed
 
 
+def unwritable(folder):
+    """None if files can be created in the existing ``folder``, else the reason."""
+    tmp = temp_name(Path(folder) / "write-check")
+    try:
+        tmp.touch()
+        tmp.unlink()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def check_writable(folder, advice):
     """Raise OSError naming ``folder`` (or its first existing ancestor) if files cannot be created there.
 
@@ -148,20 +158,17 @@ def check_writable(folder, advice):
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise OSError(errno.ENOTDIR, f"{probe} is not a folder, so {folder} cannot be written; {advice}")
-    tmp = temp_name(probe / "write-check")
-    try:
-        tmp.touch()
-        tmp.unlink()
-    except OSError as e:
-        raise OSError(e.errno, f"{probe}: cannot write here ({e.strerror}); {advice}") from None
+        raise OSError(f"{probe} is not a folder, so {folder} cannot be written; {advice}")
+    reason = unwritable(probe)
+    if reason:
+        raise OSError(f"{probe}: cannot write here ({reason}); {advice}")
 
 
 def check_output_file(path, advice):
     """Raise OSError if ``path`` cannot be written: its folder must exist and be writable."""
     folder = Path(path).parent
     if not folder.is_dir():
-        raise OSError(errno.ENOENT, f"{path}: the folder {folder} does not exist; {advice}")
+        raise OSError(f"{path}: the folder {folder} does not exist; {advice}")
     check_writable(folder, advice)
 
 

@@ -341,6 +341,7 @@ def main(argv=None):
             raise OSError(f"no image files in {' '.join(args.paths)}")
         if heatmaps:
             heatmaps.mkdir(parents=True, exist_ok=True)
+            files.remove_strays(heatmaps)
         try:
             rows = rows_for(model, paths, heatmaps)
         except Interrupted as e:
