@@ -194,12 +194,13 @@ def load(path):
     """A Classifier from a model file written by save; ModelError if it is missing, damaged or changed.
 
     The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``,
-    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,); attributes ``format``, ``classes`` (JSON list),
-    ``positive`` (index), ``threshold``, ``info`` (JSON: alpha, resolution,
-    trained_resolution, weights_file, weights_sha256, bottleneck,
-    preprocessing, training settings) and ``checksum`` (dsconv.files.checksum) of all
-    of them, verified here; non-finite numbers and a threshold outside [0, 1]
-    are refused too.
+    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,);
+    attributes ``format``, ``classes`` (JSON list), ``positive`` (index),
+    ``threshold``, ``info`` (JSON: alpha, resolution, trained_resolution,
+    weights_file, weights_sha256, bottleneck, preprocessing, training
+    settings) and ``checksum`` (dsconv.files.checksum) of all of them,
+    verified here; non-finite numbers and a threshold outside [0, 1] are
+    refused too.
     """
     try:
         with h5py.File(path, "r") as f:

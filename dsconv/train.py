@@ -414,17 +414,20 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
                  "same command resumes")
+    written = False
     try:
         # all or nothing: every file to a temporary name first, then renamed, results.json first
         with files.interrupts_deferred():
             out.mkdir(parents=True, exist_ok=True)
             files.remove_strays(out)
             files.write_all({out / name: b for name, b in outputs.items()})
+            written = True
     except OSError as e:
         sys.exit(f"error: could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
                  "free some space or give another --out")
     except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted: the outputs were written completely to {out}")
+        sys.exit("\ninterrupted: " + (f"the outputs were written completely to {out}" if written
+                                       else "nothing was written"))
     print(f"wrote {out}/: {', '.join(n for n in outputs if not n.startswith('model-'))} "
           f"(total {times['total_s']:.1f} s)")
 
