@@ -86,6 +86,14 @@ def youden_threshold(y, scores):
     return float((t[k] + t[k + 1]) / 2) if k + 1 < len(t) else float(t[k])
 
 
+def accuracy_threshold(y, scores):
+    """The threshold maximising accuracy on (y, scores): midpoint and ties as youden_threshold."""
+    y = np.asarray(y).astype(bool)
+    t, sens, spec = _roc_points(y, scores)
+    k = int(np.argmax(y.mean() * sens + (1 - y.mean()) * spec))
+    return float((t[k] + t[k + 1]) / 2) if k + 1 < len(t) else float(t[k])
+
+
 def sensitivity_threshold(y, scores, target):
     """The highest threshold whose sensitivity on (y, scores) reaches ``target``."""
     t, sens, _ = _roc_points(y, scores)

@@ -159,9 +159,14 @@ class Model:
             total = total + m
         return total
 
-    def heatmap(self, source, probability):
-        """The class activation map of the positive class over the X-ray, as an RGB Pillow image."""
-        original = images.open_image(source)
+    def heatmap(self, source, probability, size=None):
+        """The class activation map of the positive class over the X-ray, as an RGB Pillow image.
+
+        At the X-ray's own size, or with ``size`` at most size x size pixels (faster on large X-rays).
+        """
+        original = images.open_image(source, size)
+        if size:
+            original.thumbnail((size, size))
         x = images.scale(images.decode(source, self.resolution))
         w, _ = cam.contrast(*self.linear(), self.head.positive)
         return cam.overlay(original, self.class_map(x, w), f"P({self.positive}) = {probability:.3f}  "

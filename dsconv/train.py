@@ -33,6 +33,20 @@ POSITIVE = "PNEUMONIA"
 BOTTLENECK = "pooled"
 SAMPLING = "balanced"
 WORKERS = 2
+# Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
+TTA = "flip"
+SITE_WEIGHT = 5
+FOLDS = 5
+THRESHOLD_RULES = ("youden", "accuracy")
+THRESHOLD_RULE = "youden"
+STANDARDIZE = True
+STEPS = [classifier.STEPS]
+WEIGHT_DECAY = [0.1]
+# The paper's protocol, one flag away: retrain.py's head and the paper's split by image
+PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "site_dir": "none", "site_weight": 0,
+         "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": [2000]}
+PAPER_SHOWN = {"no_standardize": True, "weight_decay": 0, "tta": "none", "site_dir": "none", "site_weight": 0,
+               "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": 2000}
 REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
 
 
@@ -43,16 +57,17 @@ def parse_args(argv):
     p.add_argument("--test-dir", help="evaluate on this folder (same class subfolders) instead of carving "
                                       "a test partition out of --data; the test share of --split then "
                                       "goes to training")
-    p.add_argument("--val-dir", help="choose the threshold (and, with --steps-choice, the step count) on this "
-                                     "labelled folder (same class subfolders) instead of a validation "
-                                     "partition of --data, whose share then goes to training; with "
-                                     "--test-dir too, all of --data trains")
+    p.add_argument("--val-dir", help="a labelled folder (same class subfolders), such as a sample of the site "
+                                     "the model will serve: the threshold, step count and weight decay are "
+                                     "chosen on it instead of on a validation partition of --data, whose "
+                                     "share then goes to training; with --test-dir too, all of --data trains")
     p.add_argument("--site-dir", help="adapt to a site: standardise bottlenecks with the statistics of this "
-                                      "folder's images (labels not used; class subfolders or not)")
+                                      "folder's images (labels not used; class subfolders or not); default: "
+                                      "the --val-dir if given; 'none' to adapt to nothing")
     p.add_argument("--alpha", type=alpha_list, default=[ALPHA], metavar="A[,A...]",
                    help=f"MobileNet width multiplier, one of {', '.join(map(str, ALPHAS))}; several "
                         "separated by commas concatenate their bottlenecks (an ensemble)")
-    p.add_argument("--tta", default="none", choices=features.TTAS,
+    p.add_argument("--tta", default=TTA, choices=features.TTAS,
                    help="test-time augmentation: flip averages each image's bottleneck with its mirror "
                         "image's, in training and prediction alike")
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="input size r (r x r), a multiple of 32")
@@ -66,16 +81,30 @@ def parse_args(argv):
     p.add_argument("--positive", default=POSITIVE,
                    help="class counted positive for sensitivity (if absent: the last class)")
     p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
-    p.add_argument("--steps", type=int, default=classifier.STEPS, help="SGD steps")
+    p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
+                   help="SGD steps; several: the one with the best validation AUC (one training, "
+                        "snapshots)")
     p.add_argument("--batch-size", type=int, default=classifier.BATCH, help="images per SGD step")
     p.add_argument("--sampling", default=SAMPLING, choices=classifier.SAMPLINGS,
                    help="batches drawn class first (balanced, retrain.py) or from all images (natural)")
     p.add_argument("--eval-every", type=int, default=classifier.EVAL_EVERY,
                    help="record training curves every this many steps")
-    p.add_argument("--standardize", action="store_true",
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=STANDARDIZE,
                    help="scale bottlenecks to zero mean, unit variance on the training partition "
                         "(not in retrain.py)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (not in retrain.py)")
+    p.add_argument("--weight-decay", type=number_list(float), default=WEIGHT_DECAY, metavar="WD[,WD...]",
+                   help="L2 weight decay (not in retrain.py); several: the one with the best validation AUC")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's protocol (retrain.py): " + " ".join(
+                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PAPER_SHOWN.items())
+                        + "; flags given explicitly still win")
+    p.add_argument("--site-weight", type=int, default=SITE_WEIGHT,
+                   help="with --val-dir: its images also train, each this many times, and every choice "
+                        f"made on them uses out-of-fold scores ({FOLDS} folds of patients); 0: they only "
+                        "validate")
+    p.add_argument("--threshold-rule", default=THRESHOLD_RULE, choices=THRESHOLD_RULES,
+                   help="choose the decision threshold maximising Youden's J (sensitivity + specificity) "
+                        "or accuracy on validation")
     p.add_argument("--target-sensitivity", type=float,
                    help="choose the highest threshold reaching this validation sensitivity "
                         "instead of maximising Youden's J")
@@ -83,14 +112,19 @@ def parse_args(argv):
                                    f"{features.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    if "--paper" in (sys.argv[1:] if argv is None else argv):
+        p.set_defaults(**PAPER)
     args = p.parse_args(argv)
-    for name in ("repeats", "steps", "batch_size", "eval_every", "workers"):
+    for name in ("repeats", "batch_size", "eval_every", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.steps) < 1:
+        p.error("--steps must be at least 1")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr {args.lr} must be a positive number, such as 0.01")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        p.error(f"--weight-decay {args.weight_decay} must be zero or a positive number")
+    if not all(math.isfinite(w) and w >= 0 for w in args.weight_decay):
+        p.error(f"--weight-decay {','.join(f'{w:g}' for w in args.weight_decay)} must be zero or positive "
+                "number(s)")
     try:
         data.parse_split(args.split)
     except data.DataError as e:
@@ -98,6 +132,17 @@ def parse_args(argv):
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         p.error("--target-sensitivity must be in (0, 1], such as 0.95")
     return args
+
+
+def number_list(kind):
+    """An argparse type: "4000" -> [4000]; "1000,4000" -> [1000, 4000], sorted, without repeats."""
+    def parse(text):
+        try:
+            return sorted(set(kind(v) for v in text.split(",")))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a number or several separated by commas") from None
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def alpha_list(text):
@@ -161,6 +206,8 @@ def choose_threshold(args, y, scores):
     if args.target_sensitivity is not None:
         return (metrics.sensitivity_threshold(y, scores, args.target_sensitivity),
                 f"highest reaching validation sensitivity {args.target_sensitivity:g}")
+    if args.threshold_rule == "accuracy":
+        return metrics.accuracy_threshold(y, scores), "max accuracy on validation"
     return metrics.youden_threshold(y, scores), "max Youden's J on validation"
 
 
@@ -173,6 +220,87 @@ def assess(y, scores, threshold, paths, target):
             "patients": len(set(groups)),
             "specificity_at_sensitivity": {"target": target,
                                            "specificity": metrics.specificity_at(y, scores, target)}}
+
+
+def folds(paths, labels, k, seed):
+    """Fold 0..k-1 per image: whole patients, dealt round-robin per class in a random order."""
+    groups = np.array([data.patient_id(q) for q in paths])
+    fold = np.zeros(len(paths), np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        names = rng.permutation(np.unique(groups[labels == c]))
+        for i, g in enumerate(names):
+            fold[(groups == g) & (labels == c)] = i % k
+    return fold
+
+
+def fit(args, x, y, classes, val, site, positive, seed):
+    """Train the head for every --weight-decay, snapshots at every --steps; keep the best on validation.
+
+    Returns (Classifier adapted to ``site``, its curves, its validation
+    scores, the choice: every candidate's validation AUC and loss and the one
+    taken). Best: highest validation AUC, then lowest validation loss, then
+    fewer steps and more weight decay (the simpler model).
+
+    With --val-dir and --site-weight W > 0 the validation images train too,
+    each W times (as they are: mapping them onto the training statistics
+    first did worse on the external folder). Then every validation score is
+    out-of-fold: FOLDS models, each trained without one fold of validation
+    patients, score that fold; those scores choose the candidate and the
+    threshold, and a last model trained on all of them is the one kept.
+    """
+    y_val = val.labels == positive
+    cross = args.val_dir is not None and args.site_weight > 0 and len(val.labels) > 0
+    if cross:
+        fold = folds(val.paths, val.labels, FOLDS, seed)
+        runs = [(fold != k, fold == k) for k in range(FOLDS)] + [(np.ones(len(fold), bool), None)]
+    else:
+        runs = [(None, None)]
+    candidates = {}
+    for wd in args.weight_decay:
+        for extra, scored in runs:
+            xs, ys = x, y
+            if extra is not None:
+                xs = np.concatenate([x] + [val.x[extra]] * args.site_weight)
+                ys = np.concatenate([y] + [val.labels[extra]] * args.site_weight)
+            # with cross-fitting no validation image is held out of the kept model: no validation curve
+            last, curves = classifier.train(
+                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps), batch=args.batch_size,
+                sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
+                weight_decay=wd, seed=seed, snapshots=args.steps[:-1])
+            for steps in args.steps:
+                model = curves["snapshots"][steps] if steps != max(args.steps) else last
+                model.positive = positive
+                if site is not None:
+                    model.adapt(site)
+                c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
+                                                        "scores": np.zeros(len(y_val)), "curves": curves})
+                if scored is None:
+                    c["model"] = model
+                    if not cross:
+                        c["scores"] = model.scores(val.x)
+                else:
+                    c["scores"][scored] = model.scores(val.x[scored])
+                c["curves"] = curves
+    for c in candidates.values():
+        c["val_auc"] = metrics.auc(y_val, c["scores"]) if len(y_val) else math.nan
+        if len(classes) == 2:  # from the (out-of-fold) scores
+            p = np.empty((len(y_val), 2))
+            p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
+        else:
+            p = c["model"].probabilities(val.x)
+        c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
+    nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
+    best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
+                                                   c["steps"], -c["weight_decay"]))
+    choice = {"weight_decay": best["weight_decay"], "steps": best["steps"],
+              "rule": "highest validation AUC, then lowest validation loss, then fewer steps, more weight decay",
+              "validation_scores": f"out-of-fold ({FOLDS} folds of patients; --val-dir images train "
+                                   f"x{args.site_weight})" if cross else "of the model kept",
+              "candidates": [{k: c[k] for k in ("weight_decay", "steps", "val_auc", "val_loss")}
+                             for c in candidates.values()]}
+    curves = {k: v for k, v in best["curves"].items() if k != "snapshots"}
+    return best["model"], curves, best["scores"], choice
 
 
 def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
@@ -190,14 +318,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
                              "larger training share in --split")
-    model, curves = classifier.train(
-        x[tr], ds.labels[tr], ds.classes, val.x, val.labels, lr=args.lr, steps=args.steps,
-        batch=args.batch_size, sampling=args.sampling, eval_every=args.eval_every,
-        standardize=args.standardize, weight_decay=args.weight_decay, seed=seed)
-    model.positive = positive
-    if site is not None:
-        model.adapt(site)
-    y_val, s_val = val.labels == positive, model.scores(val.x)
+    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed)
+    y_val = val.labels == positive
     model.threshold, rule = choose_threshold(args, y_val, s_val)
     y_test, s_test = test.labels == positive, model.scores(test.x)
     sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
@@ -205,10 +327,11 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
     result = {
         "seed": seed, "sizes": sizes,
         "class_counts": {"train": count(ds.labels[tr]), "val": count(val.labels), "test": count(test.labels)},
-        "threshold": model.threshold, "threshold_rule": rule,
+        "threshold": model.threshold, "threshold_rule": rule, "choice": choice,
         "validation": metrics.evaluate(y_val, s_val, 0.5) if len(y_val) else None,
         "validation_at_threshold": metrics.evaluate(y_val, s_val, model.threshold) if len(y_val) else None,
-        "validation_loss": curves["val_loss"][-1],
+        "validation_loss": next(c["val_loss"] for c in choice["candidates"]
+                                if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
         "test": metrics.evaluate(y_test, s_test, 0.5),
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
@@ -363,6 +486,10 @@ def main(argv=None):
         ds = data.scan(args.data)
         val_ds = data.scan(args.val_dir, ds.classes) if args.val_dir else None
         test_ds = data.scan(args.test_dir, ds.classes) if args.test_dir else None
+        if args.site_dir is None and args.val_dir:
+            args.site_dir = args.val_dir
+        if args.site_dir == "none":
+            args.site_dir = None
         site_paths = data.image_files(args.site_dir) if args.site_dir else None
         times["scan_s"] = time.perf_counter() - t
         if args.positive in ds.classes:
@@ -467,7 +594,8 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
              else f"split {args.split} by {args.group_by}")
     title = (f"MobileNet {alphas}-{args.resolution} {args.bottleneck}"
              + (f" {args.tta}" if args.tta != "none" else "") + (", site-adapted" if site is not None else "")
-             + f", {where}, lr {args.lr:g}, {args.steps} steps")
+             + f", {where}, lr {args.lr:g}, steps {','.join(map(str, args.steps))}, weight decay "
+               f"{','.join(f'{w:g}' for w in args.weight_decay)}")
     lines = table(runs, summary)
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))

@@ -39,7 +39,7 @@ def common(folders, tmp_path, *extra):
 
 def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders, tmp_path, capsys):
     run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
-                "--out", tmp_path / "run"))
+                "--site-weight", "0", "--out", tmp_path / "run"))
     out = capsys.readouterr().out
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     r = res["repeats"][0]
@@ -64,6 +64,39 @@ def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders
     assert model.head.info["calibration"]["threshold_dir"] == str(folders["val"])
     pytest.importorskip("matplotlib", reason="the optional extra `plot`")
     assert (tmp_path / "run" / "roc-reliability.png").stat().st_size > 1000
+
+
+def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, folders, tmp_path, capsys):
+    run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
+                "--site-weight", "3", "--out", tmp_path / "run"))
+    model = predict.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
+    net = weights.load(0.25, 128, quiet=True)
+    val = data.scan(folders["val"])
+    x = features.extract(data.scan(folders["train"]).paths, net, "pooled", tmp_path / "cache", tta="flip",
+                         progress=False)[0]
+    y = data.scan(folders["train"]).labels
+    xv = features.extract(val.paths, net, "pooled", tmp_path / "cache", tta="flip", progress=False)[0]
+    fold = train.folds(val.paths, val.labels, train.FOLDS, 0)
+    patients = [data.patient_id(p) for p in val.paths]
+    assert all(len({f for f, q in zip(fold, patients) if q == g}) == 1 for g in patients)
+    assert set(fold) == set(range(train.FOLDS))
+
+    def head(keep):
+        m, _ = classifier.train(np.concatenate([x] + [xv[keep]] * 3), np.concatenate([y] + [val.labels[keep]] * 3),
+                                ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, standardize=True, weight_decay=0.1,
+                                seed=0)
+        m.positive = 1
+        m.adapt(xv)
+        return m
+    oof = np.zeros(len(fold))
+    for k in range(train.FOLDS):
+        oof[fold == k] = head(fold != k).scores(xv[fold == k])
+    kept = head(np.ones(len(fold), bool))
+    assert np.array_equal(kept.weights, model.head.weights)
+    assert model.threshold == metrics.youden_threshold(val.labels == 1, oof)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["repeats"][0]["validation"]["auc"] == metrics.auc(val.labels == 1, oof)
+    assert "out-of-fold" in res["repeats"][0]["choice"]["validation_scores"]
 
 
 def test_calibration_identity(converted, folders, tmp_path, capsys):

@@ -1,0 +1,359 @@
+"""A page for the clinic: drop X-rays on it, read P(pneumonia) and the heatmaps.
+
+    python -m dsconv.serve runs/.../model.h5 [--host 127.0.0.1] [--port 8000]
+
+Loads the model once and serves, with the standard library only:
+
+    GET  /              the page (dsconv/static/index.html: nothing from the internet)
+    GET  /api/health    {"status": "ok"}
+    GET  /api/model     the model's description (variant, threshold, what it was trained on)
+    POST /api/predict   multipart/form-data, one or more `file` fields ->
+                        {"results": [{"name", "probability", "label", "threshold",
+                        "heatmap": "data:image/png;base64,...", "image": ...}, ...]}
+                        in upload order; an unreadable file gets {"name", "error"}
+
+No file is a 400, a body over --max-upload-mb a 413; every error is JSON.
+Probabilities are those of `python -m dsconv.predict` for the same files.
+
+These are patient images: each upload is written to a private temporary
+folder (mode 0700) and deleted before the response goes out; no bottleneck is
+cached, and the log holds request lines and timings, never file names. It listens on
+127.0.0.1 only, unless --host says otherwise.
+"""
+import argparse
+import base64
+import io
+import ipaddress
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from email.parser import HeaderParser
+from email.message import Message
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dsconv import classifier, images, predict, weights
+
+HOST = "127.0.0.1"
+PORT = 8000
+MAX_UPLOAD_MB = 50
+PREVIEW = 800           # longest side of the images sent back to the page, pixels
+DRAIN_LIMIT = 1 << 30   # read and drop at most this much of a refused body, so the client sees the 413
+STATIC = Path(__file__).resolve().parent / "static"
+# The only files ever served: a fixed table, never a path taken from the request.
+PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
+         "/index.html": ("index.html", "text/html; charset=utf-8")}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "img-src data: blob:; connect-src 'self' blob:; form-action 'none'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+NO_FILE = "no file: send one or more images as multipart/form-data fields named `file`"
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status and a message for the user."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def describe(model, path):
+    """The model's description for the page: what it is, its threshold, and everything its file records."""
+    return {"file": Path(path).name, "variant": model.variant, "classes": list(model.classes),
+            "positive": model.positive, "threshold": model.threshold, "info": model.head.info}
+
+
+def parse_multipart(content_type, body):
+    """[(filename, bytes)] of the `file` fields of a multipart/form-data body; RequestError if malformed."""
+    header = Message()
+    header["content-type"] = content_type or ""
+    boundary = header.get_param("boundary")
+    if header.get_content_type() != "multipart/form-data" or not boundary:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "send the images as multipart/form-data, one `file` "
+                                                   "field per image (curl -F file=@xray.jpeg ...)")
+    sections = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
+    if len(sections) < 2 or not sections[-1].startswith(b"--"):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "malformed multipart/form-data body (no closing boundary)")
+    files = []
+    for section in sections[1:-1]:
+        head, sep, content = section.partition(b"\r\n\r\n")
+        if not sep:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "malformed multipart/form-data body (a part has no headers)")
+        # the rest of the boundary line (transport padding) comes before the part's headers
+        part = HeaderParser().parsestr(head.partition(b"\r\n")[2].decode("utf-8", "replace"))
+        if part.get_param("name", header="content-disposition") != "file":
+            continue
+        name = Path((part.get_filename() or "").replace("\\", "/")).name
+        if name or content:  # a browser sends an empty, nameless part when no file was chosen
+            files.append((name or f"file{len(files) + 1}", content))
+    return files
+
+
+def predict_files(model, uploads, lock, workdir):
+    """One result per upload, in order: {name, probability, label, threshold, heatmap, image} or {name, error}.
+
+    The files are written into ``workdir`` (private, emptied by the caller);
+    the network runs under ``lock``, one request at a time.
+    """
+    paths = []
+    for i, (name, content) in enumerate(uploads):
+        suffix = Path(name).suffix.lower()
+        path = Path(workdir) / f"{i:04d}{suffix if suffix in predict.IMAGE_SUFFIXES else ''}"
+        path.write_bytes(content)
+        paths.append(path)
+    with lock:
+        rows = predict.rows_for(model, paths, progress=False)
+        maps = [None if r["error"] else _heatmap(model, path, r["probability"]) for path, r in zip(paths, rows)]
+    results = []
+    for (name, _), path, row, pictures in zip(uploads, paths, rows, maps):
+        if row["probability"] is None:
+            results.append({"name": name, "error": row["error"].replace(str(path), name)})
+            continue
+        result = {"name": name, "probability": row["probability"], "label": row["decision"],
+                  "threshold": row["threshold"], "heatmap": None, "image": None}
+        heat, original = pictures
+        if isinstance(heat, Exception):
+            result["error"] = f"{name}: no heatmap ({str(heat).replace(str(path), name)})"
+        else:
+            original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
+            result["heatmap"], result["image"] = _data_url(heat, "PNG"), _data_url(original, "JPEG")
+        results.append(result)
+    return results
+
+
+def _heatmap(model, path, probability):
+    """(heatmap, the X-ray itself) as Pillow images, or (the exception, None)."""
+    try:
+        return model.heatmap(path, probability, PREVIEW), images.open_image(path, PREVIEW)
+    except (images.ImageError, OSError, ValueError) as e:
+        return e, None
+
+
+def _data_url(im, fmt):
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"compress_level": 1} if fmt == "PNG" else {"quality": 85}))
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # answer even a garbled request line with a status line and headers
+    server_version = "dsconv"
+    timeout = 120  # an idle or stalled connection gives its thread back
+
+    def do_GET(self):
+        self._answer(self._get)
+
+    def do_HEAD(self):
+        self._answer(self._get, body=False)
+
+    def do_POST(self):
+        self._answer(self._post)
+
+    def _answer(self, work, body=True):
+        try:
+            status, content_type, payload = work()
+        except RequestError as e:
+            status, content_type, payload = e.status, "application/json", {"error": str(e)}
+        except Exception as e:  # a bug or an unforeseen input must not take the server down
+            self.log_error("%s: %s", type(e).__name__, e)
+            status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
+            payload = {"error": f"internal error ({type(e).__name__}: {e})"}
+        data = payload if isinstance(payload, bytes) else json.dumps(payload, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def _get(self):
+        path = self.path.split("?", 1)[0]
+        if path == "/api/health":
+            return HTTPStatus.OK, "application/json", {"status": "ok"}
+        if path == "/api/model":
+            return HTTPStatus.OK, "application/json", dict(self.server.description,
+                                                           max_upload_mb=self.server.max_upload / 2 ** 20)
+        if path in PAGES:
+            return HTTPStatus.OK, PAGES[path][1], self.server.pages[PAGES[path][0]]
+        if path == "/api/predict":
+            raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "POST the images to /api/predict")
+        raise RequestError(HTTPStatus.NOT_FOUND, f"nothing at {path[:200]}")
+
+    def _post(self):
+        if self.path.split("?", 1)[0] != "/api/predict":
+            self._refuse_body()
+            raise RequestError(HTTPStatus.NOT_FOUND, f"nothing to POST to at {self.path[:200]}; use /api/predict")
+        length = self._length()
+        if length > self.server.max_upload:
+            self._refuse_body()
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"the upload is {length / 2 ** 20:.1f} MB, over the server's limit of "
+                               f"{self.server.max_upload / 2 ** 20:g} MB (--max-upload-mb); send fewer images at once")
+        if length == 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the upload ended early")
+        uploads = parse_multipart(self.headers.get("Content-Type"), body)
+        del body
+        if not uploads:
+            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="request-", dir=self.server.workdir) as workdir:
+            results = predict_files(self.server.model, uploads, self.server.lock, workdir)
+        self.log_message("%d image(s) in %.2f s", len(uploads), time.perf_counter() - t)
+        return HTTPStatus.OK, "application/json", {"results": results}
+
+    def _length(self):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length, not chunked")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))  # none: no body
+        except ValueError:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, "the upload needs a valid Content-Length") from None
+        if length < 0:
+            self.close_connection = True
+            raise RequestError(HTTPStatus.BAD_REQUEST, "negative Content-Length")
+        return length
+
+    def _refuse_body(self):
+        """Drop a body we will not use, so that the client reads our answer, then close."""
+        self.close_connection = True
+        try:
+            left = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return
+        if self.headers.get("Expect", "").lower() == "100-continue" or left > DRAIN_LIMIT:
+            return  # the client waits for us (Expect) or would take too long to drain
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+
+    def handle_expect_100(self):
+        # curl asks first for large bodies: refuse an oversize upload before it is sent
+        try:
+            if int(self.headers.get("Content-Length", "0")) > self.server.max_upload:
+                return True  # do_POST answers 413 without reading the body
+        except ValueError:
+            pass
+        return super().handle_expect_100()
+
+    def send_error(self, code, message=None, explain=None):
+        # http.server's own refusals (a malformed request line, an unknown method) in JSON too
+        self.close_connection = True
+        self._answer(lambda: (code, "application/json", {"error": message or HTTPStatus(code).phrase}),
+                     body=getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304))
+
+    def log_message(self, format, *args):
+        sys.stderr.write(f"{self.log_date_time_string()} {self.address_string()} {format % args}\n")
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server holding one model, the lock its network runs under, and the private upload folder."""
+    daemon_threads = True
+
+    def __init__(self, model, model_path, host=HOST, port=PORT, max_upload_mb=MAX_UPLOAD_MB):
+        self.model, self.lock = model, threading.Lock()
+        self.description = describe(model, model_path)
+        self.max_upload = int(max_upload_mb * 2 ** 20)
+        self.pages = {name: (STATIC / name).read_bytes() for name, _ in PAGES.values()}
+        # every request's folder lives in here; removed whole when the server stops
+        self._workdir = tempfile.TemporaryDirectory(prefix="dsconv-serve-")
+        self.workdir = self._workdir.name
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://{host if ':' not in host else f'[{host}]'}:{port}/"
+
+    def handle_error(self, request, client_address):
+        # a client that went away mid-answer: one line, not a traceback
+        e = sys.exc_info()[1]
+        sys.stderr.write(f"dsconv: connection from {client_address[0]} failed ({type(e).__name__}: {e})\n")
+
+    def server_close(self):
+        super().server_close()
+        self._workdir.cleanup()
+
+
+def warm_up(model, lock, workdir):
+    """One gray image through the whole request path, so that the first real one does not compile kernels."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf, "PNG")
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        predict_files(model, [("warm-up.png", buf.getvalue())], lock, d)
+
+
+def exposed(host):
+    """True if the address is reachable from other machines (not a loopback address)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m dsconv.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
+    p.add_argument("model", help="classifier file written by `python -m dsconv.train` (model.h5)")
+    p.add_argument("--host", default=HOST, help="address to listen on; anything but a loopback address "
+                                                "exposes patient uploads to the network")
+    p.add_argument("--port", type=int, default=PORT, help="port to listen on (0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help="largest upload accepted, all files of one request together, in MB")
+    args = p.parse_args(argv)
+    if args.max_upload_mb <= 0:
+        p.error("--max-upload-mb must be positive")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("dsconv: stopped (SIGTERM)"))
+    server = None
+    try:
+        model = predict.load_model(args.model, cache_dir=False)
+        try:
+            server = Server(model, args.model, args.host, args.port, args.max_upload_mb)
+        except OSError as e:
+            raise OSError(f"cannot listen on {args.host} port {args.port} ({e.strerror or e}); "
+                          "choose another --port or --host") from None
+        if exposed(args.host):
+            print(f"dsconv: warning: listening on {args.host}, not on this machine only: anyone who can "
+                  "reach it can upload images and read the results", file=sys.stderr)
+        warm_up(model, server.lock, server.workdir)
+        print(f"dsconv: serving MobileNet {model.variant} ({args.model}) at {server.url}  (Ctrl-C to stop)",
+              flush=True)
+        server.serve_forever()
+    except (classifier.ModelError, weights.WeightsError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("\ndsconv: stopped", file=sys.stderr)
+    finally:
+        if server is not None:
+            server.server_close()
+
+
+if __name__ == "__main__":
+    main()
