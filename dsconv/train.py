@@ -120,6 +120,8 @@ def parse_args(argv):
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.steps) < 1:
         p.error("--steps must be at least 1")
+    if args.site_weight < 0:
+        p.error("--site-weight must be 0 or more")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr {args.lr} must be a positive number, such as 0.01")
     if not all(math.isfinite(w) and w >= 0 for w in args.weight_decay):
