@@ -10,8 +10,9 @@ its threshold no longer mean what they did. Two repairs, each optional:
   subfolders or not). Their bottlenecks' mean and standard deviation replace
   the training set's (dsconv.classifier: site adaptation).
 - ``--val-dir``: labelled images of the site (one subfolder per class). The
-  decision threshold is chosen on them: Youden's J, or the highest threshold
-  reaching ``--target-sensitivity``.
+  decision threshold is chosen on them: the highest accuracy (as train's
+  default), Youden's J, or the highest threshold reaching
+  ``--target-sensitivity``.
 
 Both are stored in the new model file with where they came from
 (info["calibration"]); predict and dsconv.load_model apply them. Figures
@@ -35,9 +36,10 @@ def parse_args(argv):
     p.add_argument("model", help="model file written by `python -m dsconv.train` (model.h5)")
     p.add_argument("--site-dir", help="the site's images, unlabelled: re-estimate the feature statistics")
     p.add_argument("--val-dir", help="the site's labelled images (one subfolder per class): choose the threshold")
+    p.add_argument("--threshold-rule", default="accuracy", choices=("accuracy", "youden"),
+                   help="choose the threshold maximising accuracy or Youden's J on --val-dir")
     p.add_argument("--target-sensitivity", type=float,
-                   help="choose the highest threshold reaching this sensitivity on --val-dir "
-                        "(default: maximise Youden's J)")
+                   help="choose the highest threshold reaching this sensitivity on --val-dir instead")
     p.add_argument("--out", required=True, help="the adapted model file to write")
     p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
     args = p.parse_args(argv)
@@ -52,7 +54,7 @@ def parse_args(argv):
     return args
 
 
-def calibrate(model, site_paths=None, val=None, target_sensitivity=None):
+def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="accuracy"):
     """Adapt ``model`` (a predict.Model) in place; returns its new calibration record.
 
     ``val``: a data.Dataset of labelled site images with the model's classes.
@@ -75,8 +77,10 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None):
         if target_sensitivity is not None:
             head.threshold = metrics.sensitivity_threshold(y, s, target_sensitivity)
             rule = f"highest reaching sensitivity {target_sensitivity:g} on the site's labelled images"
-        else:
+        elif rule == "youden":
             head.threshold, rule = metrics.youden_threshold(y, s), "max Youden's J on the site's labelled images"
+        else:
+            head.threshold, rule = metrics.accuracy_threshold(y, s), "max accuracy on the site's labelled images"
         model.threshold = head.threshold
         head.info["threshold_rule"] = rule
         record.update(threshold_images=int(len(y)), threshold_rule=rule, target_sensitivity=target_sensitivity,
@@ -92,7 +96,7 @@ def main(argv=None):
         before = model.threshold
         val = data.scan(args.val_dir, model.classes) if args.val_dir else None
         site = data.image_files(args.site_dir) if args.site_dir else None
-        rec = calibrate(model, site, val, args.target_sensitivity)
+        rec = calibrate(model, site, val, args.target_sensitivity, args.threshold_rule)
         y, s = rec.pop("y", None), rec.pop("scores", None)
         model.head.info["calibration"] = dict(
             rec, site_dir=str(Path(args.site_dir).resolve()) if site else None,

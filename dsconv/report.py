@@ -40,7 +40,8 @@ def pyplot():
 
 
 def test_figures(rep, y, scores, threshold, title):
-    """{"roc-reliability.png": bytes}: the ROC and reliability of one test set ({} without matplotlib)."""
+    """{"roc-reliability.png": bytes}: ROC curve with the operating point and reliability curve of one
+    test set ({} without matplotlib)."""
     if y is None or len(y) == 0 or y.all() or not y.any():
         return {}
     plt = pyplot()

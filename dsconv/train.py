@@ -38,7 +38,7 @@ TTA = "flip"
 SITE_WEIGHT = 5
 FOLDS = 5
 THRESHOLD_RULES = ("youden", "accuracy")
-THRESHOLD_RULE = "youden"
+THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
 STEPS = [classifier.STEPS]
 WEIGHT_DECAY = [0.1]
@@ -273,6 +273,9 @@ def fit(args, x, y, classes, val, site, positive, seed):
             for steps in args.steps:
                 model = curves["snapshots"][steps] if steps != max(args.steps) else last
                 model.positive = positive
+                # validation images of the training clinic are scored as they are: the site's
+                # statistics would move them, not bring them closer to the training distribution
+                unadapted = model.scores(val.x) if site is not None and args.val_dir is None else None
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
@@ -280,7 +283,7 @@ def fit(args, x, y, classes, val, site, positive, seed):
                 if scored is None:
                     c["model"] = model
                     if not cross:
-                        c["scores"] = model.scores(val.x)
+                        c["scores"] = model.scores(val.x) if unadapted is None else unadapted
                 else:
                     c["scores"][scored] = model.scores(val.x[scored])
                 c["curves"] = curves
@@ -306,7 +309,7 @@ def fit(args, x, y, classes, val, site, positive, seed):
 
 
 def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
-    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, test scores).
+    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
 
     ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
     them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
@@ -336,9 +339,11 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
                                 if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
         "test": metrics.evaluate(y_test, s_test, 0.5),
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
+        "validation_report": assess(y_val, s_val, model.threshold, val.paths,
+                                    args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
-    return result, model, curves, s_test
+    return result, model, curves, (y_test, s_test)
 
 
 def pct(v):
@@ -611,10 +616,12 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
           f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
           + ("; n/a: a test partition lacks that class)" if missing else ")"))
     r = runs[best]
+    if r["validation_report"] and args.val_dir:
+        print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
+              "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
     figures = curve_files(all_curves, title)
-    figures.update(report.test_figures(r["test_report"], test.labels == positive if test else None,
-                                       test_scores[best] if test else None, r["threshold"], f"{title}\n{test_name}"))
+    figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,

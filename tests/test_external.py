@@ -97,6 +97,10 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["repeats"][0]["validation"]["auc"] == metrics.auc(val.labels == 1, oof)
     assert "out-of-fold" in res["repeats"][0]["choice"]["validation_scores"]
+    # bit for bit again from the cache
+    run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
+                "--site-weight", "3", "--out", tmp_path / "again"))
+    assert (tmp_path / "again" / "model.h5").read_bytes() == (tmp_path / "run" / "model.h5").read_bytes()
 
 
 def test_calibration_identity(converted, folders, tmp_path, capsys):
@@ -117,7 +121,7 @@ def test_calibration_identity(converted, folders, tmp_path, capsys):
     assert cal["site_images"] == 20 and cal["threshold_images"] == 20 and cal["target_sensitivity"] == 0.8
     assert cal["on_threshold_dir"]["sensitivity"] == sens
     # the site's standardised bottlenecks have mean 0 and deviation 1: the site's own statistics
-    x, _ = features.extract(data.image_files(site), model.net, "pooled", False, progress=False)
+    x, _ = features.extract(data.image_files(site), model.net, "pooled", False, progress=False, tta=model.tta)
     z = model.head.prepare(x)
     assert np.abs(z.mean(axis=0)).max() < 1e-9 and np.abs(z.std(axis=0)[x.std(axis=0) > 0] - 1).max() < 1e-9
     # predict's CLI applies the same adaptation and threshold

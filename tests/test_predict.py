@@ -23,7 +23,7 @@ def trained(tmp_path_factory, weights_dir):
         mp.setenv("DSCONV_WEIGHTS", str(weights_dir))
         for name, extra in (("pooled", ["--standardize"]), ("logits", ["--bottleneck", "logits"])):
             train.main(["--data", str(data), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
-                        "--group-by", "image", "--repeats", "1", "--steps", "200", "--lr", "0.1",
+                        "--group-by", "image", "--repeats", "1", "--steps", "200", "--lr", "0.1", "--tta", "none",
                         "--cache", str(root / "cache"), "--out", str(root / name)] + extra)
     return {"root": root, "data": data, "cache": root / "cache",
             "pooled": root / "pooled" / "model.h5", "logits": root / "logits" / "model.h5"}

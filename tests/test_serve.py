@@ -113,9 +113,9 @@ def test_health_and_model(served):
     status, r, body = request(served, "GET", "/api/health")
     assert status == 200 and body == {"status": "ok"}
     status, r, m = request(served, "GET", "/api/model")
-    assert status == 200 and m["variant"] == "0.25-128 pooled" and m["positive"] == "PNEUMONIA"
+    assert status == 200 and m["variant"] == "0.25-128 pooled flip" and m["positive"] == "PNEUMONIA"
     assert m["threshold"] == predict.load_model(served["model"]).threshold and m["max_upload_mb"] == MAX_MB
-    assert m["info"]["alpha"] == 0.25 and m["info"]["training"]["steps"] == 100
+    assert m["info"]["alpha"] == 0.25 and m["info"]["training"]["steps"] == [100]
     assert r.getheader("Cache-Control") == "no-store"
 
 

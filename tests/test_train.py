@@ -29,7 +29,7 @@ def run(capsys, *args):
 
 def common(small, tmp_path):
     return ["--data", str(small), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
-            "--group-by", "image", "--repeats", "2", "--steps", "300", "--lr", "0.1",
+            "--group-by", "image", "--repeats", "2", "--steps", "300", "--lr", "0.1", "--tta", "none",
             "--cache", str(tmp_path / "cache")]
 
 
@@ -43,6 +43,7 @@ def test_end_to_end_and_exact_rerun(converted, small, tmp_path, capsys, monkeypa
     assert res["summary"]["test"]["accuracy"]["mean"] >= 0.7
     assert res["network"]["weights_sha256"] == weights.sha256(converted / res["network"]["weights_file"])
     assert (tmp_path / "a" / "curves.csv").read_text().count("\n") == 1 + 2 * 30
+    assert (tmp_path / "a" / "roc-reliability.png").stat().st_size > 1000  # of the in-folder test partition
 
     # the model file alone reproduces the test scores of its repeat
     model = classifier.load(tmp_path / "a" / "model.h5")
