@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import classifier, data, metrics, predict, report, weights
+from dsconv import classifier, data, files, metrics, predict, report, weights
 
 
 def parse_args(argv):
@@ -91,6 +91,7 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
 def main(argv=None):
     args = parse_args(argv)
     try:
+        files.check_writable(Path(args.out).parent, "give another --out")
         model = predict.load_model(args.model, cache_dir=args.cache)
         before = model.threshold
         val = data.scan(args.val_dir, model.classes) if args.val_dir else None

@@ -42,6 +42,8 @@ from numba import njit
 
 from dsconv.kernels import JIT
 
+from dsconv import files
+
 FORMAT = "dsconv-classifier-v1"
 LR = 0.01
 STEPS = 4000
@@ -222,41 +224,65 @@ class Classifier:
         return (self.scores(bottlenecks) >= self.threshold).astype(np.int64)
 
     def save(self, path):
-        """Write the model as HDF5 (see load)."""
-        with h5py.File(path, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["classes"] = json.dumps(self.classes)
-            f.attrs["positive"] = self.positive
-            f.attrs["threshold"] = self.threshold
-            f.attrs["info"] = json.dumps(self.info, sort_keys=True)
-            f["weights"], f["bias"] = self.weights, self.bias
-            for name in OPTIONAL:
-                if getattr(self, name) is not None:
-                    f[name] = getattr(self, name)
+        """Write the model as HDF5 (see load), atomically."""
+        files.write_bytes(path, self.to_bytes())
+
+    def to_bytes(self):
+        """The model file's bytes."""
+        attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": int(self.positive),
+                 "threshold": float(self.threshold), "info": json.dumps(self.info, sort_keys=True)}
+        tensors = {"weights": self.weights, "bias": self.bias}
+        tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
+
+        def fill(f):
+            f.attrs.update(attrs, checksum=files.checksum(attrs, tensors))
+            for name, a in tensors.items():
+                f[name] = a
+        return files.hdf5_bytes(fill)
 
 
 def load(path):
-    """A Classifier from a model file written by save; ModelError if it is missing or damaged.
+    """A Classifier from a model file written by save; ModelError if it is missing, damaged or changed.
 
     The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``,
-    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,); attributes ``format``, ``classes`` (JSON list),
-    ``positive`` (index), ``threshold``, ``info`` (JSON: alpha, resolution,
-    trained_resolution, weights_file, weights_sha256, bottleneck,
-    preprocessing, training settings).
+    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,);
+    attributes ``format``, ``classes`` (JSON list), ``positive`` (index),
+    ``threshold``, ``info`` (JSON: alpha, resolution, trained_resolution,
+    weights_file, weights_sha256, bottleneck, preprocessing, training
+    settings) and ``checksum`` (dsconv.files.checksum) of all of them,
+    verified here; non-finite numbers and a threshold outside [0, 1] are
+    refused too.
     """
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise ModelError(f"{path}: not a dsconv classifier (format {f.attrs.get('format')!r}); "
                                  "train one with `python -m dsconv.train`")
-            model = Classifier(f["weights"][()], f["bias"][()], json.loads(f.attrs["classes"]),
-                               positive=int(f.attrs["positive"]), threshold=float(f.attrs["threshold"]),
-                               info=json.loads(f.attrs["info"]),
-                               **{name: f[name][()] for name in OPTIONAL if name in f})
+            attrs = {k: f.attrs[k] for k in ("format", "classes", "positive", "threshold", "info")}
+            tensors = {k: f[k][()] for k in ("weights", "bias") + OPTIONAL if k in f}
+            stored = f.attrs.get("checksum")
+            attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
+            model = Classifier(tensors["weights"], tensors["bias"], json.loads(attrs["classes"]),
+                               positive=int(attrs["positive"]), threshold=float(attrs["threshold"]),
+                               info=json.loads(attrs["info"]),
+                               **{name: tensors[name] for name in OPTIONAL if name in tensors})
     except FileNotFoundError:
         raise ModelError(f"{path}: no such model file") from None
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise ModelError(f"{path}: damaged or incomplete model file ({e}); train it again") from None
+    if stored is None:
+        raise ModelError(f"{path}: the model file carries no checksum (written by an older dsconv, or "
+                         "altered); train it again")
+    if stored != files.checksum(attrs, tensors):
+        raise ModelError(f"{path}: the model file fails its checksum: it was changed after training; "
+                         "train it again")
+    bad = [k for k, a in tensors.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise ModelError(f"{path}: the model holds non-finite numbers (in {', '.join(bad)}); train it "
+                         "again, with a lower --lr if training diverged")
+    if not 0 <= model.threshold <= 1:
+        raise ModelError(f"{path}: the model's threshold {model.threshold} is not a probability in "
+                         "[0, 1]; train it again")
     d, c = model.weights.shape
     if model.bias.shape != (c,) or len(model.classes) != c or not 0 <= model.positive < c:
         raise ModelError(f"{path}: inconsistent model file (weights {model.weights.shape}, "
@@ -315,4 +341,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
                             loss_accuracy(softmax(xb @ w + b), yb) + loss_accuracy(softmax(xv @ w + b), yv)):
                 curves[k].append(v)
     model.weights = wt.T.copy()
+    if not (np.all(np.isfinite(model.weights)) and np.all(np.isfinite(b))):
+        raise ValueError(f"training diverged (non-finite weights) at learning rate {lr:g}; use a "
+                         "lower --lr")
     return model, curves

@@ -17,18 +17,28 @@ proportion to the class sizes by largest remainders, so the class counts add
 up exactly. Grouped by patient, whole patients are dealt out in a random
 order until each partition has reached its share of a class, so the sizes
 come out close to, not exactly at, the targets.
+
+Hygiene checks compare images by content (the sha256 of the file's bytes,
+as the bottleneck cache keys them): ``shared_images`` between two data
+sets, ``duplicates_across_classes``, ``small_classes``; ``fingerprint``
+names a data set by its contents.
 """
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dsconv.features import file_key
+
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),                   # person23_bacteria_87.jpeg
     re.compile(r"^((?:NORMAL\d+-)?IM-\d+)-\d+"),    # IM-0629-0001, NORMAL2-IM-0383-0001-0002
 )
 PARTITIONS = ("train", "val", "test")
+MIN_CLASS = 10  # fewer images of a class than this: a metric on it means little
 
 
 class DataError(Exception):
@@ -188,3 +198,44 @@ def split(labels, percentages, seed, groups=None):
             filled[p] += group_size[g]
     part[:] = group_part[group]
     return part
+
+
+_keys = {}
+
+
+def content_keys(ds):
+    """{path: sha256 of its bytes} of the readable files of a Dataset (remembered by path, size, mtime)."""
+    out = {}
+    for p in ds.paths:
+        try:
+            st = os.stat(p)
+            memo = (str(p), st.st_size, st.st_mtime_ns)
+            if memo not in _keys:
+                _keys[memo] = file_key(p)
+            out[p] = _keys[memo]
+        except OSError:
+            continue
+    return out
+
+
+def duplicates_across_classes(ds):
+    """[(path_a, path_b)]: byte-identical images filed under two different classes (one pair per clash)."""
+    label_of = dict(zip(ds.paths, ds.labels))
+    first, out = {}, []
+    for p, k in content_keys(ds).items():
+        q = first.setdefault(k, p)
+        if label_of[p] != label_of[q]:
+            out.append((q, p))
+    return out
+
+
+def fingerprint(ds):
+    """sha256 of the sorted (class, content hash) pairs of a Dataset: the same images, whatever their names."""
+    label_of = dict(zip(ds.paths, ds.labels))
+    pairs = sorted(f"{ds.classes[label_of[p]]}/{k}" for p, k in content_keys(ds).items())
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
+def small_classes(ds, minimum=MIN_CLASS):
+    """{class: count} of the classes with fewer than ``minimum`` images."""
+    return {c: n for c, n in ds.counts().items() if n < minimum}

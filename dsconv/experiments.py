@@ -20,10 +20,15 @@ is reported as mean +/- sample std. The test partition plays no part in it.
 Written to --out: runs.csv (one row per run, appended as runs finish: an
 interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
-tradeoff.png (with matplotlib), summary.md.
+tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
+images (their content hashes and classes), and a resumed grid must come from
+the same ones. One grid writes to an --out at a time (an fcntl lock on
+--out/.lock).
 """
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import sys
@@ -36,7 +41,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import classifier, data, features, metrics, mobilenet, weights
+from dsconv import classifier, data, features, files, metrics, mobilenet, weights
 
 OUT = "results"
 WORKERS = 2
@@ -49,6 +54,7 @@ GROUP_BYS = ("image", "patient")
 BOTTLENECKS = ("logits", "pooled")
 FIGURE4_EVAL_EVERY = 10
 TIMING = "timing.json"
+DATA = "data.json"
 
 # The paper's tables. Table 4: accuracy % mean, std per scheme (80/10/10, 70/15/15, 60/20/20).
 PAPER_TABLE1 = {"80/10/10": (4172, 522, 522), "70/15/15": (3652, 782, 782), "60/20/20": (3130, 1043, 1043)}
@@ -114,7 +120,10 @@ def parse_args(argv):
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{features.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    return args
 
 
 def fmt(name, value):
@@ -137,7 +146,7 @@ def read_runs(path):
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
-        path.write_text(text)
+        files.write_text(path, text)
     lines = text.splitlines()
     if not lines:
         return {}
@@ -497,7 +506,7 @@ def tradeoff(path, selected, scheme, plt):
     axes[0][0].set_ylabel("test accuracy % (mean ± std over shuffles)")
     fig.suptitle("Accuracy against cost: lr and steps chosen on validation", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -516,7 +525,7 @@ def figure4(path, curves, title, plt):
     ax.legend()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -678,6 +687,31 @@ def leak_text(facts, scheme):
 # ---- the command
 
 
+def save_png(fig, path):
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    files.write_bytes(path, png.getvalue())
+
+
+def check_same_data(out, ds, log):
+    """Refuse to resume a runs.csv made from other images; record the fingerprint of these."""
+    path = out / DATA
+    mine = {"root": str(ds.root), "images": len(ds.paths), "fingerprint": data.fingerprint(ds)}
+    try:
+        theirs = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        theirs = None
+    if log.rows and theirs and theirs.get("fingerprint") != mine["fingerprint"]:
+        raise data.DataError(f"{out / 'runs.csv'} holds runs on other data ({theirs.get('images')} images from "
+                             f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
+                             "--out, or move runs.csv away to start over")
+    if log.rows and not theirs:
+        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
+              "on the assumption that they are these", file=sys.stderr)
+    if theirs != mine:
+        files.write_text(path, json.dumps(mine, indent=1) + "\n")
+
+
 def read_timing(out):
     path = out / TIMING
     try:
@@ -689,7 +723,7 @@ def read_timing(out):
 
 def write_timing(out, timing):
     """Append this invocation's times to timing.json (also when interrupted)."""
-    (out / TIMING).write_text(json.dumps(read_timing(out) + [timing], indent=1) + "\n")
+    files.write_text(out / TIMING, json.dumps(read_timing(out) + [timing], indent=1) + "\n")
 
 
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
@@ -698,9 +732,9 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
             and r["seed"] < grid.shuffles and r["lr"] in grid.lrs and r["steps"] in grid.steps]
     selected = select(rows)
-    (out / "table4.md").write_text(table4(selected, grid.schemes, alphas))
-    (out / "table1.md").write_text(table1(rows, grid.schemes))
-    (out / "table3.md").write_text(table3())
+    files.write_text(out / "table4.md", table4(selected, grid.schemes, alphas))
+    files.write_text(out / "table1.md", table1(rows, grid.schemes))
+    files.write_text(out / "table3.md", table3())
     head = "80/10/10" if "80/10/10" in grid.schemes else grid.schemes[0]
     figure_cell = best_cell(selected, head) if selected else None
     paper_cell = paper_setting(rows)
@@ -717,8 +751,8 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     facts = leakage(ds, range(grid.shuffles), head)
     timing["wall_s"] = time.perf_counter() - wall_start
     invocations = [i for i in read_timing(out) if i["grid"] == timing["grid"]] + [timing]
-    (out / "summary.md").write_text(summary(selected, rows, grid, alphas, invocations, facts, figure_cell,
-                                                  paper_cell))
+    files.write_text(out / "summary.md", summary(selected, rows, grid, alphas, invocations, facts, figure_cell,
+                                                 paper_cell))
     written.append("summary.md")
     return written
 
@@ -732,14 +766,23 @@ def main(argv=None):
     timing = {"started": time.strftime("%Y-%m-%d %H:%M"), "grid": "quick" if args.quick else "full",
               "trainings": 0, "train_s": 0.0, "extract": []}
     log = None
+    held = contextlib.ExitStack()
     try:
+        files.check_writable(out, "give another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            held.enter_context(files.lock(out / ".lock", wait=False))
+        except files.Busy:
+            raise OSError(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
+                          "finish or give another --out") from None
+        files.remove_strays(out)
         ds = data.scan(args.data)
         grid = replace(grid, variants=grid.variants or available_variants())
         if not grid.variants:
             raise weights.WeightsError("no MobileNet weights with the ImageNet head found; see "
                                        "`python -m dsconv.weights --help`")
-        out.mkdir(parents=True, exist_ok=True)
         log = RunLog(out / "runs.csv")
+        check_same_data(out, ds, log)
         if log.rows:
             print(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}", file=sys.stderr)
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
@@ -751,10 +794,14 @@ def main(argv=None):
         sys.exit(f"\ninterrupted: finished runs are in {out / 'runs.csv'} and bottlenecks are cached; run "
                  "the same command again to continue where it stopped")
     finally:
-        if log:
-            log.close()
-            timing["wall_s"] = time.perf_counter() - wall_start
-            write_timing(out, timing)
+        with held:
+            if log:
+                log.close()
+                timing["wall_s"] = time.perf_counter() - wall_start
+                try:
+                    write_timing(out, timing)
+                except OSError as e:
+                    print(f"warning: could not write {out / TIMING} ({e.strerror or e})", file=sys.stderr)
     print(f"wrote {out}/: {', '.join(written)} ({clock(time.perf_counter() - wall_start)} min:s)")
 
 

@@ -24,7 +24,14 @@ flight; at the end the parts are merged into ``bottlenecks.h5``. Every file
 carries the variant and a sha256 of its rows: a file that does not open, or
 whose variant, shapes or checksum disagree, is reported, deleted and
 recomputed, never trusted.
+
+Several processes may share a cache: the merge holds an fcntl lock on the
+variant folder's ``.lock`` and folds in every part present, so no run
+deletes rows another has not merged; readers take the lock shared. A cache
+that cannot be written (read-only, full) is used for what it holds, with one
+warning, and the rest is kept in memory.
 """
+import contextlib
 import hashlib
 import os
 import sys
@@ -35,7 +42,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dsconv import images
+from dsconv import files, images
 
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
@@ -99,13 +106,13 @@ def _checksum(keys, feats):
 
 def _write(path, v, keys, feats):
     """Write rows atomically: a temporary name, then rename."""
-    tmp = path.with_name(path.name + ".tmp")
     keys = np.asarray(keys, "S64")
-    with h5py.File(tmp, "w") as f:
+
+    def fill(f):
         f.attrs.update(format=FORMAT, checksum=_checksum(keys, feats), **v)
         f["keys"] = keys
         f["features"] = np.asarray(feats, np.float32)
-    os.replace(tmp, path)
+    files.write_hdf5(path, fill)
 
 
 def _read(path, v):
@@ -133,36 +140,89 @@ class Cache:
     def __init__(self, cache_dir, v, features):
         self.v, self.features = v, features
         self.dir = variant_dir(cache_dir, v)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.rows = {}
-        for path in sorted(self.dir.glob("*.h5")):
-            try:
-                rows = _read(path, v)
-                if any(r.shape != (features,) for r in rows.values()):
-                    raise ValueError(f"holds vectors of another size than {features}")
-            except ValueError as e:
-                print(f"dsconv: warning: bottleneck cache {path} {e}; deleting it, its images "
-                      "will be computed again", file=sys.stderr)
-                path.unlink()
-                continue
-            self.rows.update(rows)
+        self.parts = 0
+        self.writable = True
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._read_only(e.strerror or e)
+        else:
+            reason = files.unwritable(self.dir)
+            if reason:
+                self._read_only(reason)
+            else:
+                files.remove_strays(self.dir)
+        if not self.dir.is_dir():
+            return
+        with self._lock(shared=True):
+            for path in sorted(self.dir.glob("*.h5")):
+                try:
+                    self.rows.update(self._load(path))
+                except ValueError as e:
+                    print(f"dsconv: warning: bottleneck cache {path} {e}; deleting it, its images "
+                          "will be computed again", file=sys.stderr)
+                    if self.writable:
+                        path.unlink(missing_ok=True)
         self.parts = len(list(self.dir.glob("part-*.h5")))
 
+    def _read_only(self, reason):
+        if self.writable:
+            print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({reason}); "
+                  "running without saving bottlenecks", file=sys.stderr)
+        self.writable = False
+
+    def _lock(self, shared=False):
+        lock = self.dir / ".lock"
+        if not self.writable and not lock.exists():
+            return contextlib.nullcontext()
+        return files.lock(lock, shared=shared)
+
+    def _load(self, path):
+        rows = _read(path, self.v)
+        if any(r.shape != (self.features,) for r in rows.values()):
+            raise ValueError(f"holds vectors of another size than {self.features}")
+        return rows
+
     def put(self, keys, feats):
-        name = f"part-{time.time_ns()}-{os.getpid()}.h5"
-        _write(self.dir / name, self.v, keys, feats)
         self.rows.update(zip(keys, np.asarray(feats, np.float32)))
+        if not self.writable:
+            return
+        name = f"part-{time.time_ns()}-{os.getpid()}.h5"
+        try:
+            _write(self.dir / name, self.v, keys, feats)
+        except OSError as e:
+            self._read_only(e.strerror or e)
+            return
         self.parts += 1
 
     def merge(self):
-        """All rows into one file, then the parts removed (a crash in between only duplicates rows)."""
-        parts = sorted(self.dir.glob("part-*.h5"))
-        if not parts or not self.rows:
+        """All rows into one file, then the parts it took in removed (a crash in between only duplicates rows).
+
+        Under the folder's lock, the parts are read again: another process's
+        parts written since this one started are merged too, not lost.
+        """
+        if not self.writable or not self.parts:
             return
-        keys = sorted(self.rows)
-        _write(self.dir / MERGED, self.v, keys, np.stack([self.rows[k] for k in keys]))
-        for p in parts:
-            p.unlink(missing_ok=True)
+        try:
+            with self._lock():
+                parts = sorted(self.dir.glob("part-*.h5"))
+                merged = self.dir / MERGED
+                rows = {}
+                for path in ([merged] if merged.exists() else []) + parts:
+                    try:
+                        rows.update(self._load(path))
+                    except ValueError:
+                        continue
+                rows.update(self.rows)
+                keys = sorted(rows)
+                _write(merged, self.v, keys, np.stack([rows[k] for k in keys]))
+                for p in parts:
+                    p.unlink(missing_ok=True)
+        except OSError as e:
+            self._read_only(e.strerror or e)
+            return
+        self.rows.update(rows)
         self.parts = 0
 
 

@@ -17,6 +17,7 @@ runs the whole network per image or per band of rows with its buffers
 allocated once (see MobileNet._pooled).
 """
 import os
+import sys
 
 import numba
 import numpy as np
@@ -34,11 +35,37 @@ from numba.extending import intrinsic
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+
+def tile_rows(env, host_features):
+    """Rows MR of the matrix-product micro-kernel: mr x 2 vectors of accumulators.
+
+    14 fill 28 of the 32 AVX-512 registers; 16 AVX2 registers hold half as
+    many floats each, so 3 elsewhere. The CPU is the one Numba compiles for
+    (NUMBA_CPU_NAME and NUMBA_CPU_FEATURES when set, else the host's).
+    DSCONV_MR overrides it (2 to 16), so that tests run either tile on any
+    machine.
+    """
+    name = env.get("NUMBA_CPU_NAME", "host")
+    features = host_features if name == "host" else env.get("NUMBA_CPU_FEATURES", "")
+    mr = 14 if "+avx512f" in features else 3
+    text = env.get("DSCONV_MR", "")
+    if text:
+        if text.isdigit() and 2 <= int(text) <= 16:
+            return int(text)
+        print(f"dsconv: warning: DSCONV_MR={text} is not a whole number from 2 to 16; using {mr}",
+              file=sys.stderr)
+    return mr
+
+
+MR = tile_rows(os.environ, binding.get_host_cpu_features().flatten())
+
 # One place for the JIT flags. fastmath stays off: the forward pass must match
 # Keras to 1e-4, and reassociated sums would trade that for little speed. (The
 # vector micro-kernels below use fused multiply-adds explicitly: one rounding
-# per tap instead of two, sums still in order.)
-JIT = dict(cache=True, nogil=True, fastmath=False)
+# per tap instead of two, sums still in order.) Numba's cache does not know
+# MR, so a tile set by DSCONV_MR is compiled afresh rather than read from a
+# cache of the other tile.
+JIT = dict(cache=not os.environ.get("DSCONV_MR"), nogil=True, fastmath=False)
 
 
 @njit(**JIT)
@@ -67,10 +94,6 @@ def same_padding(size, stride):
 # masked where a row of channels ends mid-vector.
 
 LANES = 16  # floats per vector
-# Rows of the matrix-product micro-kernel: mr x 2 vectors of accumulators
-# fill 28 of the 32 AVX-512 registers; 16 AVX2 registers hold half as many
-# floats each.
-MR = 14 if "+avx512f" in binding.get_host_cpu_features().flatten() else 3
 
 F32, I1, I32, I64 = ir.FloatType(), ir.IntType(1), ir.IntType(32), ir.IntType(64)
 VEC, MASK, INDEX = ir.VectorType(F32, LANES), ir.VectorType(I1, LANES), ir.VectorType(I64, LANES)

@@ -7,7 +7,8 @@ file (.txt: one path a line, relative to the list file). Each image gets
 P(positive class), the decision at the model's threshold (--threshold
 overrides) and the network variant. An unreadable image is reported on its
 own row and the rest go on; the exit status is 1 if any image failed, 2 if
-nothing could be done (a missing or damaged model file, no images).
+nothing could be done (a missing or damaged model file, no images). Ctrl-C
+writes the rows done so far, the others marked "interrupted", and exits 130.
 
 In Python:
 
@@ -24,12 +25,22 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import cam, classifier, features, images, weights
+from dsconv import cam, classifier, features, files, images, weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 FORMATS = ("table", "csv", "json")
 BATCH = 16
+CHUNK = 64  # images per step of rows_for: what Ctrl-C can lose
+INTERRUPTED = "interrupted before this image"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in rows_for; ``rows`` has every path, those not done marked INTERRUPTED."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
 
 
 class Model:
@@ -237,21 +248,46 @@ def unique_name(folder, path, used):
 
 
 def rows_for(model, paths, heatmap_dir=None, progress=True):
-    """One dict per path: path, probability, decision, threshold, variant, error (or None)."""
-    feats, failed = model.bottlenecks(paths, progress=progress)
-    probs = iter(model.head.probabilities(feats) if len(feats) else [])
+    """One dict per path: path, probability, decision, threshold, variant, error (or None).
+
+    Works through CHUNK images at a time; Ctrl-C raises Interrupted with
+    the rows done so far and the others marked as not done.
+    """
     rows, used = [], set()
+    bar = features.Progress(len(paths), "predict") if progress else None
+    try:
+        for i in range(0, len(paths), CHUNK):
+            chunk = paths[i:i + CHUNK]
+            rows += _rows(model, chunk, heatmap_dir, used)
+            if bar:
+                bar.update(len(rows), final=len(rows) == len(paths))
+    except KeyboardInterrupt:
+        rows += [_row(model, p, INTERRUPTED) for p in paths[len(rows):]]
+        raise Interrupted(rows) from None
+    return rows
+
+
+def _row(model, path, error=None):
+    return {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
+            "variant": model.variant, "error": error}
+
+
+def _rows(model, paths, heatmap_dir, used):
+    feats, failed = model.bottlenecks(paths)
+    probs = iter(model.head.probabilities(feats) if len(feats) else [])
+    rows = []
     for path in paths:
-        row = {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
-               "variant": model.variant, "error": failed.get(path)}
+        row = _row(model, path, failed.get(path))
         if row["error"] is None:
             p = next(probs)
             row["probability"], row["decision"] = float(p[model.head.positive]), model.decide(p)
             if heatmap_dir:
                 try:
                     out = unique_name(heatmap_dir, path, used)
+                    png = io.BytesIO()
                     # light compression: the default took 5x longer than all the rest
-                    model.heatmap(path, row["probability"]).save(out, compress_level=1)
+                    model.heatmap(path, row["probability"]).save(png, format="PNG", compress_level=1)
+                    files.write_bytes(out, png.getvalue())
                     row["heatmap"] = str(out)
                 except (images.ImageError, OSError) as e:
                     row["error"] = f"heatmap: {e}"
@@ -297,15 +333,24 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error("--threshold must be between 0 and 1")
+    interrupted = False
     try:
+        if args.output:
+            files.check_output_file(args.output, "give another --output")
+        heatmaps = Path(args.heatmap) if args.heatmap else None
+        if heatmaps:
+            files.check_writable(heatmaps, "give another --heatmap folder")
         model = load_model(args.model, args.threshold, False if args.no_cache else args.cache)
         paths = collect(args.paths)
         if not paths:
             raise OSError(f"no image files in {' '.join(args.paths)}")
-        heatmaps = Path(args.heatmap) if args.heatmap else None
         if heatmaps:
             heatmaps.mkdir(parents=True, exist_ok=True)
-        rows = rows_for(model, paths, heatmaps)
+            files.remove_strays(heatmaps)
+        try:
+            rows = rows_for(model, paths, heatmaps)
+        except Interrupted as e:
+            rows, interrupted = e.rows, True
     except (classifier.ModelError, weights.WeightsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -313,10 +358,22 @@ def main(argv=None):
         print("\ninterrupted: bottlenecks computed so far are cached", file=sys.stderr)
         sys.exit(130)
     text = render(rows, args.format, model.positive)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
+    try:
+        with files.interrupts_deferred():
+            if args.output:
+                files.write_text(args.output, text)
+            else:
+                sys.stdout.write(text)
+    except OSError as e:
+        print(f"error: could not write {args.output} ({e.strerror or e}); give another --output", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        done = sum(r["error"] != INTERRUPTED for r in rows)
+        print(f"\ninterrupted: {done} of {len(rows)} images done; the others are marked "
+              f"\"{INTERRUPTED}\"{f' in {args.output}' if args.output else ''}", file=sys.stderr)
+        sys.exit(130)
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)

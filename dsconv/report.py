@@ -3,6 +3,7 @@
 The figures need matplotlib (the ``plot`` extra); without it they are
 skipped with a note.
 """
+import io
 import math
 
 import numpy as np
@@ -38,13 +39,14 @@ def pyplot():
     return plt
 
 
-def test_figures(out, rep, y, scores, threshold, title):
-    """roc-reliability.png (ROC curve with the operating point, reliability curve) of one test set in ``out``; the paths written."""
+def test_figures(rep, y, scores, threshold, title):
+    """{"roc-reliability.png": bytes}: ROC curve with the operating point and reliability curve of one
+    test set ({} without matplotlib)."""
     if y is None or len(y) == 0 or y.all() or not y.any():
-        return []
+        return {}
     plt = pyplot()
     if plt is None:
-        return []
+        return {}
     fig, (roc, rel) = plt.subplots(1, 2, figsize=(11, 4.6))
     fpr, tpr = metrics.roc(y, scores)
     e = rep["at_threshold"]
@@ -70,7 +72,7 @@ def test_figures(out, rep, y, scores, threshold, title):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = out / "roc-reliability.png"
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return [path]
+    return {"roc-reliability.png": png.getvalue()}

@@ -10,10 +10,10 @@ model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib).
 """
 import argparse
+import io
 import json
 import math
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import __version__, classifier, data, features, images, metrics, report, weights
+from dsconv import __version__, classifier, data, features, files, images, metrics, report, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -115,13 +115,22 @@ def parse_args(argv):
     if "--paper" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
-    for name in ("repeats", "batch_size", "eval_every"):
+    for name in ("repeats", "batch_size", "eval_every", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.steps) < 1:
         p.error("--steps must be at least 1")
-    if min(args.weight_decay) < 0:
-        p.error("--weight-decay must be at least 0")
+    if args.site_weight < 0:
+        p.error("--site-weight must be 0 or more")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr} must be a positive number, such as 0.01")
+    if not all(math.isfinite(w) and w >= 0 for w in args.weight_decay):
+        p.error(f"--weight-decay {','.join(f'{w:g}' for w in args.weight_decay)} must be zero or positive "
+                "number(s)")
+    try:
+        data.parse_split(args.split)
+    except data.DataError as e:
+        p.error(str(e))
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
         p.error("--target-sensitivity must be in (0, 1], such as 0.95")
     return args
@@ -364,13 +373,14 @@ def table(runs, summary):
     return lines
 
 
-def write_curves(out, all_curves, title):
+def curve_files(all_curves, title):
+    """{"curves.csv": bytes, "curves.png": bytes (with matplotlib)} of the training curves."""
     keys = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    with open(out / "curves.csv", "w") as f:
-        f.write("seed," + ",".join(keys) + "\n")
-        for seed, c in all_curves:
-            for row in zip(*(c[k] for k in keys)):
-                f.write(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row) + "\n")
+    lines = ["seed," + ",".join(keys)]
+    for seed, c in all_curves:
+        for row in zip(*(c[k] for k in keys)):
+            lines.append(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    out = {"curves.csv": ("\n".join(lines) + "\n").encode()}
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -378,7 +388,7 @@ def write_curves(out, all_curves, title):
     except ImportError:
         print("note: matplotlib is not installed, so no curves.png "
               "(pip install matplotlib, or the extra: pip install -e .[plot])")
-        return None
+        return out
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for seed, c in all_curves:
         for ax, k in ((acc, "accuracy"), (loss, "loss")):
@@ -393,9 +403,11 @@ def write_curves(out, all_curves, title):
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    return out / "curves.png"
+    out["curves.png"] = png.getvalue()
+    return out
 
 
 def versions():
@@ -405,6 +417,35 @@ def versions():
     return {"dsconv": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
             "platform": platform.platform()}
+
+
+def check_partitions(n, percentages, split_text, test_dir):
+    """Refuse a split that leaves a partition it asks for empty (it would report "nan%")."""
+    sizes = data.split_sizes(n, percentages)
+    for name, share, size in zip(("training", "validation", "test"), percentages, sizes):
+        if share > 0 and size == 0 and not (name == "test" and test_dir):
+            raise data.DataError(f"--split {split_text} leaves the {name} partition empty with {n} images; "
+                                 f"give it a larger share or more images")
+
+
+def hygiene(datasets):
+    """Warnings about each Dataset: identical images in two classes, classes too small to measure on.
+
+    (Images shared between --data, --val-dir and --test-dir: warn_overlaps.)
+    """
+    out = []
+    for d in datasets:
+        dups = data.duplicates_across_classes(d)
+        if dups:
+            a, b = dups[0]
+            out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and "
+                       f"{b}); their labels contradict each other")
+        for c, n in data.small_classes(d).items():
+            out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
+                       "specificity) means little")
+    for w in out:
+        print(f"warning: {w}", file=sys.stderr)
+    return out
 
 
 def network_info(nets, args, width):
@@ -436,7 +477,9 @@ def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
     times = {}
+    out = Path(args.out) if args.out else fresh_out_dir(args)
     try:
+        files.check_writable(out, "give another --out")
         train_pct, val_pct, test_pct = data.parse_split(args.split)
         if args.val_dir:
             train_pct, val_pct = train_pct + val_pct, 0.0
@@ -487,8 +530,8 @@ def main(argv=None):
                 raise data.DataError(f"{args.site_dir}: fewer than two readable images; site statistics "
                                      "need a sample of the site's X-rays")
         times["bottlenecks_s"] = time.perf_counter() - t
-        out = Path(args.out) if args.out else fresh_out_dir(args)
-        out.mkdir(parents=True, exist_ok=True)
+        check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
+        warnings = hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
@@ -498,17 +541,40 @@ def main(argv=None):
             all_curves.append((seed, curves))
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
+        outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
+                             runs, models, all_curves, test_scores, times, t_start)
     except (data.DataError, weights.WeightsError, classifier.ModelError, ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: the bottlenecks computed so far are cached; run the same command "
-                 "again to resume")
+        sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
+                 "same command resumes")
+    written = False
+    try:
+        # all or nothing: every file to a temporary name first, then renamed, results.json first
+        with files.interrupts_deferred():
+            out.mkdir(parents=True, exist_ok=True)
+            files.remove_strays(out)
+            files.write_all({out / name: b for name, b in outputs.items()})
+            written = True
+    except OSError as e:
+        sys.exit(f"error: could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
+                 "free some space or give another --out")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: " + (f"the outputs were written completely to {out}" if written
+                                       else "nothing was written"))
+    print(f"wrote {out}/: {', '.join(n for n in outputs if not n.startswith('model-'))} "
+          f"(total {times['total_s']:.1f} s)")
 
+
+def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings, runs, models,
+               all_curves, test_scores, times, t_start):
+    """Print the tables; return {file name: bytes} of every output, results.json first."""
     info = network_info(nets, args, x.shape[1])
     settings = dict(vars(args))
     training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
     test_name = str(test_ds.root) if test_ds else "test partition of --data"
+    model_files = {}
     for model, r in zip(models, runs):
         rep = r["test_report"]
         model.info = dict(info, threshold_rule=r["threshold_rule"],
@@ -525,8 +591,8 @@ def main(argv=None):
                 "threshold_images": int(len(val.labels)) if val_ds else 0,
                 "threshold_rule": r["threshold_rule"], "target_sensitivity": args.target_sensitivity}
         model.info = clean(model.info)
-        model.save(out / f"model-seed{r['seed']}.h5")
-    shutil.copyfile(out / f"model-seed{runs[best]['seed']}.h5", out / "model.h5")
+        model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
+    model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]
 
     summary = {"test": metrics.summary([r["test"] for r in runs]),
                "test_at_threshold": metrics.summary([r["test_at_threshold"] for r in runs])}
@@ -541,16 +607,21 @@ def main(argv=None):
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))
     s = summary["test"]
-    print(f"\ntest accuracy {100 * s['accuracy']['mean']:.2f}% ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
-          f"sensitivity {100 * s['sensitivity']['mean']:.2f}%, specificity {100 * s['specificity']['mean']:.2f}% "
-          f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5)")
+
+    def percent(v):
+        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}%"
+    missing = "n/a" in percent(s["sensitivity"]["mean"]) + percent(s["specificity"]["mean"])
+    print(f"\ntest accuracy {percent(s['accuracy']['mean'])} ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
+          f"sensitivity {percent(s['sensitivity']['mean'])}, specificity {percent(s['specificity']['mean'])} "
+          f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
+          + ("; n/a: a test partition lacks that class)" if missing else ")"))
     r = runs[best]
     if r["validation_report"] and args.val_dir:
         print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
               "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
-    png = write_curves(out, all_curves, title)
-    pngs = report.test_figures(out, r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}")
+    figures = curve_files(all_curves, title)
+    figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
@@ -561,16 +632,14 @@ def main(argv=None):
                  "val_images": val_ds.counts() if val_ds else None,
                  "site_dir": str(args.site_dir) if args.site_dir else None,
                  "site_images": int(len(site)) if site is not None else None,
-                 "skipped": len(skipped), "skipped_files": skipped},
+                 "skipped": len(skipped), "skipped_files": skipped, "warnings": warnings},
         "repeats": runs, "summary": summary, "std": "sample standard deviation (ddof=1) over repeats",
         "ci95": "2.5th and 97.5th percentiles over 2000 resamples of whole patients",
         "model": "model.h5", "model_seed": runs[best]["seed"],
         "model_choice": "the repeat with the lowest final validation loss",
         "versions": versions(), "times": times,
     }
-    (out / "results.json").write_text(json.dumps(clean(results), indent=2) + "\n")
-    written = ["results.json", "model.h5", "curves.csv"] + (["curves.png"] if png else []) + [q.name for q in pngs]
-    print(f"wrote {out}/: {', '.join(written)} (total {times['total_s']:.1f} s)")
+    return {"results.json": (json.dumps(clean(results), indent=2) + "\n").encode(), **model_files, **figures}
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 A dsconv weight file holds one group per Keras layer name with ``kernel``
 and ``bias`` datasets in the layouts of dsconv.kernels, and the attributes
 ``alpha`` (inferred from the tensor shapes), ``trained_resolution``,
-``has_head``, ``source_file`` and ``source_sha256``.
+``has_head``, ``source_file``, ``source_sha256`` and ``checksum`` (a sha256
+of all the others and of every tensor, verified on loading: a file that
+fails it is converted again from its Keras file when that is at hand, and
+refused otherwise).
 
 Batch norm is folded into the convolution before it (eps = 1e-3):
 ``scale = gamma / sqrt(var + eps)``, ``kernel' = kernel * scale`` per output
@@ -22,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dsconv import files
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
@@ -143,14 +147,16 @@ def convert(path, out_dir=None, resolution=None):
     out_dir = Path(out_dir) if out_dir else weights_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"mobilenet_{alpha:g}_{resolution}{'' if head else '_no_top'}.h5"
-    tmp = out.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(format=FORMAT, alpha=alpha, trained_resolution=resolution,
-                       has_head=head, source_file=path.name, source_sha256=sha256(path))
-        for name, tensors in params.items():
-            for t, a in tensors.items():
-                f[f"{name}/{t}"] = a
-    os.replace(tmp, out)
+    files.remove_strays(out_dir)
+    attrs = dict(format=FORMAT, alpha=alpha, trained_resolution=resolution, has_head=head,
+                 source_file=path.name, source_sha256=sha256(path))
+    tensors = {f"{name}/{t}": a for name, ts in params.items() for t, a in ts.items()}
+
+    def fill(f):
+        f.attrs.update(attrs, checksum=files.checksum(attrs, tensors))
+        for key, a in tensors.items():
+            f[key] = a
+    files.write_hdf5(out, fill)
     return out
 
 
@@ -161,13 +167,48 @@ def describe(path):
             if f.attrs.get("format") != FORMAT:
                 return None
             return {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
-                    for k in ("alpha", "trained_resolution", "has_head", "source_file")}
+                    for k in ("alpha", "trained_resolution", "has_head", "source_file", "source_sha256")
+                    if k in f.attrs or k != "source_sha256"}
     except OSError:
         return None
 
 
+def _verified(path):
+    """{layer: {kernel, bias}} of a dsconv weight file; WeightsError if it fails its checksum."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in f.attrs if k != "checksum"}
+            attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
+            stored = f.attrs.get("checksum")
+            params = {name: {t: f[name][t][()] for t in f[name]} for name in f}
+    except (OSError, KeyError, TypeError) as e:
+        raise WeightsError(f"{path}: damaged weight file ({e})") from None
+    if stored is None:
+        raise WeightsError(f"{path}: the weight file carries no checksum (converted by an older dsconv)")
+    tensors = {f"{name}/{t}": a for name, ts in params.items() for t, a in ts.items()}
+    if stored != files.checksum(attrs, tensors):
+        raise WeightsError(f"{path}: the weight file fails its checksum: it was changed after conversion")
+    bad = [k for k, a in tensors.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise WeightsError(f"{path}: the weight file holds non-finite numbers (in {bad[0]})")
+    return params
+
+
+def _keras_source(info):
+    """The Keras file a dsconv file was converted from, if one with the same sha256 is at hand."""
+    for k in keras_dirs():
+        src = k / info["source_file"]
+        if src.is_file() and sha256(src) == info.get("source_sha256"):
+            return src
+    return None
+
+
 def load_file(path, alpha=None, resolution=None):
-    """A MobileNet from a dsconv weight file; refuses a file of another alpha."""
+    """A MobileNet from a dsconv weight file; refuses a file of another alpha.
+
+    A file that fails its checksum is converted again from its Keras file if
+    that is at hand (saying so), and refused otherwise.
+    """
     path = Path(path)
     info = describe(path)
     if info is None:
@@ -176,8 +217,16 @@ def load_file(path, alpha=None, resolution=None):
     if alpha is not None and info["alpha"] != alpha:
         raise WeightsError(f"{path}: holds alpha {info['alpha']} weights, not the alpha {alpha} "
                            "asked for")
-    with h5py.File(path, "r") as f:
-        params = {name: {t: f[name][t][()] for t in f[name]} for name in f}
+    try:
+        params = _verified(path)
+    except WeightsError as e:
+        src = _keras_source(info)
+        if src is None:
+            raise WeightsError(f"{e}; convert the Keras file {info['source_file']} again with "
+                               f"`python -m dsconv.weights convert PATH/{info['source_file']}`") from None
+        print(f"dsconv: {e}; converting {src} again", file=sys.stderr)
+        path = convert(src, path.parent, info["trained_resolution"])
+        params = _verified(path)
     try:
         net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
     except ValueError as e:

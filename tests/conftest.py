@@ -1,4 +1,7 @@
+import os
 import shutil
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,24 @@ def converted(weights_dir, monkeypatch):
     monkeypatch.setenv("DSCONV_WEIGHTS", str(weights_dir))
     monkeypatch.setenv("DSCONV_KERAS_WEIGHTS", "")
     return weights_dir
+
+
+@pytest.fixture
+def readonly():
+    """A context manager making a folder read-only, for root too (which ignores permission bits)."""
+    @contextmanager
+    def make(folder):
+        root = os.geteuid() == 0
+        if root:
+            if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+                pytest.skip("cannot make a folder read-only for root here (chattr +i failed)")
+        else:
+            folder.chmod(0o555)
+        try:
+            yield folder
+        finally:
+            if root:
+                subprocess.run(["chattr", "-i", str(folder)], check=True)
+            else:
+                folder.chmod(0o755)
+    return make

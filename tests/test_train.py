@@ -105,16 +105,17 @@ CURVES = {"step": [10, 20], "train_loss": [0.5, 0.4], "train_accuracy": [0.8, 0.
           "val_loss": [0.6, 0.5], "val_accuracy": [0.7, 0.8]}
 
 
-def test_curves_without_matplotlib(tmp_path, capsys, monkeypatch):
+def test_curves_without_matplotlib(capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    assert train.write_curves(tmp_path, [(0, CURVES)], "t") is None
+    out = train.curve_files([(0, CURVES)], "t")
+    assert list(out) == ["curves.csv"]
     assert "matplotlib is not installed" in capsys.readouterr().out
-    assert (tmp_path / "curves.csv").read_text().splitlines()[1] == "0,10,0.5,0.8,0.6,0.7"
+    assert out["curves.csv"].decode().splitlines()[1] == "0,10,0.5,0.8,0.6,0.7"
 
 
-def test_curves_png(tmp_path):
+def test_curves_png():
     pytest.importorskip("matplotlib", reason="the optional extra `plot`")
-    assert train.write_curves(tmp_path, [(0, CURVES), (1, CURVES)], "t").stat().st_size > 1000
+    assert len(train.curve_files([(0, CURVES), (1, CURVES)], "t")["curves.png"]) > 1000
 
 
 def test_help_documents_every_flag(capsys):
