@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from dsconv import classifier, data, files, metrics, predict, report, weights
 
 
@@ -36,7 +34,7 @@ def parse_args(argv):
     p.add_argument("model", help="model file written by `python -m dsconv.train` (model.h5)")
     p.add_argument("--site-dir", help="the site's images, unlabelled: re-estimate the feature statistics")
     p.add_argument("--val-dir", help="the site's labelled images (one subfolder per class): choose the threshold")
-    p.add_argument("--threshold-rule", default="accuracy", choices=("accuracy", "youden"),
+    p.add_argument("--threshold-rule", default="accuracy", choices=metrics.THRESHOLD_RULES,
                    help="choose the threshold maximising accuracy or Youden's J on --val-dir")
     p.add_argument("--target-sensitivity", type=float,
                    help="choose the highest threshold reaching this sensitivity on --val-dir instead")
@@ -74,17 +72,12 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")
-        if target_sensitivity is not None:
-            head.threshold = metrics.sensitivity_threshold(y, s, target_sensitivity)
-            rule = f"highest reaching sensitivity {target_sensitivity:g} on the site's labelled images"
-        elif rule == "youden":
-            head.threshold, rule = metrics.youden_threshold(y, s), "max Youden's J on the site's labelled images"
-        else:
-            head.threshold, rule = metrics.accuracy_threshold(y, s), "max accuracy on the site's labelled images"
+        head.threshold, rule = metrics.choose_threshold(y, s, rule, target_sensitivity)
+        rule += " on the site's labelled images"
         model.threshold = head.threshold
         head.info["threshold_rule"] = rule
         record.update(threshold_images=int(len(y)), threshold_rule=rule, target_sensitivity=target_sensitivity,
-                      on_threshold_dir=metrics.evaluate(y, s, head.threshold), y=y, scores=s)
+                      on_threshold_dir=metrics.evaluate(y, s, head.threshold))
     return record
 
 
@@ -97,7 +90,6 @@ def main(argv=None):
         val = data.scan(args.val_dir, model.classes) if args.val_dir else None
         site = data.image_files(args.site_dir) if args.site_dir else None
         rec = calibrate(model, site, val, args.target_sensitivity, args.threshold_rule)
-        y, s = rec.pop("y", None), rec.pop("scores", None)
         model.head.info["calibration"] = dict(
             rec, site_dir=str(Path(args.site_dir).resolve()) if site else None,
             threshold_dir=str(Path(args.val_dir).resolve()) if val else None,

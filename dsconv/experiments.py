@@ -41,7 +41,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import classifier, data, features, files, metrics, mobilenet, weights
+from dsconv import classifier, data, features, files, metrics, mobilenet, report, weights
 
 OUT = "results"
 WORKERS = 2
@@ -463,18 +463,6 @@ def table3():
 # ---- figures
 
 
-def pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no figure4.png or tradeoff.png "
-              "(pip install matplotlib, or the extra: pip install -e .[plot])")
-        return None
-
-
 def tradeoff(path, selected, scheme, plt):
     """Test accuracy against million mult-adds, by image and by patient, one panel per bottleneck."""
     kinds = [k for k in BOTTLENECKS if any(c[2] == k and c[4] == scheme for c in selected)]
@@ -738,7 +726,7 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     head = "80/10/10" if "80/10/10" in grid.schemes else grid.schemes[0]
     figure_cell = best_cell(selected, head) if selected else None
     paper_cell = paper_setting(rows)
-    plt = pyplot()
+    plt = report.pyplot("figure4.png or tradeoff.png")
     written = ["runs.csv", "table1.md", "table3.md", "table4.md"]
     if plt and selected:
         c, s = paper_cell or figure_cell

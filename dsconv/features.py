@@ -276,16 +276,11 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, p
 def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=2, progress=True, tta="none"):
     """As extract, the bottlenecks of several networks concatenated in the order of ``nets``.
 
-    A path that fails in any network is in ``failed`` and has no row.
+    Each image is decoded once for all of them (extract_nets); a path that
+    fails has no row.
     """
-    parts, failed = [], {}
-    for net in nets:
-        feats, bad = extract(paths, net, kind, cache_dir, workers=workers, progress=progress, tta=tta)
-        parts.append(dict(zip([p for p in map(Path, paths) if p not in bad], feats)))
-        failed.update(bad)
-    rows = [np.concatenate([part[p] for part in parts]) for p in map(Path, paths) if p not in failed]
-    width = sum(len(next(iter(part.values()))) for part in parts) if rows else 0
-    return (np.stack(rows) if rows else np.zeros((0, width), np.float32)), failed
+    feats, failed = extract_nets(paths, nets, (kind,), cache_dir, workers=workers, progress=progress, tta=tta)
+    return np.concatenate([f[kind] for f in feats], axis=1), failed
 
 
 def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none"):

@@ -94,6 +94,20 @@ def accuracy_threshold(y, scores):
     return float((t[k] + t[k + 1]) / 2) if k + 1 < len(t) else float(t[k])
 
 
+THRESHOLD_RULES = ("accuracy", "youden")
+
+
+def choose_threshold(y, scores, rule="accuracy", target=None):
+    """(threshold, what chose it): the highest reaching sensitivity ``target`` if given, else by ``rule``."""
+    if target is not None:
+        return sensitivity_threshold(y, scores, target), f"highest reaching sensitivity {target:g}"
+    if rule == "youden":
+        return youden_threshold(y, scores), "max Youden's J"
+    if rule != "accuracy":
+        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+    return accuracy_threshold(y, scores), "max accuracy"
+
+
 def sensitivity_threshold(y, scores, target):
     """The highest threshold whose sensitivity on (y, scores) reaches ``target``."""
     t, sens, _ = _roc_points(y, scores)

@@ -6,8 +6,6 @@ skipped with a note.
 import io
 import math
 
-import numpy as np
-
 from dsconv import metrics
 
 
@@ -26,14 +24,14 @@ def describe(rep, threshold):
             f"(95% intervals over patients, {rep['patients']} patients)")
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend, or None with a note."""
+def pyplot(skipped="figures"):
+    """matplotlib.pyplot on the Agg backend, or None with a note naming what is ``skipped``."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed, so no figures "
+        print(f"note: matplotlib is not installed, so no {skipped} "
               "(pip install matplotlib, or the extra: pip install -e .[plot])")
         return None
     return plt
@@ -44,7 +42,7 @@ def test_figures(rep, y, scores, threshold, title):
     test set ({} without matplotlib)."""
     if y is None or len(y) == 0 or y.all() or not y.any():
         return {}
-    plt = pyplot()
+    plt = pyplot("roc-reliability.png")
     if plt is None:
         return {}
     fig, (roc, rel) = plt.subplots(1, 2, figsize=(11, 4.6))

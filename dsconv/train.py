@@ -37,7 +37,6 @@ WORKERS = 2
 TTA = "flip"
 SITE_WEIGHT = 5
 FOLDS = 5
-THRESHOLD_RULES = ("youden", "accuracy")
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
 STEPS = [classifier.STEPS]
@@ -102,12 +101,12 @@ def parse_args(argv):
                    help="with --val-dir: its images also train, each this many times, and every choice "
                         f"made on them uses out-of-fold scores ({FOLDS} folds of patients); 0: they only "
                         "validate")
-    p.add_argument("--threshold-rule", default=THRESHOLD_RULE, choices=THRESHOLD_RULES,
+    p.add_argument("--threshold-rule", default=THRESHOLD_RULE, choices=metrics.THRESHOLD_RULES,
                    help="choose the decision threshold maximising Youden's J (sensitivity + specificity) "
                         "or accuracy on validation")
     p.add_argument("--target-sensitivity", type=float,
                    help="choose the highest threshold reaching this validation sensitivity "
-                        "instead of maximising Youden's J")
+                        "instead of following --threshold-rule")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{features.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
@@ -205,12 +204,8 @@ def choose_threshold(args, y, scores):
     """(threshold, rule) on validation labels y (positive True) and scores."""
     if not (y.any() and (~y).any()):
         return 0.5, "0.5 (the validation set lacks a class)"
-    if args.target_sensitivity is not None:
-        return (metrics.sensitivity_threshold(y, scores, args.target_sensitivity),
-                f"highest reaching validation sensitivity {args.target_sensitivity:g}")
-    if args.threshold_rule == "accuracy":
-        return metrics.accuracy_threshold(y, scores), "max accuracy on validation"
-    return metrics.youden_threshold(y, scores), "max Youden's J on validation"
+    t, rule = metrics.choose_threshold(y, scores, args.threshold_rule, args.target_sensitivity)
+    return t, f"{rule} on validation"
 
 
 def assess(y, scores, threshold, paths, target):
@@ -279,7 +274,7 @@ def fit(args, x, y, classes, val, site, positive, seed):
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
-                                                        "scores": np.zeros(len(y_val)), "curves": curves})
+                                                        "scores": np.zeros(len(y_val))})
                 if scored is None:
                     c["model"] = model
                     if not cross:
@@ -381,13 +376,8 @@ def curve_files(all_curves, title):
         for row in zip(*(c[k] for k in keys)):
             lines.append(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     out = {"curves.csv": ("\n".join(lines) + "\n").encode()}
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no curves.png "
-              "(pip install matplotlib, or the extra: pip install -e .[plot])")
+    plt = report.pyplot("curves.png")
+    if plt is None:
         return out
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for seed, c in all_curves:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dsconv import calibrate, classifier, data, features, images, metrics, predict, train, weights
-from tests.conftest import CHEST, SHARED, copy_xrays
+from tests.conftest import SHARED, copy_xrays
 
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
 
