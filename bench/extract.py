@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import features, images, weights
+from dsconv import bottlenecks, images, weights
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 VARIANTS = "0.25-128,0.75-224"
@@ -40,14 +40,14 @@ def main():
         net = weights.load(alpha, resolution, quiet=True)
         for name, paths in sources.items():
             with tempfile.TemporaryDirectory() as tmp:
-                got, _ = features.extract(paths[:4], net, "pooled", tmp, progress=False)
+                got, _ = bottlenecks.extract(paths[:4], net, "pooled", tmp, progress=False)
             want, _ = net.forward(np.stack([images.load(q, resolution) for q in paths[:4]]))
             assert np.array_equal(got, want), f"{v} {name}: extract disagrees with the forward pass"
             times = []
             for _ in range(a.repeats):
                 with tempfile.TemporaryDirectory() as tmp:
                     t = time.perf_counter()
-                    features.extract(paths, net, "pooled", tmp, workers=a.workers, progress=False)
+                    bottlenecks.extract(paths, net, "pooled", tmp, workers=a.workers, progress=False)
                     times.append(time.perf_counter() - t)
             med = statistics.median(times)
             print(f"MobileNet {v:9s} {name:10s}: {len(paths) / med:6.1f} images/s "

@@ -51,7 +51,7 @@ def onnx_runtime(net, threads):
     r = net.resolution
     graph = helper.make_graph(nodes, "mobilenet_v1",
                               [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", r, r, 3])],
-                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", net.features])],
+                              [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, ["N", net.pooled_width])],
                               inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)

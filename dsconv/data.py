@@ -3,7 +3,7 @@
 A data set is a folder with one subfolder of images per class; class names
 are the subfolder names, sorted. Hidden files and folders are ignored; every
 other file is a candidate image (files that do not decode are skipped later,
-by dsconv.features, with a warning).
+by dsconv.bottlenecks, with a warning).
 
 Splits (``split``) are stratified by class and random with a seed. For
 percentages (train, val, test) of n images, the partition sizes are
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv.features import file_key
+from dsconv.bottlenecks import file_key
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),                   # person23_bacteria_87.jpeg
@@ -104,7 +104,7 @@ def image_files(root):
 
 def shared_images(a, b):
     """(path in a, path in b) for every image of Dataset b whose bytes equal an image of Dataset a."""
-    from dsconv.features import file_key
+    from dsconv.bottlenecks import file_key
 
     def key(p):  # empty and unreadable files are reported elsewhere, not matched here
         try:

@@ -7,7 +7,7 @@ The grid: MobileNet variants (every alpha with weights, at 224, 192, 160 and
 x learning rates 0.1, 0.01, 0.001 x 1500, 2000, 2500 steps, split by image
 (the paper's protocol) and by patient, on the logits and on the pooled
 bottleneck. Each variant's images go through the network once, for both
-bottlenecks (dsconv.features caches them). Each (variant, bottleneck,
+bottlenecks (dsconv.bottlenecks caches them). Each (variant, bottleneck,
 protocol, scheme, seed, rate) is trained once to the largest step count and
 its snapshots at the smaller ones are evaluated: the random draws of a step
 do not depend on the step count, so a snapshot is exactly the shorter run.
@@ -41,7 +41,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import classifier, data, features, files, metrics, mobilenet, report, weights
+from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, report, weights
 
 OUT = "results"
 WORKERS = 2
@@ -118,7 +118,7 @@ def parse_args(argv):
                         "0.01, 100 and 200 steps (seconds once its bottlenecks are cached); its tables "
                         "replace those in --out, its runs join runs.csv")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
-                                   f"{features.default_cache_dir()})")
+                                   f"{bottlenecks.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
     args = p.parse_args(argv)
     if args.workers < 1:
@@ -275,7 +275,7 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
             if not variants:
                 continue
             nets = [weights.load(alpha, res, head=True, quiet=True) for _, res in variants]
-            for net, (vds, x) in zip(nets, bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)):
+            for net, (vds, x) in zip(nets, readable_bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)):
                 res, todo = net.resolution, todos[alpha, net.resolution]
                 groups = {"image": None, "patient": [data.patient_id(p) for p in vds.paths]}
                 parts = {}
@@ -306,20 +306,20 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
         pool.shutdown(cancel_futures=True)
 
 
-def bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
+def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
     """[(Dataset of the readable images, {kind: features}) per net], timing the extraction of uncached images.
 
     ``nets``: one alpha at several resolutions, whose images are decoded once for all.
     """
-    root = features.default_cache_dir() if cache_dir is None else cache_dir
-    keys = [features.file_key(p) for p in ds.paths if p.stat().st_size]
+    root = bottlenecks.default_cache_dir() if cache_dir is None else cache_dir
+    keys = [bottlenecks.file_key(p) for p in ds.paths if p.stat().st_size]
     missing = []
     for net in nets:
-        size = {"pooled": net.features, "logits": mobilenet.CLASSES}
-        cached = [features.Cache(root, features.variant(net, k), size[k]).rows for k in kinds]
+        size = {"pooled": net.pooled_width, "logits": mobilenet.CLASSES}
+        cached = [bottlenecks.Cache(root, bottlenecks.variant(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
-    feats, failed = features.extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
+    feats, failed = bottlenecks.extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
     wall = time.perf_counter() - t
     for net, n, s in zip(nets, missing, forward):
         timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": n, "seconds": s,
@@ -536,7 +536,7 @@ def best_cell(selected, scheme):
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     alpha, res, kind, g, scheme = cell
     net = weights.load(alpha, res, head=True, quiet=True)
-    feats, failed = features.extract_kinds(ds.paths, net, (kind,), cache_dir, workers=workers, progress=False)
+    feats, failed = bottlenecks.extract_kinds(ds.paths, net, (kind,), cache_dir, workers=workers, progress=False)
     vds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
     x = feats[kind]
     groups = [data.patient_id(p) for p in vds.paths] if g == "patient" else None
@@ -555,7 +555,7 @@ def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
 
 def leakage(ds, seeds, scheme):
     """Facts about patients and duplicate files behind the gap between the protocols."""
-    keys = [features.file_key(p) for p in ds.paths]
+    keys = [bottlenecks.file_key(p) for p in ds.paths]
     patients = [data.patient_id(p) for p in ds.paths]
     same = defaultdict(list)
     for i, k in enumerate(keys):

@@ -144,7 +144,7 @@ class MobileNet:
         return hashes[head]
 
     @property
-    def features(self):
+    def pooled_width(self):
         return feature_size(self.alpha)
 
     def _images(self, images):
@@ -199,7 +199,7 @@ class MobileNet:
             self._fused = (threads, threading.Lock(), *self._buffers(threads))
         _, lock, stack, act, tile, args = self._fused
         n, r = len(x), self.resolution
-        pooled = np.empty((n, self.features), np.float32)
+        pooled = np.empty((n, self.pooled_width), np.float32)
         whole, flat = n // threads * threads, x.reshape(-1)
         with lock:
             if whole:

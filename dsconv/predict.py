@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import cam, classifier, features, files, images, weights
+from dsconv import bottlenecks, cam, classifier, files, images, weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -63,9 +63,9 @@ class Model:
             raise classifier.ModelError(f"{path}: the model file does not record {e}; train it again "
                                         "with `python -m dsconv.train`") from None
         self.tta = info.get("tta", "none")
-        if self.tta not in features.TTAS:
+        if self.tta not in bottlenecks.TTAS:
             raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
-                                        f"{features.TTAS}; this version of dsconv cannot apply it")
+                                        f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
         self.alpha = info["alpha"]
         self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
         self.net = self.nets[0]
@@ -83,14 +83,14 @@ class Model:
 
     def bottlenecks(self, paths, progress=False):
         """(features (N, D) of the readable paths, {path: reason} of the others); cached."""
-        return features.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
+        return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
                                          progress=progress, tta=self.tta)
 
     def _pixels_bottlenecks(self, arrays):
         x = np.stack([_prepare(a, self.resolution) for a in arrays])
         out = []
         for net in self.nets:
-            pooled, logits = features.forward(net, x, self.tta)
+            pooled, logits = bottlenecks.forward(net, x, self.tta)
             out.append(pooled if self.bottleneck == "pooled" else logits)
         return np.concatenate(out, axis=1)
 
@@ -151,8 +151,8 @@ class Model:
         """
         total, at = 0.0, 0
         for net in self.nets:
-            wi = w[at:at + net.features]
-            at += net.features
+            wi = w[at:at + net.pooled_width]
+            at += net.pooled_width
             m = cam.class_map(net.feature_maps(x[None])[0], wi)
             if self.tta == "flip":
                 m = (m + cam.class_map(net.feature_maps(x[None, :, ::-1])[0], wi)[:, ::-1]) / 2
@@ -254,7 +254,7 @@ def rows_for(model, paths, heatmap_dir=None, progress=True):
     the rows done so far and the others marked as not done.
     """
     rows, used = [], set()
-    bar = features.Progress(len(paths), "predict") if progress else None
+    bar = bottlenecks.Progress(len(paths), "predict") if progress else None
     try:
         for i in range(0, len(paths), CHUNK):
             chunk = paths[i:i + CHUNK]

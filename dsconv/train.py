@@ -2,7 +2,7 @@
 
     python -m dsconv.train --data ../shared/data/chest_xray/train
 
-Bottlenecks are computed once and cached (dsconv.features); each repeat
+Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
 splits the images with its seed (0, 1, ...), trains the head (dsconv.classifier),
 picks the decision threshold on the validation partition and reports test
 metrics at 0.5 and at that threshold. Written to --out: results.json,
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import __version__, classifier, data, features, files, images, metrics, report, weights
+from dsconv import __version__, bottlenecks, classifier, data, files, images, metrics, report, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -66,11 +66,11 @@ def parse_args(argv):
     p.add_argument("--alpha", type=alpha_list, default=[ALPHA], metavar="A[,A...]",
                    help=f"MobileNet width multiplier, one of {', '.join(map(str, ALPHAS))}; several "
                         "separated by commas concatenate their bottlenecks (an ensemble)")
-    p.add_argument("--tta", default=TTA, choices=features.TTAS,
+    p.add_argument("--tta", default=TTA, choices=bottlenecks.TTAS,
                    help="test-time augmentation: flip averages each image's bottleneck with its mirror "
                         "image's, in training and prediction alike")
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="input size r (r x r), a multiple of 32")
-    p.add_argument("--bottleneck", default=BOTTLENECK, choices=features.KINDS,
+    p.add_argument("--bottleneck", default=BOTTLENECK, choices=bottlenecks.KINDS,
                    help="pooled 1024*alpha features, or the 1000 ImageNet logits (retrain.py's choice)")
     p.add_argument("--split", default=SPLIT, help="train/validation/test percentages")
     p.add_argument("--group-by", default=GROUP_BY, choices=("patient", "image"),
@@ -108,7 +108,7 @@ def parse_args(argv):
                    help="choose the highest threshold reaching this validation sensitivity "
                         "instead of following --threshold-rule")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
-                                   f"{features.default_cache_dir()})")
+                                   f"{bottlenecks.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
     if "--paper" in (sys.argv[1:] if argv is None else argv):
@@ -181,9 +181,9 @@ def clean(x):
     return x
 
 
-def bottlenecks(ds, nets, args, cache_dir, skipped):
+def readable_bottlenecks(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    feats, failed = features.extract_ensemble(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+    feats, failed = bottlenecks.extract_ensemble(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
                                               tta=args.tta)
     skipped.update({str(p): msg for p, msg in failed.items()})
     ds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
@@ -504,16 +504,16 @@ def main(argv=None):
         t = time.perf_counter()
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
-        ds, x = bottlenecks(ds, nets, args, cache_dir, skipped)
+        ds, x = readable_bottlenecks(ds, nets, args, cache_dir, skipped)
         val = test = site = None
         if val_ds is not None:
-            val_ds, x_val = bottlenecks(val_ds, nets, args, cache_dir, skipped)
+            val_ds, x_val = readable_bottlenecks(val_ds, nets, args, cache_dir, skipped)
             val = Part(x_val, val_ds.labels, val_ds.paths)
         if test_ds is not None:
-            test_ds, x_test = bottlenecks(test_ds, nets, args, cache_dir, skipped)
+            test_ds, x_test = readable_bottlenecks(test_ds, nets, args, cache_dir, skipped)
             test = Part(x_test, test_ds.labels, test_ds.paths)
         if site_paths is not None:
-            site, failed = features.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
+            site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
                                                      workers=args.workers, tta=args.tta)
             skipped.update({str(q): msg for q, msg in failed.items()})
             if len(site) < 2:

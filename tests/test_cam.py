@@ -11,7 +11,7 @@ def test_map_mean_plus_bias_is_the_logit(converted):
     paths = sorted((CHEST / "NORMAL").glob("*.jpeg"))[:3]
     x = np.stack([images.load(p, 128) for p in paths])
     rng = np.random.default_rng(0)
-    W, b = rng.standard_normal((net.features, 2)), rng.standard_normal(2)
+    W, b = rng.standard_normal((net.pooled_width, 2)), rng.standard_normal(2)
     A = net.feature_maps(x)
     pooled, _ = net.forward(x)
     logits = pooled.astype(np.float64) @ W + b

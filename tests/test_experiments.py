@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dsconv import classifier, data, experiments, features, weights
+from dsconv import bottlenecks, classifier, data, experiments, weights
 from tests.conftest import copy_xrays
 
 
@@ -75,7 +75,7 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
              and r["seed"] == "1" and r["lr"] == "0.1" and r["steps"] == str(min(q.steps)))
     ds = data.scan(small)
     net = weights.load(0.25, 128, head=True, quiet=True)
-    x, _ = features.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
+    x, _ = bottlenecks.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
     part = data.split(ds.labels, (80, 10, 10), 1, [data.patient_id(p) for p in ds.paths])
     model, _ = classifier.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
     _, test = experiments.evaluate(model, x[part == 2], ds.labels[part == 2], 1)

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dsconv import calibrate, classifier, data, features, images, metrics, predict, train, weights
+from dsconv import bottlenecks, calibrate, classifier, data, images, metrics, predict, train, weights
 from tests.conftest import SHARED, copy_xrays
 
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
@@ -72,10 +72,10 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
     model = predict.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
     net = weights.load(0.25, 128, quiet=True)
     val = data.scan(folders["val"])
-    x = features.extract(data.scan(folders["train"]).paths, net, "pooled", tmp_path / "cache", tta="flip",
+    x = bottlenecks.extract(data.scan(folders["train"]).paths, net, "pooled", tmp_path / "cache", tta="flip",
                          progress=False)[0]
     y = data.scan(folders["train"]).labels
-    xv = features.extract(val.paths, net, "pooled", tmp_path / "cache", tta="flip", progress=False)[0]
+    xv = bottlenecks.extract(val.paths, net, "pooled", tmp_path / "cache", tta="flip", progress=False)[0]
     fold = train.folds(val.paths, val.labels, train.FOLDS, 0)
     patients = [data.patient_id(p) for p in val.paths]
     assert all(len({f for f, q in zip(fold, patients) if q == g}) == 1 for g in patients)
@@ -121,7 +121,7 @@ def test_calibration_identity(converted, folders, tmp_path, capsys):
     assert cal["site_images"] == 20 and cal["threshold_images"] == 20 and cal["target_sensitivity"] == 0.8
     assert cal["on_threshold_dir"]["sensitivity"] == sens
     # the site's standardised bottlenecks have mean 0 and deviation 1: the site's own statistics
-    x, _ = features.extract(data.image_files(site), model.net, "pooled", False, progress=False, tta=model.tta)
+    x, _ = bottlenecks.extract(data.image_files(site), model.net, "pooled", False, progress=False, tta=model.tta)
     z = model.head.prepare(x)
     assert np.abs(z.mean(axis=0)).max() < 1e-9 and np.abs(z.std(axis=0)[x.std(axis=0) > 0] - 1).max() < 1e-9
     # predict's CLI applies the same adaptation and threshold
@@ -157,12 +157,12 @@ def test_calibrate_refuses_what_it_cannot_do(converted, folders, tmp_path, capsy
 def test_flip_tta_is_the_mean_of_image_and_mirror_and_cached_apart(converted, folders, tmp_path):
     net = weights.load(0.25, 128, quiet=True)
     paths = data.scan(folders["val"]).paths[:6]
-    flip, failed = features.extract(paths, net, "pooled", tmp_path, tta="flip", progress=False)
+    flip, failed = bottlenecks.extract(paths, net, "pooled", tmp_path, tta="flip", progress=False)
     x = np.stack([images.load(p, 128) for p in paths])
     mirror = np.stack([images.load(p, 128)[:, ::-1] for p in paths])
     want = (net.forward(x)[0].astype(np.float64) + net.forward(mirror)[0]) / 2
     assert not failed and np.abs(flip - want).max() < 1e-5
-    plain, _ = features.extract(paths, net, "pooled", tmp_path, progress=False)
+    plain, _ = bottlenecks.extract(paths, net, "pooled", tmp_path, progress=False)
     assert np.abs(plain - net.forward(x)[0]).max() < 1e-6 and np.abs(plain - flip).max() > 1e-3
     assert sorted(d.name.split("-")[3] for d in tmp_path.iterdir()) == ["pooled", "pooled"]
     assert any(d.name.split("-")[4] == "flip" for d in tmp_path.iterdir())

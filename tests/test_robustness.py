@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import classifier, data, experiments, features, files, kernels, predict, train, weights
+from dsconv import bottlenecks, classifier, data, experiments, files, kernels, predict, train, weights
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays
 
 DEAD_PID = 999999999
@@ -215,12 +215,12 @@ def fake_variant():
 def test_cache_merge_loses_no_other_process_rows(tmp_path):
     v = fake_variant()
     # two runs open the same cache, each computes its own images, then each merges
-    a, b = features.Cache(tmp_path, v, 3), features.Cache(tmp_path, v, 3)
+    a, b = bottlenecks.Cache(tmp_path, v, 3), bottlenecks.Cache(tmp_path, v, 3)
     a.put(["a" * 64], np.ones((1, 3)))
     b.put(["b" * 64], np.full((1, 3), 2.0))
     a.merge()
     b.merge()
-    rows = features.Cache(tmp_path, v, 3).rows
+    rows = bottlenecks.Cache(tmp_path, v, 3).rows
     assert sorted(rows) == ["a" * 64, "b" * 64] and rows["b" * 64][0] == 2.0
 
 
@@ -309,17 +309,17 @@ def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tm
 def test_read_only_cache_runs_without_one(converted, small, tmp_path, readonly, capsys):
     net = weights.load(0.25, 128, quiet=True)
     paths = sorted((small / "NORMAL").glob("*.jpeg"))
-    first, _ = features.extract(paths[:4], net, "pooled", tmp_path, progress=False)
+    first, _ = bottlenecks.extract(paths[:4], net, "pooled", tmp_path, progress=False)
     capsys.readouterr()
     variant_dir = next(tmp_path.iterdir())
     with readonly(variant_dir):
-        feats, failed = features.extract(paths, net, "pooled", tmp_path, progress=False)
+        feats, failed = bottlenecks.extract(paths, net, "pooled", tmp_path, progress=False)
     assert not failed and np.array_equal(feats[:4], first) and feats.shape == (16, 256)
     err = capsys.readouterr().err
     assert err.count("cannot write the bottleneck cache") == 1 and str(variant_dir) in err
     with readonly(tmp_path):  # a variant not cached yet, under a read-only cache folder
         at160 = weights.load(0.25, 160, quiet=True)
-        feats, _ = features.extract(paths[:2], at160, "pooled", tmp_path, progress=False)
+        feats, _ = bottlenecks.extract(paths[:2], at160, "pooled", tmp_path, progress=False)
     assert feats.shape == (2, 256) and "running without saving bottlenecks" in capsys.readouterr().err
 
 

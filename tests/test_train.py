@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dsconv import classifier, data, features, train, weights
+from dsconv import bottlenecks, classifier, data, train, weights
 from dsconv.mobilenet import MobileNet
 from tests.conftest import CHEST, copy_xrays
 
@@ -53,7 +53,7 @@ def test_end_to_end_and_exact_rerun(converted, small, tmp_path, capsys, monkeypa
     ds = data.scan(small)
     ds = ds.subset(np.array([p.name not in BAD for p in ds.paths]))
     net = weights.load(0.25, 128, quiet=True)
-    x, _ = features.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
+    x, _ = bottlenecks.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
     test = data.split(ds.labels, (50, 25, 25), seed) == 2
     from dsconv import metrics
     again = metrics.evaluate(ds.labels[test] == 1, model.scores(x[test]), model.threshold)

@@ -165,7 +165,7 @@ def test_alpha_half_converts_loads_and_runs(tmp_path, monkeypatch, capsys):
     assert "alpha 0.5, trained at 224, head no" in capsys.readouterr().out
     x = np.random.default_rng(2).uniform(-1, 1, (2, 96, 96, 3)).astype(np.float32)
     net = weights.load(0.5, 96, quiet=True)
-    assert (net.alpha, net.has_head, net.features) == (0.5, False, 512)
+    assert (net.alpha, net.has_head, net.pooled_width) == (0.5, False, 512)
     pooled, _ = net.forward(x)
     want, _ = naive_forward(no_top, x)
     d = np.abs(pooled - want).max()

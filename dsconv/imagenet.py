@@ -1,6 +1,6 @@
 """ImageNet top-5 of images: the visible proof that the weights load right.
 
-    python -m dsconv.classify ../shared/weights/sample_images/elephant.jpg --alpha 0.25
+    python -m dsconv.imagenet ../shared/weights/sample_images/elephant.jpg --alpha 0.25
 """
 import argparse
 import sys
@@ -33,7 +33,7 @@ def class_names(path=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dsconv.classify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dsconv.imagenet", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
     parser.add_argument("--alpha", type=float, default=ALPHA, choices=ALPHAS, help="width multiplier")
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="input size, a multiple of 32")

@@ -137,8 +137,8 @@ def _read(path, v):
 class Cache:
     """The bottlenecks of one variant on disk: ``get``, ``put`` a batch, ``merge``."""
 
-    def __init__(self, cache_dir, v, features):
-        self.v, self.features = v, features
+    def __init__(self, cache_dir, v, width):
+        self.v, self.width = v, width
         self.dir = variant_dir(cache_dir, v)
         self.rows = {}
         self.parts = 0
@@ -180,8 +180,8 @@ class Cache:
 
     def _load(self, path):
         rows = _read(path, self.v)
-        if any(r.shape != (self.features,) for r in rows.values()):
-            raise ValueError(f"holds vectors of another size than {self.features}")
+        if any(r.shape != (self.width,) for r in rows.values()):
+            raise ValueError(f"holds vectors of another size than {self.width}")
         return rows
 
     def put(self, keys, feats):
@@ -303,7 +303,7 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     """
     kinds = tuple(dict.fromkeys(kinds))
     vs = [{kind: variant(net, kind, tta) for kind in kinds} for net in nets]
-    sizes = [{kind: net.features if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
+    sizes = [{kind: net.pooled_width if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
               for kind in kinds} for net in nets]
     paths = [Path(p) for p in paths]
     failed, keys = {}, {}
