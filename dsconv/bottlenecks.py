@@ -92,12 +92,6 @@ def forward(net, x, tta="none"):
     return (pooled[:n] + pooled[n:]) / 2, None if logits is None else (logits[:n] + logits[n:]) / 2
 
 
-def file_key(path):
-    """sha256 of a file's bytes, hex."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _checksum(keys, feats):
     h = hashlib.sha256(np.ascontiguousarray(keys).tobytes())
     h.update(np.ascontiguousarray(feats, np.float32).tobytes())
@@ -397,6 +391,6 @@ def _safe_key(path):
     try:
         if path.stat().st_size == 0:
             return None
-        return file_key(path)
+        return files.file_key(path)
     except OSError as e:
         return e

@@ -42,7 +42,7 @@ from numba import njit
 
 from dsconv.kernels import JIT
 
-from dsconv import files
+from dsconv import DsconvError, files
 
 FORMAT = "dsconv-classifier-v1"
 LR = 0.01
@@ -54,7 +54,7 @@ SAMPLINGS = ("balanced", "natural")
 OPTIONAL = ("mean", "std", "train_mean", "train_std", "site_mean", "site_std")
 
 
-class ModelError(Exception):
+class ModelError(DsconvError):
     """A model file that cannot be used, naming it."""
 
 

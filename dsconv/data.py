@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv.bottlenecks import file_key
+from dsconv import DsconvError, files
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),                   # person23_bacteria_87.jpeg
@@ -41,7 +41,7 @@ PARTITIONS = ("train", "val", "test")
 MIN_CLASS = 10  # fewer images of a class than this: a metric on it means little
 
 
-class DataError(Exception):
+class DataError(DsconvError):
     """A data folder or split that cannot be used, with what to do."""
 
 
@@ -81,13 +81,18 @@ def scan(root, classes=None):
         raise DataError(f"{root}: class folders {found} differ from the training classes {list(classes)}")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
-        if not files:
+        members = _visible_files(root / name)
+        if not members:
             raise DataError(f"{root / name}: the class folder is empty; put its images there or remove it")
-        paths += files
-        labels += [label] * len(files)
+        paths += members
+        labels += [label] * len(members)
     return Dataset(root, list(classes), paths, np.array(labels, np.int64))
+
+
+def _visible_files(folder):
+    """Every file under ``folder``, recursively and sorted, none hidden or inside a hidden folder."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def image_files(root):
@@ -95,20 +100,18 @@ def image_files(root):
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give a folder of the site's images")
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
+    paths = _visible_files(root)
+    if not paths:
         raise DataError(f"{root}: no files in this folder; put a sample of the site's images there")
-    return files
+    return paths
 
 
 def shared_images(a, b):
     """(path in a, path in b) for every image of Dataset b whose bytes equal an image of Dataset a."""
-    from dsconv.bottlenecks import file_key
 
     def key(p):  # empty and unreadable files are reported elsewhere, not matched here
         try:
-            return file_key(p) if p.stat().st_size else None
+            return files.file_key(p) if p.stat().st_size else None
         except OSError:
             return None
     keys = {}
@@ -211,7 +214,7 @@ def content_keys(ds):
             st = os.stat(p)
             memo = (str(p), st.st_size, st.st_mtime_ns)
             if memo not in _keys:
-                _keys[memo] = file_key(p)
+                _keys[memo] = files.file_key(p)
             out[p] = _keys[memo]
         except OSError:
             continue

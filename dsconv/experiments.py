@@ -312,7 +312,7 @@ def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
     ``nets``: one alpha at several resolutions, whose images are decoded once for all.
     """
     root = bottlenecks.default_cache_dir() if cache_dir is None else cache_dir
-    keys = [bottlenecks.file_key(p) for p in ds.paths if p.stat().st_size]
+    keys = [files.file_key(p) for p in ds.paths if p.stat().st_size]
     missing = []
     for net in nets:
         size = {"pooled": net.pooled_width, "logits": mobilenet.CLASSES}
@@ -555,7 +555,7 @@ def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
 
 def leakage(ds, seeds, scheme):
     """Facts about patients and duplicate files behind the gap between the protocols."""
-    keys = [bottlenecks.file_key(p) for p in ds.paths]
+    keys = [files.file_key(p) for p in ds.paths]
     patients = [data.patient_id(p) for p in ds.paths]
     same = defaultdict(list)
     for i, k in enumerate(keys):

@@ -23,11 +23,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from dsconv import DsconvError
+
 STRAY = re.compile(r"^\..+\.(\d+)\.\d+\.tmp$")
 _counter = itertools.count()
 
 
-class Busy(Exception):
+class Busy(DsconvError):
     """Another process holds the lock."""
 
 
@@ -91,6 +93,12 @@ def hdf5_bytes(fill):
 
 def write_hdf5(path, fill):
     write_all({path: hdf5_bytes(fill)})
+
+
+def file_key(path):
+    """sha256 of a file's bytes, hex."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checksum(attrs, tensors):

@@ -17,13 +17,15 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dsconv import DsconvError
+
 # Recorded in bottleneck caches and model files: change it when the
 # preprocessing changes, so that old bottlenecks are not reused.
 PREPROCESSING = "pillow-rgb, jpeg-draft>=r, bilinear-resize-r-x-r (no crop), x/127.5-1"
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
-class ImageError(Exception):
+class ImageError(DsconvError):
     """An image that cannot be decoded, naming the file."""
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dsconv import files
+from dsconv import DsconvError, files
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
@@ -34,7 +34,7 @@ KERAS_NAME = re.compile(r"mobilenet_(1_0|7_5|5_0|2_5)_(\d+)_tf(_no_top)?\.h5$")
 KERAS_ALPHA = {"1_0": 1.0, "7_5": 0.75, "5_0": 0.5, "2_5": 0.25}
 
 
-class WeightsError(Exception):
+class WeightsError(DsconvError):
     """A weight file that cannot be used, with what to do about it."""
 
 
