@@ -41,12 +41,11 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, report, weights
+from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, weights
 
 OUT = "results"
 WORKERS = 2
 POSITIVE = "PNEUMONIA"
-SCHEMES = ("80/10/10", "70/15/15", "60/20/20")
 SHUFFLES = 3
 LRS = (0.1, 0.01, 0.001)
 STEPS = (1500, 2000, 2500)
@@ -55,37 +54,6 @@ BOTTLENECKS = ("logits", "pooled")
 FIGURE4_EVAL_EVERY = 10
 TIMING = "timing.json"
 DATA = "data.json"
-
-# The paper's tables. Table 4: accuracy % mean, std per scheme (80/10/10, 70/15/15, 60/20/20).
-PAPER_TABLE1 = {"80/10/10": (4172, 522, 522), "70/15/15": (3652, 782, 782), "60/20/20": (3130, 1043, 1043)}
-PAPER_TABLE3 = {
-    (1.0, 224): (569, 4.24), (1.0, 192): (418, 4.24), (1.0, 160): (291, 4.24), (1.0, 128): (186, 4.24),
-    (0.75, 224): (317, 2.59), (0.75, 192): (233, 2.59), (0.75, 160): (162, 2.59), (0.75, 128): (104, 2.59),
-    (0.5, 224): (150, 1.34), (0.5, 192): (110, 1.34), (0.5, 160): (77, 1.34), (0.5, 128): (49, 1.34),
-    (0.25, 224): (41, 0.47), (0.25, 192): (34, 0.47), (0.25, 160): (21, 0.47), (0.25, 128): (14, 0.47)}
-PAPER_FULL_CONV = (4866, 29.3)
-# Rows where the paper copies TF-slim's miscounted mult-adds (see dsconv.mobilenet).
-TABLE3_ERRATA = {(0.75, 224), (0.75, 192), (0.75, 160), (0.75, 128), (0.5, 224), (0.25, 192)}
-PAPER_TABLE4 = {
-    (1.0, 224): ((98.0, 0.17), (96.2, 0.06), (97.1, 0.60)),
-    (1.0, 192): ((97.3, 0.31), (97.1, 0.15), (97.0, 0.15)),
-    (1.0, 160): ((97.2, 0.21), (95.8, 0.87), (97.5, 0.29)),
-    (1.0, 128): ((96.8, 0.15), (96.4, 0.35), (96.8, 0.35)),
-    (0.75, 224): ((97.6, 0.36), (96.8, 0.75), (96.0, 0.35)),
-    (0.75, 192): ((97.4, 0.25), (96.7, 0.17), (96.5, 0.61)),
-    (0.75, 160): ((97.8, 0.23), (97.2, 0.44), (96.2, 0.96)),
-    (0.75, 128): ((97.7, 0.10), (96.8, 0.51), (95.7, 1.50)),
-    (0.5, 224): ((97.3, 0.87), (96.1, 0.30), (96.7, 0.81)),
-    (0.5, 192): ((96.8, 0.45), (96.2, 0.38), (96.4, 0.40)),
-    (0.5, 160): ((97.0, 0.66), (95.8, 0.26), (94.8, 0.72)),
-    (0.5, 128): ((96.6, 0.06), (96.4, 0.68), (95.7, 0.06)),
-    (0.25, 224): ((96.5, 0.21), (95.6, 0.35), (95.5, 0.38)),
-    (0.25, 192): ((96.2, 0.21), (95.0, 1.32), (96.7, 0.61)),
-    (0.25, 160): ((97.4, 0.15), (95.4, 0.70), (95.5, 0.15)),
-    (0.25, 128): ((97.2, 0.21), (96.3, 0.21), (95.9, 1.22))}
-PAPER_VARIANTS = tuple(PAPER_TABLE4)
-# The paper's best cell and its setting (its Figure 4): 98.0 +/- 0.17, sensitivity 97.0, specificity 98.1.
-PAPER_BEST = ((1.0, 224, "logits", "image", "80/10/10"), 0.01, 2000)
 
 # A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
 KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
@@ -97,7 +65,7 @@ COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accura
 class Grid:
     """The settings to run; ``variants`` None means every (alpha, resolution) with weights."""
     variants: tuple = None
-    schemes: tuple = SCHEMES
+    schemes: tuple = paper.SCHEMES
     shuffles: int = SHUFFLES
     lrs: tuple = LRS
     steps: tuple = STEPS
@@ -392,12 +360,12 @@ def table4(selected, schemes, alphas):
         for kind in kinds:
             lines += [f"## {PROTOCOLS[g].capitalize()}, {kind} bottleneck", "",
                       "| Model | " + " | ".join(schemes) + " |", "|---|" + "---|" * len(schemes)]
-            variants = list(PAPER_VARIANTS) + sorted({c[:2] for c in selected} - set(PAPER_VARIANTS))
+            variants = list(paper.VARIANTS) + sorted({c[:2] for c in selected} - set(paper.VARIANTS))
             for v in variants:
-                paper = PAPER_TABLE4.get(v)
+                theirs = paper.TABLE4.get(v)
                 cells, label = [], name(v)
                 for scheme in schemes:
-                    p = paper[SCHEMES.index(scheme)] if paper and scheme in SCHEMES else None
+                    p = theirs[paper.SCHEMES.index(scheme)] if theirs and scheme in paper.SCHEMES else None
                     ref = f"({p[0]:.1f} ± {p[1]:.2f})" if p else "(not in the paper)"
                     s = selected.get((v[0], v[1], kind, g, scheme))
                     if s is None:
@@ -436,8 +404,8 @@ def table1(rows, schemes):
         lo, hi = np.min(list(found), axis=0), np.max(list(found), axis=0)
         return " \\| ".join(str(a) if a == b else f"{a}–{b}" for a, b in zip(lo, hi))
     for scheme in schemes:
-        paper = " \\| ".join(map(str, PAPER_TABLE1[scheme])) if scheme in PAPER_TABLE1 else "—"
-        lines.append(f"| {scheme} | {paper} | {show(sizes['image', scheme])} | {show(sizes['patient', scheme])} |")
+        theirs = " \\| ".join(map(str, paper.TABLE1[scheme])) if scheme in paper.TABLE1 else "—"
+        lines.append(f"| {scheme} | {theirs} | {show(sizes['image', scheme])} | {show(sizes['patient', scheme])} |")
     lines += ["", "By image the sizes are exact (data.split); by patient whole patients are dealt out, so "
               "the sizes come close to the targets.", ""]
     return "\n".join(lines)
@@ -448,11 +416,11 @@ def table3():
     lines = ["# Table 3: million mult-adds and parameters (1000-class ImageNet network)", "",
              "| Model | mult-adds, ours | mult-adds, paper | parameters, ours | parameters, paper |",
              "|---|---|---|---|---|",
-             f"| Full convolution (1.0-224) | — | {PAPER_FULL_CONV[0]} | — | {PAPER_FULL_CONV[1]} |"]
-    for v in PAPER_VARIANTS:
+             f"| Full convolution (1.0-224) | — | {paper.FULL_CONV[0]} | — | {paper.FULL_CONV[1]} |"]
+    for v in paper.VARIANTS:
         madds, params = mobilenet.count(*v)
-        pm_, pp = PAPER_TABLE3[v]
-        flag = " *" if v in TABLE3_ERRATA else ""
+        pm_, pp = paper.TABLE3[v]
+        flag = " *" if v in paper.TABLE3_ERRATA else ""
         lines.append(f"| {name(v)} | {madds / 1e6:.0f}{flag} | {pm_} | {params / 1e6:.2f} | {pp:.2f} |")
     lines += ["", "* The paper copies TF-slim's table, whose mult-adds for these rows are off; counting the "
               "layers (dsconv.mobilenet.count) gives ours, and Howard et al.'s own Table 6 agrees (325 M for "
@@ -468,8 +436,8 @@ def tradeoff(path, selected, scheme, plt):
     kinds = [k for k in BOTTLENECKS if any(c[2] == k and c[4] == scheme for c in selected)]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False, sharey=True)
     for ax, kind in zip(axes[0], kinds):
-        xs = [mobilenet.count(*v)[0] / 1e6 for v in PAPER_VARIANTS]
-        ax.scatter(xs, [PAPER_TABLE4[v][SCHEMES.index(scheme)][0] for v in PAPER_VARIANTS], marker="x",
+        xs = [mobilenet.count(*v)[0] / 1e6 for v in paper.VARIANTS]
+        ax.scatter(xs, [paper.TABLE4[v][paper.SCHEMES.index(scheme)][0] for v in paper.VARIANTS], marker="x",
                    color="gray", label="paper (by image)")
         for g, color in (("image", "tab:blue"), ("patient", "tab:red")):
             pts = sorted((mobilenet.count(c[0], c[1])[0] / 1e6, s, c) for c, s in selected.items()
@@ -519,7 +487,7 @@ def figure4(path, curves, title, plt):
 
 def paper_setting(rows):
     """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
-    cell, lr, steps = PAPER_BEST
+    cell, lr, steps = paper.BEST
     rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
     return (cell, select(rs)[cell]) if rs else None
 
@@ -586,8 +554,8 @@ def summary(selected, rows, grid, alphas, invocations, facts, figure_cell, paper
             si, sp = selected.get((*v, kind, "image", head)), selected.get((*v, kind, "patient", head))
             if not si and not sp:
                 continue
-            paper = PAPER_TABLE4.get(v)
-            p = paper[SCHEMES.index(head)] if paper and head in SCHEMES else None
+            theirs = paper.TABLE4.get(v)
+            p = theirs[paper.SCHEMES.index(head)] if theirs and head in paper.SCHEMES else None
 
             def show(s):
                 return pm(100 * s["test"], 100 * s["test_std"]) if s else "not run"

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, classifier, data, experiments, weights
+from dsconv import bottlenecks, classifier, data, experiments, paper, weights
 from tests.conftest import copy_xrays
 
 
@@ -177,7 +177,7 @@ def test_tables():
             "specificity": 0.95, "n": 3}
     selected = {(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
                 (0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
-    t4 = experiments.table4(selected, experiments.SCHEMES, {0.75, 0.25})
+    t4 = experiments.table4(selected, paper.SCHEMES, {0.75, 0.25})
     lines = t4.splitlines()
     assert "## Split by image (the paper's protocol), logits bottleneck" in lines
     assert "| Model | 80/10/10 | 70/15/15 | 60/20/20 |" in lines
