@@ -38,6 +38,7 @@ PATIENT_PATTERNS = (
     re.compile(r"^((?:NORMAL\d+-)?IM-\d+)-\d+"),    # IM-0629-0001, NORMAL2-IM-0383-0001-0002
 )
 PARTITIONS = ("train", "val", "test")
+POSITIVE = "PNEUMONIA"  # the class counted positive (sensitivity, P(positive)) where there is one
 MIN_CLASS = 10  # fewer images of a class than this: a metric on it means little
 
 
@@ -93,6 +94,15 @@ def _visible_files(folder):
     """Every file under ``folder``, recursively and sorted, none hidden or inside a hidden folder."""
     return sorted(p for p in folder.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def positive_index(classes, name=POSITIVE):
+    """The index of class ``name``; without a class POSITIVE, the default, the last class."""
+    if name in classes:
+        return classes.index(name)
+    if name != POSITIVE:
+        raise DataError(f"--positive {name} is not one of the classes {classes}")
+    return len(classes) - 1
 
 
 def image_files(root):

@@ -44,8 +44,6 @@ import numpy as np
 from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, weights
 
 OUT = "results"
-WORKERS = 2
-POSITIVE = "PNEUMONIA"
 SHUFFLES = 3
 LRS = (0.1, 0.01, 0.001)
 STEPS = (1500, 2000, 2500)
@@ -87,7 +85,7 @@ def parse_args(argv):
                         "replace those in --out, its runs join runs.csv")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{bottlenecks.default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
@@ -174,10 +172,6 @@ def available_variants():
     return tuple(out)
 
 
-def positive_index(classes):
-    return classes.index(POSITIVE) if POSITIVE in classes else len(classes) - 1
-
-
 def evaluate(model, x, y, positive):
     """(mean cross-entropy, metrics.evaluate at 0.5) of a model on bottlenecks x, labels y."""
     p = model.probabilities(x)
@@ -187,7 +181,7 @@ def evaluate(model, x, y, positive):
 
 def train_cell(x, labels, part, classes, seed, lr, steps):
     """One training to max(steps), evaluated at each step count: [metrics dict per step count]."""
-    positive = positive_index(classes)
+    positive = data.positive_index(classes)
     tr, va, te = part == 0, part == 1, part == 2
     t = time.perf_counter()
     _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
@@ -243,7 +237,8 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
             if not variants:
                 continue
             nets = [weights.load(alpha, res, head=True, quiet=True) for _, res in variants]
-            for net, (vds, x) in zip(nets, readable_bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)):
+            vds, feats = timed_bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)
+            for net, x in zip(nets, feats):
                 res, todo = net.resolution, todos[alpha, net.resolution]
                 groups = {"image": None, "patient": [data.patient_id(p) for p in vds.paths]}
                 parts = {}
@@ -274,8 +269,8 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
         pool.shutdown(cancel_futures=True)
 
 
-def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
-    """[(Dataset of the readable images, {kind: features}) per net], timing the extraction of uncached images.
+def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
+    """(Dataset of the readable images, [{kind: features} per net]), timing the extraction of uncached images.
 
     ``nets``: one alpha at several resolutions, whose images are decoded once for all.
     """
@@ -287,13 +282,12 @@ def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
         cached = [bottlenecks.Cache(root, bottlenecks.variant(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
-    feats, failed = bottlenecks.extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
+    vds, feats, _ = bottlenecks.extract_dataset(ds, nets, kinds, cache_dir, workers, seconds=forward)
     wall = time.perf_counter() - t
     for net, n, s in zip(nets, missing, forward):
         timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": n, "seconds": s,
                                   "group_wall_s": wall / len(nets)})
-    keep = np.array([p not in failed for p in ds.paths], bool)
-    return [(ds.subset(keep), f) for f in feats]
+    return vds, feats
 
 
 # ---- selection and tables
@@ -504,8 +498,7 @@ def best_cell(selected, scheme):
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     alpha, res, kind, g, scheme = cell
     net = weights.load(alpha, res, head=True, quiet=True)
-    feats, failed = bottlenecks.extract_kinds(ds.paths, net, (kind,), cache_dir, workers=workers, progress=False)
-    vds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
+    vds, (feats,), _ = bottlenecks.extract_dataset(ds, [net], (kind,), cache_dir, workers, progress=False)
     x = feats[kind]
     groups = [data.patient_id(p) for p in vds.paths] if g == "patient" else None
     out = []

@@ -29,10 +29,8 @@ RESOLUTION = 224
 SPLIT = "80/10/10"
 GROUP_BY = "patient"
 REPEATS = 3
-POSITIVE = "PNEUMONIA"
 BOTTLENECK = "pooled"
 SAMPLING = "balanced"
-WORKERS = 2
 # Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
 TTA = "flip"
 SITE_WEIGHT = 5
@@ -77,7 +75,7 @@ def parse_args(argv):
                    help="keep each patient's images on one side of the split, or split images "
                         "independently (the paper)")
     p.add_argument("--repeats", type=int, default=REPEATS, help="number of random splits, seeds 0..N-1")
-    p.add_argument("--positive", default=POSITIVE,
+    p.add_argument("--positive", default=data.POSITIVE,
                    help="class counted positive for sensitivity (if absent: the last class)")
     p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
     p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
@@ -109,7 +107,7 @@ def parse_args(argv):
                         "instead of following --threshold-rule")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{bottlenecks.default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
     if "--paper" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**PAPER)
@@ -181,16 +179,15 @@ def clean(x):
     return x
 
 
-def readable_bottlenecks(ds, nets, args, cache_dir, skipped):
+def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    feats, failed = bottlenecks.extract_ensemble(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
-                                              tta=args.tta)
+    ds, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
+                                                    tta=args.tta)
     skipped.update({str(p): msg for p, msg in failed.items()})
-    ds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
     for c, n in ds.counts().items():
         if n == 0:
             raise data.DataError(f"{ds.root / c}: no readable image in this class folder")
-    return ds, feats
+    return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
 
 
 class Part(NamedTuple):
@@ -489,14 +486,10 @@ def main(argv=None):
             args.site_dir = None
         site_paths = data.image_files(args.site_dir) if args.site_dir else None
         times["scan_s"] = time.perf_counter() - t
-        if args.positive in ds.classes:
-            positive = ds.classes.index(args.positive)
-        elif args.positive == POSITIVE:
-            positive = len(ds.classes) - 1
-            print(f"note: no class {POSITIVE}; counting {ds.classes[positive]} as positive "
+        positive = data.positive_index(ds.classes, args.positive)
+        if ds.classes[positive] != args.positive:
+            print(f"note: no class {data.POSITIVE}; counting {ds.classes[positive]} as positive "
                   "(choose with --positive)")
-        else:
-            raise data.DataError(f"--positive {args.positive} is not one of the classes {ds.classes}")
         warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
         t = time.perf_counter()
         nets = [weights.load(a, args.resolution, head=args.bottleneck == "logits") for a in args.alpha]
@@ -504,13 +497,13 @@ def main(argv=None):
         t = time.perf_counter()
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
-        ds, x = readable_bottlenecks(ds, nets, args, cache_dir, skipped)
+        ds, x = bottlenecks_of(ds, nets, args, cache_dir, skipped)
         val = test = site = None
         if val_ds is not None:
-            val_ds, x_val = readable_bottlenecks(val_ds, nets, args, cache_dir, skipped)
+            val_ds, x_val = bottlenecks_of(val_ds, nets, args, cache_dir, skipped)
             val = Part(x_val, val_ds.labels, val_ds.paths)
         if test_ds is not None:
-            test_ds, x_test = readable_bottlenecks(test_ds, nets, args, cache_dir, skipped)
+            test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
             test = Part(x_test, test_ds.labels, test_ds.paths)
         if site_paths is not None:
             site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
