@@ -10,7 +10,6 @@ model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib).
 """
 import argparse
-import io
 import json
 import math
 import platform
@@ -365,38 +364,6 @@ def table(runs, summary):
     return lines
 
 
-def curve_files(all_curves, title):
-    """{"curves.csv": bytes, "curves.png": bytes (with matplotlib)} of the training curves."""
-    keys = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    lines = ["seed," + ",".join(keys)]
-    for seed, c in all_curves:
-        for row in zip(*(c[k] for k in keys)):
-            lines.append(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
-    out = {"curves.csv": ("\n".join(lines) + "\n").encode()}
-    plt = report.pyplot("curves.png")
-    if plt is None:
-        return out
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for seed, c in all_curves:
-        for ax, k in ((acc, "accuracy"), (loss, "loss")):
-            ax.plot(c["step"], c[f"train_{k}"], lw=0.7, color="tab:orange", alpha=0.8,
-                    label="train (batch)" if seed == all_curves[0][0] else None)
-            ax.plot(c["step"], c[f"val_{k}"], lw=1.2, color="tab:blue",
-                    label="validation" if seed == all_curves[0][0] else None)
-    for ax, k in ((acc, "accuracy"), (loss, "cross-entropy")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(k)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    out["curves.png"] = png.getvalue()
-    return out
-
-
 def versions():
     import h5py
     import numba
@@ -603,7 +570,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
         print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
               "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
-    figures = curve_files(all_curves, title)
+    figures = report.curve_files(all_curves, title)
     figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {
