@@ -22,13 +22,12 @@ interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
 tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
 images (their content hashes and classes), and a resumed grid must come from
-the same ones. One grid writes to an --out at a time (an fcntl lock on
---out/.lock).
+the same ones (dsconv.runlog keeps these records; dsconv.report writes the
+tables and figures). One grid writes to an --out at a time (an fcntl lock
+on --out/.lock).
 """
 import argparse
 import contextlib
-import csv
-import json
 import math
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, weights
+from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, runlog, weights
 
 OUT = "results"
 SHUFFLES = 3
@@ -49,13 +48,6 @@ STEPS = (1500, 2000, 2500)
 GROUP_BYS = ("image", "patient")
 BOTTLENECKS = ("logits", "pooled")
 FIGURE4_EVAL_EVERY = 10
-TIMING = "timing.json"
-DATA = "data.json"
-
-# A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
-KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
-COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
-                 "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
 
 
 @dataclass(frozen=True)
@@ -89,74 +81,6 @@ def parse_args(argv):
     if args.workers < 1:
         p.error("--workers must be at least 1")
     return args
-
-
-def fmt(name, value):
-    """A CSV cell: settings in their canonical spelling, metrics to 6 significant digits."""
-    if name in ("alpha", "lr"):
-        return f"{float(value):g}"
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def key_of(row):
-    return tuple(fmt(k, row[k]) for k in KEY)
-
-
-def read_runs(path):
-    """{key: row} of a runs.csv; a last line cut short by an interruption is dropped from the file."""
-    if not path.exists():
-        return {}
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        files.write_text(path, text)
-    lines = text.splitlines()
-    if not lines:
-        return {}
-    if tuple(lines[0].split(",")) != COLUMNS:
-        raise data.DataError(f"{path}: not a runs.csv of this version of dsconv.experiments (columns "
-                             f"differ); give another --out or move the file away")
-    rows = {}
-    for r in csv.DictReader(lines):
-        row = parse_row(r)
-        rows[key_of(row)] = row
-    return rows
-
-
-def parse_row(cells):
-    """A run from its CSV cells (strings)."""
-    row = {k: cells[k] for k in COLUMNS}
-    for k in ("alpha", "lr") + COLUMNS[COLUMNS.index("val_accuracy"):]:
-        row[k] = float(row[k]) if row[k] != "" else math.nan
-    for k in ("resolution", "seed", "steps", "trained_resolution", "n_train", "n_val", "n_test"):
-        row[k] = int(row[k])
-    return row
-
-
-class RunLog:
-    """runs.csv, appended to and flushed after every training, so an interruption loses at most one."""
-
-    def __init__(self, path):
-        self.path = path
-        self.rows = read_runs(path)
-        new = not path.exists() or path.stat().st_size == 0
-        self.file = open(path, "a", newline="")
-        if new:
-            self.file.write(",".join(COLUMNS) + "\n")
-            self.file.flush()
-
-    def add(self, rows):
-        """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
-        for row in rows:
-            cells = {k: fmt(k, row[k]) for k in COLUMNS}
-            self.file.write(",".join(cells.values()) + "\n")
-            self.rows[key_of(row)] = parse_row(cells)
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
 
 
 def available_variants():
@@ -218,7 +142,7 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
         alpha, res = variant
 
         def key(kind, g, scheme, seed, lr, s):
-            return key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
+            return runlog.key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
                                seed=seed, lr=lr, steps=s))
         todos[variant] = [(kind, g, scheme, seed, lr) for (v, kind, g, scheme) in cells if v == variant
                           for seed in range(grid.shuffles) for lr in grid.lrs
@@ -377,39 +301,6 @@ def leakage(ds, seeds, scheme):
 # ---- the command
 
 
-def check_same_data(out, ds, log):
-    """Refuse to resume a runs.csv made from other images; record the fingerprint of these."""
-    path = out / DATA
-    mine = {"root": str(ds.root), "images": len(ds.paths), "fingerprint": data.fingerprint(ds)}
-    try:
-        theirs = json.loads(path.read_text()) if path.exists() else None
-    except ValueError:
-        theirs = None
-    if log.rows and theirs and theirs.get("fingerprint") != mine["fingerprint"]:
-        raise data.DataError(f"{out / 'runs.csv'} holds runs on other data ({theirs.get('images')} images from "
-                             f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
-                             "--out, or move runs.csv away to start over")
-    if log.rows and not theirs:
-        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
-              "on the assumption that they are these", file=sys.stderr)
-    if theirs != mine:
-        files.write_text(path, json.dumps(mine, indent=1) + "\n")
-
-
-def read_timing(out):
-    path = out / TIMING
-    try:
-        return json.loads(path.read_text()) if path.exists() else []
-    except ValueError:
-        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
-        return []
-
-
-def write_timing(out, timing):
-    """Append this invocation's times to timing.json (also when interrupted)."""
-    files.write_text(out / TIMING, json.dumps(read_timing(out) + [timing], indent=1) + "\n")
-
-
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
     rows = [r for r in log.rows.values()
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
@@ -432,8 +323,8 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
     timing["wall_s"] = time.perf_counter() - wall_start
-    invocations = [i for i in read_timing(out) if i["grid"] == timing["grid"]] + [timing]
-    trainings = len({key_of(r)[:-1] for r in rows})
+    invocations = [i for i in runlog.read_timing(out) if i["grid"] == timing["grid"]] + [timing]
+    trainings = len({runlog.key_of(r)[:-1] for r in rows})
     files.write_text(out / "summary.md", report.summary(selected, rows, trainings, grid, alphas, invocations, facts,
                                                         figure_cell, paper_cell))
     written.append("summary.md")
@@ -464,8 +355,8 @@ def main(argv=None):
         if not grid.variants:
             raise weights.WeightsError("no MobileNet weights with the ImageNet head found; see "
                                        "`python -m dsconv.weights --help`")
-        log = RunLog(out / "runs.csv")
-        check_same_data(out, ds, log)
+        log = runlog.RunLog(out / "runs.csv")
+        runlog.check_same_data(out, ds, log)
         if log.rows:
             print(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}", file=sys.stderr)
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
@@ -482,9 +373,9 @@ def main(argv=None):
                 log.close()
                 timing["wall_s"] = time.perf_counter() - wall_start
                 try:
-                    write_timing(out, timing)
+                    runlog.write_timing(out, timing)
                 except OSError as e:
-                    print(f"warning: could not write {out / TIMING} ({e.strerror or e})", file=sys.stderr)
+                    print(f"warning: could not write {out / runlog.TIMING} ({e.strerror or e})", file=sys.stderr)
     print(f"wrote {out}/: {', '.join(written)} ({report.clock(time.perf_counter() - wall_start)} min:s)")
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, classifier, data, experiments, report, weights
+from dsconv import bottlenecks, classifier, data, experiments, report, runlog, weights
 from tests.conftest import copy_xrays
 
 
@@ -80,8 +80,8 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     model, _ = classifier.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
     _, test = experiments.evaluate(model, x[part == 2], ds.labels[part == 2], 1)
     _, val = experiments.evaluate(model, x[part == 1], ds.labels[part == 1], 1)
-    assert experiments.fmt("", test["accuracy"]) == r["test_accuracy"]
-    assert experiments.fmt("", val["accuracy"]) == r["val_accuracy"]
+    assert runlog.fmt("", test["accuracy"]) == r["test_accuracy"]
+    assert runlog.fmt("", val["accuracy"]) == r["val_accuracy"]
 
     # interrupted after 5 trainings, killed in the middle of writing a row, then resumed
     train = classifier.train
