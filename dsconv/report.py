@@ -41,7 +41,7 @@ def pct(v):
 
 
 def describe(rep, threshold):
-    """"accuracy 93.1% [90.2-95.8], ..." from a train.assess() dict."""
+    """"accuracy 93.1% [90.2-95.8], ..." from a repeats.assess() dict."""
     e, ci = rep["at_threshold"], rep["ci95_at_threshold"]
     parts = [f"{k} {pct(e[k])}% [{pct(ci[k][0])}-{pct(ci[k][1])}]"
              for k in ("accuracy", "sensitivity", "specificity")]
