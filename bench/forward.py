@@ -79,6 +79,7 @@ def cell(alpha, resolution, batch, seconds):
 
 
 def main():
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="only 1.0-224 batch 1 and 32, 0.25-128 batch 32, shorter")
     p.add_argument("--alpha", type=float, nargs="+", default=mobilenet.ALPHAS, help="width multipliers")
@@ -89,7 +90,6 @@ def main():
                    help="largest difference to dsconv allowed, relative to the largest feature")
     p.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default: the CPUs)")
     a = p.parse_args()
-    global THREADS
     THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)

@@ -176,12 +176,12 @@ def bench(n, repeats, peak, per_image=False):
 
 
 def main():
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="batch sizes to run")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per shape (median reported)")
     p.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default: the CPUs)")
     a = p.parse_args()
-    global THREADS
     THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)
