@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dsconv import mobilenet  # noqa: E402
 
-THREADS = 2
+THREADS = os.cpu_count()  # --threads
 QUICK = [(1.0, 224, 1), (1.0, 224, 32), (0.25, 128, 32)]
 SECONDS = 2.0
 
@@ -79,6 +79,7 @@ def cell(alpha, resolution, batch, seconds):
 
 
 def main():
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="only 1.0-224 batch 1 and 32, 0.25-128 batch 32, shorter")
     p.add_argument("--alpha", type=float, nargs="+", default=mobilenet.ALPHAS, help="width multipliers")
@@ -87,7 +88,9 @@ def main():
     p.add_argument("--seconds", type=float, default=SECONDS, help="time budget per runtime and cell")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest difference to dsconv allowed, relative to the largest feature")
+    p.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default: the CPUs)")
     a = p.parse_args()
+    THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)
     cells = QUICK if a.quick else [(al, r, b) for al in a.alpha for r in a.resolution for b in a.batch]

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dsconv import kernels, mobilenet  # noqa: E402
 from tests import naive  # noqa: E402
 
-THREADS = 2
+THREADS = os.cpu_count()  # --threads
 BATCHES = (1, 32)
 
 
@@ -176,10 +176,13 @@ def bench(n, repeats, peak, per_image=False):
 
 
 def main():
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="batch sizes to run")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per shape (median reported)")
+    p.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default: the CPUs)")
     a = p.parse_args()
+    THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)
     peak = sgemm_peak(a.repeats)

@@ -1,5 +1,7 @@
 """dsconv: pneumonia detection in chest X-rays by transfer learning on MobileNet v1,
 in NumPy and Numba."""
+import argparse
+
 __version__ = "0.1.0"
 
 
@@ -15,3 +17,13 @@ def load_model(path, threshold=None, cache_dir=None):
     """A trained classifier with predict_proba / predict; see dsconv.predict."""
     from dsconv.predict import load_model
     return load_model(path, threshold, cache_dir)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the entry points: descriptions as written, and each option's default unless its help gives it
+    (flags and options without a default say nothing)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)

@@ -43,7 +43,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dsconv import files, images
+from dsconv import DsconvError, files, images
 
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
@@ -65,12 +65,12 @@ def default_cache_dir():
 def variant(net, kind, tta="none"):
     """The attributes that decide a bottleneck, besides the image."""
     if kind not in KINDS:
-        raise ValueError(f"bottleneck must be one of {KINDS}, got {kind!r}")
+        raise DsconvError(f"bottleneck must be one of {KINDS}, got {kind!r}")
     if tta not in TTAS:
-        raise ValueError(f"test-time augmentation must be one of {TTAS}, got {tta!r}")
+        raise DsconvError(f"test-time augmentation must be one of {TTAS}, got {tta!r}")
     if kind == "logits" and not net.has_head:
-        raise ValueError("the logits bottleneck needs the network with its ImageNet head "
-                         "(MobileNet.pretrained(..., head=True))")
+        raise DsconvError("the logits bottleneck needs the network with its ImageNet head "
+                         "(dsconv.weights.load(..., head=True))")
     v = {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
          "tensors_sha256": net.tensors_sha256(head=kind == "logits"), "preprocessing": images.PREPROCESSING}
     if tta != "none":  # absent for plain bottlenecks, so that their caches keep their names

@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from dsconv import classifier, data, files, metrics, predict, report, weights
+from dsconv import DsconvError, HelpFormatter, data, files, metrics, predict, report
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dsconv.calibrate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("model", help="model file written by `python -m dsconv.train` (model.h5)")
     p.add_argument("--site-dir", help="the site's images, unlabelled: re-estimate the feature statistics")
@@ -98,7 +98,7 @@ def main(argv=None):
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         model.head.save(out)
-    except (classifier.ModelError, weights.WeightsError, data.DataError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: nothing written; bottlenecks computed so far are cached")

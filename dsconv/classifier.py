@@ -40,9 +40,7 @@ import h5py
 import numpy as np
 from numba import njit
 
-from dsconv.kernels import JIT
-
-from dsconv import DsconvError, files
+from dsconv import DsconvError, files, kernels
 
 FORMAT = "dsconv-classifier-v1"
 LR = 0.01
@@ -83,7 +81,7 @@ def batches(labels, steps, batch, sampling, rng):
     if sampling == "natural":
         return rng.integers(0, len(labels), (steps, batch))
     if sampling != "balanced":
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        raise DsconvError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
     counts = np.array([len(m) for m in members])
@@ -99,7 +97,7 @@ def batches(labels, steps, batch, sampling, rng):
 # multiply-adds: the sums are then taken in another (still fixed) order than
 # the formula's, which changes the last bits of the weights, not the
 # determinism: the same data and seed give the same bits on one machine.
-SGD_JIT = dict(JIT, fastmath={"reassoc", "contract"})
+SGD_JIT = dict(kernels.JIT, fastmath={"reassoc", "contract"})
 
 
 @njit(**SGD_JIT)
@@ -139,12 +137,6 @@ def _sgd(x, y, idx, w, b, lr, weight_decay):
             for d in range(dims):
                 w[c, d] -= lr * (grad[c, d] + weight_decay * w[c, d])
             b[c] -= lr * gb[c]
-
-
-def softmax(z):
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def loss_accuracy(p, y):
@@ -205,7 +197,7 @@ class Classifier:
                              "to adapt it to a site")
         x = np.asarray(site_features, np.float64)
         if x.ndim != 2 or x.shape[1] != self.weights.shape[0] or len(x) < 2:
-            raise ValueError(f"site bottlenecks must be (N >= 2, {self.weights.shape[0]}), got {x.shape}")
+            raise DsconvError(f"site bottlenecks must be (N >= 2, {self.weights.shape[0]}), got {x.shape}")
         self.site_mean, self.site_std = x.mean(axis=0), _nonzero(x.std(axis=0))
 
     def probabilities(self, bottlenecks):
@@ -213,7 +205,7 @@ class Classifier:
         x = np.asarray(bottlenecks)
         if x.ndim != 2 or x.shape[1] != self.weights.shape[0]:
             raise ValueError(f"expected bottlenecks of shape (N, {self.weights.shape[0]}), got {x.shape}")
-        return softmax(self.prepare(x) @ self.weights + self.bias)
+        return kernels.softmax(self.prepare(x) @ self.weights + self.bias)
 
     def scores(self, bottlenecks):
         """Probability of the positive class."""
@@ -307,7 +299,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     y = np.asarray(y, np.int64)
     n_classes = len(classes)
     if len(np.unique(y)) < 2:
-        raise ValueError("the training data holds a single class; a classifier needs at least two")
+        raise DsconvError("the training data holds a single class; a classifier needs at least two")
     rng = np.random.default_rng(seed)
     model = Classifier(truncated_normal(rng, (x.shape[1], n_classes), INIT_STD),
                        np.zeros(n_classes), list(classes))
@@ -322,7 +314,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     curves = {k: [] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
     keep = set(snapshots)
     if any(not 1 <= k <= steps for k in keep):
-        raise ValueError(f"snapshots {sorted(keep)} must lie within 1..{steps} steps")
+        raise DsconvError(f"snapshots {sorted(keep)} must lie within 1..{steps} steps")
     if keep:
         curves["snapshots"] = {}
     wt, b = model.weights.T.copy(), model.bias  # the kernel's layout: (C, D)
@@ -337,11 +329,12 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         if stop % eval_every == 0 or stop == steps:
             xb, yb = x[idx[stop - 1]], y[idx[stop - 1]]
             curves["step"].append(stop)
+            p_train, p_val = kernels.softmax(xb @ w + b), kernels.softmax(xv @ w + b)
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
-                            loss_accuracy(softmax(xb @ w + b), yb) + loss_accuracy(softmax(xv @ w + b), yv)):
+                            loss_accuracy(p_train, yb) + loss_accuracy(p_val, yv)):
                 curves[k].append(v)
     model.weights = wt.T.copy()
     if not (np.all(np.isfinite(model.weights)) and np.all(np.isfinite(b))):
-        raise ValueError(f"training diverged (non-finite weights) at learning rate {lr:g}; use a "
+        raise DsconvError(f"training diverged (non-finite weights) at learning rate {lr:g}; use a "
                          "lower --lr")
     return model, curves

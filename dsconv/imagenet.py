@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import images, kernels, weights
+from dsconv import DsconvError, HelpFormatter, images, kernels, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -25,7 +25,7 @@ def class_names(path=None):
         if p.is_file():
             names = p.read_text().split()
             if len(names) != 1000:
-                raise ValueError(f"{p}: expected 1000 class names, found {len(names)}")
+                raise DsconvError(f"{p}: expected 1000 class names, found {len(names)}")
             return names
     if path:
         raise FileNotFoundError(f"{path}: no such file")
@@ -33,7 +33,8 @@ def class_names(path=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dsconv.imagenet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dsconv.imagenet", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files (anything Pillow reads)")
     parser.add_argument("--alpha", type=float, default=ALPHA, choices=ALPHAS, help="width multiplier")
     parser.add_argument("--resolution", type=int, default=RESOLUTION, help="input size, a multiple of 32")
@@ -44,7 +45,7 @@ def main(argv=None):
     try:
         net = weights.load(args.alpha, args.resolution, head=True)
         names = class_names(args.classes)
-    except (weights.WeightsError, ValueError, FileNotFoundError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     failed = 0
     for path in args.images:

@@ -11,11 +11,19 @@ micro-kernel of the matrix products (pointwise layers, and the stem as
 patches x kernel), ``gemm_block``, and one output row of the depthwise
 convolution, ``depthwise_row``; their weights are packed once (``pack``,
 ``pack_depthwise``). The row kernels (``_*_row``, ``_*_rows``, on flat
-buffers) serve both the one-layer public kernels and the fused forward pass
-at the end of this file (``_network_stacks``, ``_network_bands``), which
-runs the whole network per image or per band of rows with its buffers
-allocated once (see MobileNet._pooled).
+buffers) serve both the one-layer public kernels (``stem``, ``depthwise``,
+``pointwise``, ``global_avg_pool``, ``dense``, ``softmax``) and the fused
+forward pass: ``pack_network`` packs a network's weights once,
+``network_buffers`` allocates its activations once per thread count, and
+``network`` runs the whole network per image or per band of rows.
+
+Why one file: Numba's cache (``cache=True``) is keyed by the source file
+of each cached function and is invalidated only when that file changes.
+A cached kernel that inlined an intrinsic or a helper from another file
+would keep running the old code after that other file is edited. So every
+function the cached kernels call lives here.
 """
+from collections import namedtuple
 import os
 import sys
 
@@ -79,6 +87,25 @@ def same_padding(size, stride):
     total = max((out - 1) * stride + 3 - size, 0)
     return out, total // 2
 
+
+# Tuning constants of the kernels below, in float32 elements unless said.
+# Floats of depthwise output (or stem patches) each thread keeps for the matrix
+# product that follows: 512 KB, a few rows, in L2 with the product's output.
+TILE = 1 << 17
+# Floats of activations per thread a stack of images may take (4 MB): small
+# variants run several images per layer, for matrix products with more rows.
+STACK = 1 << 20
+# Output rows of one parallel task in the one-layer stem.
+STEM_BAND = 8
+# Rows of one parallel task in the one-layer pointwise product.
+POINTWISE_ROWS = 256
+# Mult-adds below which a layer of the banded pass runs on one thread: a
+# parallel loop costs its threads a wake-up and a barrier, tens of
+# microseconds, and much more on a loaded machine.
+SPLIT = 8_000_000
+# Output pixels (of all images) below which the banded pass splits a layer by
+# output channels instead of rows: 7x7 maps yes, 14x14 no.
+FEW_PIXELS = 64
 
 # ---------------------------------------------------------------------------
 # The two innermost loops in explicit vector code. Numba has no vector types,
@@ -406,7 +433,7 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
 @njit(**JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
     # Output row oy: x flat (H, W, C), k packed (3, 3, C), b (C,), y flat (Wo, C),
-    # see simd.depthwise_row. Output pixels [lo, hi) have their whole window
+    # see depthwise_row. Output pixels [lo, hi) have their whole window
     # inside the image.
     iy = oy * stride - top
     lo = min(wo, -(-left // stride))
@@ -421,14 +448,14 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
 
 @njit(parallel=True, **JIT)
 def _stem(x, k, b, y, stride):
-    # x (N, H, W, Cin), k packed (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of 8 output rows
+    # x (N, H, W, Cin), k packed (9 Cin, C), y (N, Ho, Wo, C): parallel over bands of STEM_BAND output rows
     n_img, h, w, cin = x.shape
     _, ho, wo, c = y.shape
-    bands = (ho + 7) // 8
+    bands = -(-ho // STEM_BAND)
     for t in prange(n_img * bands):
-        n, r0 = t // bands, t % bands * 8
-        tile = np.empty(8 * wo * 9 * cin, np.float32)
-        _stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + 8), tile)
+        n, r0 = t // bands, t % bands * STEM_BAND
+        tile = np.empty(STEM_BAND * wo * 9 * cin, np.float32)
+        _stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + STEM_BAND), tile)
 
 
 @njit(parallel=True, **JIT)
@@ -444,16 +471,16 @@ def _depthwise(x, k, b, y, stride, pad):
 @njit(parallel=True, **JIT)
 def _pointwise(x, w, b, y, threads):
     # x (M, Cin), w packed (Cin, Cout), y (M, Cout): parallel over tiles of
-    # 256 rows, each split into ranges of output panels when there are fewer
-    # tiles than twice the threads (a 7x7 or 14x14 image)
+    # POINTWISE_ROWS rows, each split into ranges of output panels when there
+    # are fewer tiles than twice the threads (a 7x7 or 14x14 image)
     m, cin = x.shape
     cout, panels = b.shape[0], w.shape[0]
-    tiles = (m + 255) // 256
+    tiles = -(-m // POINTWISE_ROWS)
     groups = min(panels, max(1, -(-2 * threads // tiles)))
     xf, yf = x.ravel(), y.ravel()
     for t in prange(tiles * groups):
         i, j = t // groups, t % groups
-        r0, r1 = i * 256, min(m, i * 256 + 256)
+        r0, r1 = i * POINTWISE_ROWS, min(m, (i + 1) * POINTWISE_ROWS)
         gemm(xf[r0 * cin:], r1 - r0, w, b, yf[r0 * cout:], NR * (panels * j // groups),
              min(cout, NR * (panels * (j + 1) // groups)))
 
@@ -480,7 +507,7 @@ def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
 @njit(**JIT)
 def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
     # One block on a stack of g images, output channels [n0, n1) only (n0 a
-    # multiple of gemm.NR): the whole depthwise output in tile, then its
+    # multiple of NR): the whole depthwise output in tile, then its
     # product with columns [n0, n1) of wp.
     c = wp.shape[1]
     ho, top = same_padding(side, stride)
@@ -534,12 +561,6 @@ def _network_stacks(x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, ti
                    act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
 
 
-# Mult-adds below which a layer of the banded pass runs on one thread: a
-# parallel loop costs its threads a wake-up and a barrier, tens of
-# microseconds, and much more on a loaded machine.
-SPLIT = 8_000_000
-
-
 @njit(parallel=True, **JIT)
 def _network_bands(x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
     # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer large
@@ -560,7 +581,7 @@ def _network_bands(x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
         c, cout = wp[i].shape[1], bp[i].shape[0]
         if g * out * out * (9 + cout) * c < SPLIT:
             _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
-        elif g * out * out < 64 and g * out * out * c <= tile.shape[1]:
+        elif g * out * out < FEW_PIXELS and g * out * out * c <= tile.shape[1]:
             # Few rows (7x7): split the output channels instead, each thread repeating the small
             # depthwise. At 14x14 (196 rows) repeating it costs more than halving the product's rows.
             panels = wp[i].shape[0]
@@ -577,26 +598,81 @@ def _network_bands(x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
         _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
 
+# The fused forward pass: its packed weights, its buffers, and the one entry.
+
+Packed = namedtuple("Packed", "stem_kernel stem_bias dw_kernels dw_biases pw_kernels pw_biases strides")
+Buffers = namedtuple("Buffers", "stack act tile")
+
+
+def pack_network(stem, blocks):
+    """A network's weights in the layouts network() takes, packed once.
+
+    stem (kernel (3, 3, 3, C), bias (C,)); blocks: per depthwise-separable
+    block (depthwise kernel (3, 3, C), its bias (C,), pointwise kernel
+    (C, Cout), its bias (Cout,), depthwise stride), in order.
+    """
+    kernel, bias = stem
+    return Packed(pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)), np.ascontiguousarray(bias, np.float32),
+                  tuple(pack_depthwise(np.asarray(kd, np.float32)) for kd, _, _, _, _ in blocks),
+                  tuple(np.ascontiguousarray(bd, np.float32) for _, bd, _, _, _ in blocks),
+                  tuple(pack(np.asarray(wp, np.float32)) for _, _, wp, _, _ in blocks),
+                  tuple(np.ascontiguousarray(bp, np.float32) for _, _, _, bp, _ in blocks),
+                  np.array([s for *_, s in blocks], np.int64))
+
+
+def network_buffers(packed, resolution, threads):
+    """Buffers(stack, act (T, 2, S), tile (T, tile)) for network() at this resolution on T threads.
+
+    A stack is as many images as fit STACK floats of their largest
+    activation (at least one); S holds a stack, or the images left over for
+    the banded pass (fewer than the threads).
+    """
+    side, c = resolution // 2, packed.stem_bias.shape[0]
+    largest, row = side * side * c, side * 27
+    for stride, bias in zip(packed.strides, packed.pw_biases):
+        row = max(row, -(-side // stride) * c)
+        side, c = -(-side // stride), bias.shape[0]
+        largest = max(largest, side * side * c)
+    stack = max(1, STACK // largest)
+    return Buffers(stack, np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32),
+                   np.empty((threads, max(TILE, row)), np.float32))
+
+
+def network(x, packed, buffers, pooled):
+    """The whole network up to the pooled features: x (N, r, r, 3) float32 -> pooled (N, F), in place.
+
+    Whole images per thread, in stacks of up to ``buffers.stack`` images
+    (so that the late layers' matrix products have enough rows), while there
+    are at least as many images as threads: no synchronisation between
+    layers. Then the remaining images together, every layer split into
+    bands of rows across the threads. One call at a time per ``buffers``.
+    """
+    threads = buffers.tile.shape[0]
+    n, r = x.shape[0], x.shape[1]
+    whole, flat = n // threads * threads, x.reshape(-1)
+    weights = (packed.stem_kernel, packed.stem_bias, packed.dw_kernels, packed.dw_biases, packed.pw_kernels,
+               packed.pw_biases, packed.strides)
+    if whole:
+        _network_stacks(flat[:whole * r * r * 3], whole, r, buffers.stack, *weights, buffers.act, buffers.tile,
+                        pooled[:whole])
+    if whole < n:
+        _network_bands(flat[whole * r * r * 3:], n - whole, r, *weights, buffers.act, buffers.tile, pooled[whole:])
+
+
 @njit(parallel=True, **JIT)
 def _global_avg_pool(x, y):
-    # x (N, H, W, C), y (N, C)
+    # x (N, H, W, C), y (N, C): the fused pass's pooling, image by image
     n_img, h, w, c = x.shape
     for n in prange(n_img):
-        acc = np.zeros(c, np.float64)  # 49 to 196 terms: the sum is exact enough in float64 only
-        for i in range(h):
-            for j in range(w):
-                for ci in range(c):
-                    acc[ci] += x[n, i, j, ci]
-        for ci in range(c):
-            y[n, ci] = acc[ci] / (h * w)
+        _pool_flat(x[n].ravel(), h * w, y[n])
 
 
 @njit(parallel=True, **JIT)
 def _softmax(z, p):
-    # z (N, K) logits, p (N, K)
+    # z (N, K) logits, p (N, K), float32 or float64
     for n in prange(z.shape[0]):
         m = z[n].max()
-        s = np.float32(0)
+        s = np.zeros(1, z.dtype)[0]
         for j in range(z.shape[1]):
             p[n, j] = np.exp(z[n, j] - m)
             s += p[n, j]
@@ -666,8 +742,10 @@ def dense(x, w, b):
 
 
 def softmax(z):
-    """Numerically stable softmax over the last axis: z (N, K) -> (N, K)."""
-    z = _check(z, "logits", 2)
+    """Numerically stable softmax over the last axis: z (N, K) float32 or float64 -> (N, K) of its dtype."""
+    z = np.ascontiguousarray(z)
+    if z.dtype not in (np.float32, np.float64) or z.ndim != 2:
+        raise ValueError(f"logits: expected a 2-d float32 or float64 array, got {z.ndim}-d {z.dtype}")
     p = np.empty_like(z)
     _softmax(z, p)
     return p

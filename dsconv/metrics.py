@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from dsconv import DsconvError
+
 NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 BOOTSTRAP = 2000
 
@@ -104,7 +106,7 @@ def choose_threshold(y, scores, rule="accuracy", target=None):
     if rule == "youden":
         return youden_threshold(y, scores), "max Youden's J"
     if rule != "accuracy":
-        raise ValueError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+        raise DsconvError(f"threshold rule must be one of {THRESHOLD_RULES}, got {rule!r}")
     return accuracy_threshold(y, scores), "max accuracy"
 
 

@@ -18,7 +18,7 @@ import threading
 import numba
 import numpy as np
 
-from dsconv import kernels
+from dsconv import DsconvError, kernels
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (224, 192, 160, 128)
@@ -27,19 +27,13 @@ STEM = 32
 BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
           (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
 CLASSES = 1000
-# Floats of depthwise output (or stem patches) each thread keeps for the matrix
-# product that follows: 512 KB, a few rows, in L2 with the product's output.
-TILE = 1 << 17
-# Floats of activations per thread a stack of images may take (4 MB): small
-# variants run several images per layer, for matrix products with more rows.
-STACK = 1 << 20
 
 
 def check_variant(alpha, resolution):
     if alpha not in ALPHAS:
-        raise ValueError(f"alpha must be one of {ALPHAS}, got {alpha}")
+        raise DsconvError(f"alpha must be one of {ALPHAS}, got {alpha}")
     if resolution < 32 or resolution % 32:
-        raise ValueError(f"resolution must be a multiple of 32 and at least 32, got {resolution}")
+        raise DsconvError(f"resolution must be a multiple of 32 and at least 32, got {resolution}")
 
 
 def width(c, alpha):
@@ -99,16 +93,10 @@ class MobileNet:
             for t, shape in tensors.items():
                 got = params.get(name, {}).get(t)
                 if got is None or got.shape != shape:
-                    raise ValueError(f"{source or 'weights'}: layer {name}/{t} should be {shape} "
+                    raise DsconvError(f"{source or 'weights'}: layer {name}/{t} should be {shape} "
                                      f"for alpha {alpha}, got {None if got is None else got.shape}")
         self.params = {n: {t: np.ascontiguousarray(params[n][t], np.float32) for t in ts}
                        for n, ts in expected.items()}
-
-    @classmethod
-    def pretrained(cls, alpha, resolution=224, head=False, quiet=False):
-        """Load converted ImageNet weights (see dsconv.weights.load)."""
-        from dsconv import weights
-        return weights.load(alpha, resolution, head=head, quiet=quiet)
 
     def tensors_sha256(self, head=False):
         """sha256 of the backbone's layer names, shapes and float32 tensors (and the head's, with ``head``).
@@ -174,49 +162,18 @@ class MobileNet:
         return kernels.dense(pooled, head["kernel"], head["bias"])
 
     def _pooled(self, x):
-        """The fused forward pass up to the pooled features, on Numba's threads.
-
-        Whole images per thread, in stacks of up to ``stack`` images (so that
-        the late layers' matrix products have enough rows), while there are
-        at least as many images as threads: no synchronisation between
-        layers. Then the remaining images together, every layer split into
-        bands of rows across the threads.
-        """
+        """The fused forward pass (kernels.network) with this network's packed weights and buffers."""
         threads = numba.get_num_threads()
         if getattr(self, "_fused", None) is None or self._fused[0] != threads:
-            self._fused = (threads, threading.Lock(), *self._buffers(threads))
-        _, lock, stack, act, tile, args = self._fused
-        n, r = len(x), self.resolution
-        pooled = np.empty((n, self.pooled_width), np.float32)
-        whole, flat = n // threads * threads, x.reshape(-1)
+            if getattr(self, "_packed", None) is None:
+                p = self.params
+                self._packed = kernels.pack_network(
+                    (p["conv1"]["kernel"], p["conv1"]["bias"]),
+                    [(p[f"conv_dw_{i}"]["kernel"], p[f"conv_dw_{i}"]["bias"], p[f"conv_pw_{i}"]["kernel"],
+                      p[f"conv_pw_{i}"]["bias"], stride) for i, (_, stride) in enumerate(BLOCKS, 1)])
+            self._fused = (threads, threading.Lock(), kernels.network_buffers(self._packed, self.resolution, threads))
+        _, lock, buffers = self._fused
+        pooled = np.empty((len(x), self.pooled_width), np.float32)
         with lock:
-            if whole:
-                kernels._network_stacks(flat[:whole * r * r * 3], whole, r, stack, *args, act, tile, pooled[:whole])
-            if whole < n:
-                kernels._network_bands(flat[whole * r * r * 3:], n - whole, r, *args, act, tile, pooled[whole:])
+            kernels.network(x, self._packed, buffers, pooled)
         return pooled
-
-    def _buffers(self, threads):
-        """(stack, activations (T, 2, S), tiles (T, tile), weights packed for the kernels) for the fused pass.
-
-        A stack is as many images as fit STACK floats of their largest
-        activation (at least one); S holds a stack, or the images left over
-        for the banded pass (fewer than the threads).
-        """
-        p, side = self.params, self.resolution // 2
-        c = width(STEM, self.alpha)
-        largest, row = side * side * c, side * 27
-        for out, stride in BLOCKS:
-            row = max(row, -(-side // stride) * c)
-            side, c = -(-side // stride), width(out, self.alpha)
-            largest = max(largest, side * side * c)
-        stack = max(1, STACK // largest)
-        act = np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32)
-        tile = np.empty((threads, max(TILE, row)), np.float32)
-        args = (kernels.pack(p["conv1"]["kernel"].reshape(27, -1)), p["conv1"]["bias"],
-                tuple(kernels.pack_depthwise(p[f"conv_dw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
-                tuple(p[f"conv_dw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
-                tuple(kernels.pack(p[f"conv_pw_{i}"]["kernel"]) for i in range(1, len(BLOCKS) + 1)),
-                tuple(p[f"conv_pw_{i}"]["bias"] for i in range(1, len(BLOCKS) + 1)),
-                np.array([s for _, s in BLOCKS], np.int64))
-        return stack, act, tile, args

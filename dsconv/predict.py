@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, files, images, weights
+from dsconv import DsconvError, HelpFormatter, bottlenecks, cam, classifier, files, images, weights
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 FORMATS = ("table", "csv", "json")
-BATCH = 16
 CHUNK = 64  # images per step of rows_for: what Ctrl-C can lose
 INTERRUPTED = "interrupted before this image"
 
@@ -320,7 +319,7 @@ def render(rows, fmt, positive):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dsconv.predict", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
     p.add_argument("model", help="classifier file written by `python -m dsconv.train` (model.h5)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image, folder or list file")
@@ -343,7 +342,7 @@ def main(argv=None):
         model = load_model(args.model, args.threshold, False if args.no_cache else args.cache)
         paths = collect(args.paths)
         if not paths:
-            raise OSError(f"no image files in {' '.join(args.paths)}")
+            raise DsconvError(f"no image files in {' '.join(args.paths)}")
         if heatmaps:
             heatmaps.mkdir(parents=True, exist_ok=True)
             files.remove_strays(heatmaps)
@@ -351,7 +350,7 @@ def main(argv=None):
             rows = rows_for(model, paths, heatmaps)
         except Interrupted as e:
             rows, interrupted = e.rows, True
-    except (classifier.ModelError, weights.WeightsError, OSError) as e:
+    except (DsconvError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

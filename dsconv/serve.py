@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import classifier, images, predict, weights
+from dsconv import DsconvError, HelpFormatter, images, predict
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -137,7 +137,7 @@ def _heatmap(model, path, probability):
     """(heatmap, the X-ray itself) as Pillow images, or (the exception, None)."""
     try:
         return model.heatmap(path, probability, PREVIEW), images.open_image(path, PREVIEW)
-    except (images.ImageError, OSError, ValueError) as e:
+    except (DsconvError, OSError, ValueError) as e:
         return e, None
 
 
@@ -319,7 +319,7 @@ def exposed(host):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dsconv.serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
     p.add_argument("model", help="classifier file written by `python -m dsconv.train` (model.h5)")
     p.add_argument("--host", default=HOST, help="address to listen on; anything but a loopback address "
@@ -346,7 +346,7 @@ def main(argv=None):
         print(f"dsconv: serving MobileNet {model.variant} ({args.model}) at {server.url}  (Ctrl-C to stop)",
               flush=True)
         server.serve_forever()
-    except (classifier.ModelError, weights.WeightsError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         print("\ndsconv: stopped", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dsconv import DsconvError, files
+from dsconv import DsconvError, HelpFormatter, files
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
@@ -229,7 +229,7 @@ def load_file(path, alpha=None, resolution=None):
         params = _verified(path)
     try:
         net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
-    except ValueError as e:
+    except DsconvError as e:
         raise WeightsError(f"{e}; convert the Keras file again") from None
     net.trained_resolution = info["trained_resolution"]
     net.weights_path = path
@@ -275,14 +275,17 @@ def load(alpha, resolution=224, head=False, quiet=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m dsconv.weights", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dsconv.weights", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="convert Keras MobileNet v1 HDF5 files")
+    c = sub.add_parser("convert", help="convert Keras MobileNet v1 HDF5 files",
+                       formatter_class=HelpFormatter)
     c.add_argument("files", nargs="+", help="Keras files, mobilenet_{1_0,7_5,5_0,2_5}_{224,...}_tf[_no_top].h5")
     c.add_argument("--out", help=f"output folder (default {weights_dir()})")
     c.add_argument("--resolution", type=int,
                    help="resolution the weights were trained at (default: from the file name, else 224)")
-    ls = sub.add_parser("list", help="list converted weight files")
+    ls = sub.add_parser("list", help="list converted weight files",
+                        formatter_class=HelpFormatter)
     ls.add_argument("--dir", help=f"folder to list (default {weights_dir()})")
     args = parser.parse_args(argv)
     try:
@@ -301,7 +304,7 @@ def main(argv=None):
             for p, i in rows:
                 print(f"{p.name:36s} alpha {i['alpha']:<5g} trained at {i['trained_resolution']}  "
                       f"head {'yes' if i['has_head'] else 'no '}  from {i['source_file']}")
-    except WeightsError as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

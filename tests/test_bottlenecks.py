@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, images, weights
+from dsconv import DsconvError, bottlenecks, images, weights
 from tests.conftest import CHEST
 
 
@@ -106,7 +106,7 @@ def test_other_variant_misses(net, paths, calls, tmp_path, weights_dir):
     calls.clear()
     feats, _ = bottlenecks.extract(paths[:4], at160, "pooled", tmp_path, progress=False)
     assert feats.shape == (4, 256) and len(list(tmp_path.iterdir())) == 2
-    with pytest.raises(ValueError, match="ImageNet head"):
+    with pytest.raises(DsconvError, match="ImageNet head"):
         bottlenecks.extract(paths[:4], net, "logits", tmp_path, progress=False)
 
 

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import classifier
+from dsconv import DsconvError, classifier, kernels
 
 
 def reference_sgd(x, y, w, b, idx, lr):
@@ -49,7 +49,7 @@ def test_standardize_is_sgd_on_standardized_features():
     w0 = classifier.truncated_normal(rng, (20, 2), classifier.INIT_STD)
     w, b = reference_sgd(z, y, w0, np.zeros(2), classifier.batches(y, 100, 100, "balanced", rng), 0.01)
     assert np.abs(model.weights - w).max() < 1e-6
-    assert np.allclose(model.probabilities(x), classifier.softmax(z @ w + b), atol=1e-6)
+    assert np.allclose(model.probabilities(x), kernels.softmax(z @ w + b), atol=1e-6)
 
 
 def test_bitwise_deterministic_and_seeded():
@@ -81,7 +81,7 @@ def test_curves():
 
 def test_single_class_refused():
     x, y = toy()
-    with pytest.raises(ValueError, match="single class"):
+    with pytest.raises(DsconvError, match="single class"):
         classifier.train(x, np.zeros_like(y), ["n", "p"], steps=10)
 
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, classifier, data, experiments, report, runlog, weights
+from dsconv import DsconvError, bottlenecks, classifier, data, experiments, report, runlog, weights
 from tests.conftest import copy_xrays
 
 
@@ -135,7 +135,7 @@ def test_snapshot_equals_separate_run(sampling):
         snap = curves["snapshots"][steps]
         assert np.array_equal(snap.weights, alone.weights) and np.array_equal(snap.bias, alone.bias)
     assert not np.array_equal(curves["snapshots"][100].weights, curves["snapshots"][250].weights)
-    with pytest.raises(ValueError, match="snapshots"):
+    with pytest.raises(DsconvError, match="snapshots"):
         classifier.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
 
 

@@ -31,7 +31,7 @@ def test_stem(n, h, w, c, stride):
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("n,h,w", SIZES)
-@pytest.mark.parametrize("c", [1, 3, 17, 129])  # 129: stride 1 runs 3 pixels at a time, last run short
+@pytest.mark.parametrize("c", [1, 3, 17, 129])  # 129: eight full vectors, then one masked lane
 def test_depthwise(n, h, w, c, stride):
     # inputs in [0, 6] like ReLU6 activations, weights large enough to clip both ends
     x, k, b = rand(n, h, w, c, lo=0, hi=6), rand(3, 3, c, lo=-2, hi=2), rand(c)

@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from dsconv import mobilenet, weights
+from dsconv import DsconvError, mobilenet, weights
 from dsconv.paper import TABLE3, TABLE3_ERRATA
 from tests.conftest import REFERENCE
 
@@ -29,9 +29,9 @@ def test_table3_keras_parameter_count():
 
 
 def test_variant_checks():
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(DsconvError, match="alpha"):
         mobilenet.check_variant(0.6, 224)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(DsconvError, match="multiple of 32"):
         mobilenet.check_variant(1.0, 100)
 
 

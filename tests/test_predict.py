@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import dsconv
-from dsconv import cam, classifier, images, predict, train
+from dsconv import cam, classifier, images, predict, train, weights
 from dsconv.mobilenet import MobileNet
 from tests import dicomfiles
 from tests.conftest import CHEST, copy_xrays
@@ -54,7 +54,7 @@ def test_cli_rows_agree_with_the_classifier(converted, trained, tmp_path, capsys
     assert set(rows) == {p.name for p in paths} | {"broken.jpeg"}
     assert rows["broken.jpeg"]["probability"] is None and "broken.jpeg" in rows["broken.jpeg"]["error"]
     head = classifier.load(trained["pooled"])
-    net = MobileNet.pretrained(0.25, 128, quiet=True)
+    net = weights.load(0.25, 128, quiet=True)
     x = np.stack([images.load(p, 128) for p in paths])
     want = head.scores(net.forward(x)[0])
     got = np.array([rows[p.name]["probability"] for p in paths])

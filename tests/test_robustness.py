@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train, weights
+from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train,
+                    weights)
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays
 
 DEAD_PID = 999999999
@@ -112,7 +113,7 @@ def test_predict_refuses_a_changed_model_in_one_line(converted, model_file, tmp_
 def test_diverged_training_refused():
     x = np.array([[1e10, 0.0], [0.0, 1e10]] * 5)
     y = np.array([0, 1] * 5)
-    with pytest.raises(ValueError, match="diverged.*lower --lr"):
+    with pytest.raises(DsconvError, match="diverged.*lower --lr"):
         with np.errstate(all="ignore"):
             classifier.train(x, y, ["A", "B"], lr=1e308, steps=20, batch=4)
 
