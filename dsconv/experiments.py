@@ -179,8 +179,8 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
                         last = (kind, g, scheme)
                         left = (training + time.perf_counter() - t) / trained * (total - done)
                         print(f"grid [{done}/{total} trainings] {alpha:g}-{res} {kind} by {g} {scheme}  "
-                              f"{report.clock(time.perf_counter() - start)} elapsed, ~{report.clock(left)} of training left "
-                              "(plus bottlenecks)", file=stream, flush=True)
+                              f"{report.clock(time.perf_counter() - start)} elapsed, ~{report.clock(left)} of "
+                              "training left (plus bottlenecks)", file=stream, flush=True)
                 training += time.perf_counter() - t
                 timing["train_s"] = training
     finally:

@@ -267,7 +267,8 @@ def main(argv=None):
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
-            result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site, positive)
+            result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site,
+                                                               positive)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))
