@@ -39,7 +39,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, runlog, weights
+from dsconv import DsconvError, bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, runlog, weights
 
 OUT = "results"
 SHUFFLES = 3
@@ -294,7 +294,8 @@ def leakage(ds, seeds, scheme):
         train_patients = {patients[i] for i in np.flatnonzero(part == 0)}
         test = np.flatnonzero(part == 2)
         shared.append(np.mean([patients[i] in train_patients for i in test]))
-    return {"images": len(keys), "patients": len(set(patients)), "duplicate_groups": len(dups), "duplicates_within_patient": within,
+    return {"images": len(keys), "patients": len(set(patients)), "duplicate_groups": len(dups),
+            "duplicates_within_patient": within,
             "test_with_patient_in_train": float(np.mean(shared)) if shared else math.nan}
 
 
@@ -347,7 +348,7 @@ def main(argv=None):
         try:
             held.enter_context(files.lock(out / ".lock", wait=False))
         except files.Busy:
-            raise OSError(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
+            raise files.Busy(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
                           "finish or give another --out") from None
         files.remove_strays(out)
         ds = data.scan(args.data)
@@ -362,7 +363,7 @@ def main(argv=None):
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
         alphas = {a for a, _ in available_variants()}
         written = write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, args.workers)
-    except (data.DataError, weights.WeightsError, ValueError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: finished runs are in {out / 'runs.csv'} and bottlenecks are cached; run "

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import __version__, bottlenecks, classifier, data, files, images, metrics, repeats, report, weights
+from dsconv import (DsconvError, __version__, bottlenecks, classifier, data, files, images, metrics, repeats,
+                    report, weights)
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -276,7 +277,7 @@ def main(argv=None):
         times["training_s"] = time.perf_counter() - t
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
-    except (data.DataError, weights.WeightsError, classifier.ModelError, ValueError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
