@@ -171,6 +171,7 @@ def table4(selected, grid, alphas):
                       "| Model | " + " | ".join(schemes) + " |", "|---|" + "---|" * len(schemes)]
             variants = list(paper.VARIANTS) + sorted({c.variant for c in selected} - set(paper.VARIANTS))
             for v in variants:
+                alpha, resolution = v
                 theirs = paper.TABLE4.get(v)
                 cells, label = [], name(v)
                 for scheme in schemes:
@@ -178,13 +179,13 @@ def table4(selected, grid, alphas):
                     ref = f"({p[0]:.1f} ± {p[1]:.2f})" if p else "(not in the paper)"
                     s = selected.get(Cell(*v, kind, g, scheme))
                     if s is None:
-                        ours = "no weights" if v[0] not in alphas else "not in this grid"
+                        ours = "no weights" if alpha not in alphas else "not in this grid"
                         cells.append(f"{ours} {ref}")
-                        if v[0] not in alphas:
+                        if alpha not in alphas:
                             label = (f"{name(v)} (no weights: `python -m dsconv.weights convert "
-                                     f"PATH/{weights.keras_file_name(v[0], 224)}`)")
+                                     f"PATH/{weights.keras_file_name(alpha, 224)}`)")
                         continue
-                    if s["trained_resolution"] != v[1]:
+                    if s["trained_resolution"] != resolution:
                         label, marked = f"{name(v)} †", True
                     cells.append(f"{pm(100 * s['test'], 100 * s['test_std'])} {ref} · {s['lr']:g}/{s['steps']}")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
