@@ -143,7 +143,7 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
 
         def key(kind, g, scheme, seed, lr, s):
             return runlog.key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
-                               seed=seed, lr=lr, steps=s))
+                                      seed=seed, lr=lr, steps=s))
         todos[variant] = [(kind, g, scheme, seed, lr) for (v, kind, g, scheme) in cells if v == variant
                           for seed in range(grid.shuffles) for lr in grid.lrs
                           if any(key(kind, g, scheme, seed, lr, s) not in log.rows for s in steps)]
@@ -303,6 +303,7 @@ def leakage(ds, seeds, scheme):
 
 
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
+    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.report); the names written."""
     rows = [r for r in log.rows.values()
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
@@ -349,7 +350,7 @@ def main(argv=None):
             held.enter_context(files.lock(out / ".lock", wait=False))
         except files.Busy:
             raise files.Busy(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
-                          "finish or give another --out") from None
+                             "finish or give another --out") from None
         files.remove_strays(out)
         ds = data.scan(args.data)
         grid = replace(grid, variants=grid.variants or available_variants())
