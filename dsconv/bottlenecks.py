@@ -4,6 +4,7 @@
     both, failed = extract_kinds(paths, net, ("pooled", "logits"), cache_dir)   # one forward pass
     feats, failed = extract(paths, net, "pooled", cache_dir, tta="flip")
     feats, failed = extract_ensemble(paths, [net_a, net_b], "pooled", cache_dir)
+    ds, feats, failed = extract_dataset(ds, [net], ("pooled",), cache_dir)   # a data.Dataset, unreadable dropped
 
 A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
@@ -47,6 +48,7 @@ from dsconv import DsconvError, files, images
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
 BATCH = 32
+WORKERS = 2  # image decoding threads
 MERGED = "bottlenecks.h5"
 FORMAT = "dsconv-bottlenecks-v1"
 
@@ -253,7 +255,7 @@ def _decode(path, sizes):
         return None, str(e)
 
 
-def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none"):
+def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none"):
     """Bottlenecks of image files, computing only those not in the cache.
 
     Returns (features, failed): ``failed`` maps each path that could not be
@@ -267,7 +269,7 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=2, p
     return feats[kind], failed
 
 
-def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=2, progress=True, tta="none"):
+def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=WORKERS, progress=True, tta="none"):
     """As extract, the bottlenecks of several networks concatenated in the order of ``nets``.
 
     Each image is decoded once for all of them (extract_nets); a path that
@@ -277,7 +279,14 @@ def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=2, prog
     return np.concatenate([f[kind] for f in feats], axis=1), failed
 
 
-def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none"):
+def extract_dataset(ds, nets, kinds=KINDS, cache_dir=None, workers=WORKERS, progress=True, tta="none", seconds=None):
+    """As extract_nets for a data.Dataset: (the Dataset of its readable images, [{kind: features} per net], failed)."""
+    feats, failed = extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, progress=progress, tta=tta,
+                                 seconds=seconds)
+    return ds.subset(np.array([p not in failed for p in ds.paths], bool)), feats, failed
+
+
+def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none"):
     """As extract, for several bottleneck kinds from one forward pass per image.
 
     Returns ({kind: features}, failed); each kind has its own cache, and an
@@ -287,7 +296,7 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     return feats, failed
 
 
-def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=2, progress=True, tta="none",
+def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none",
                  seconds=None):
     """As extract_kinds, for several networks (an alpha at several resolutions) decoding each image once.
 
@@ -303,7 +312,7 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     failed, keys = {}, {}
     pool = ThreadPoolExecutor(max(1, workers))
     try:
-        for path, key in zip(paths, pool.map(_safe_key, paths)):
+        for path, key in zip(paths, pool.map(files.file_key_or_error, paths)):
             if isinstance(key, Exception):
                 failed[path] = f"{path}: cannot be read ({key})"
             elif key is None:
@@ -384,13 +393,3 @@ def _run(todo, nets, tta, caches, computed, failed, pool, batch, bar, seconds):
         for c in caches:
             for cache in c.values():
                 cache.merge()
-
-
-def _safe_key(path):
-    """file_key, None for an empty file, or the OSError."""
-    try:
-        if path.stat().st_size == 0:
-            return None
-        return files.file_key(path)
-    except OSError as e:
-        return e

@@ -26,6 +26,7 @@ names a data set by its contents.
 import hashlib
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ PATIENT_PATTERNS = (
     re.compile(r"^((?:NORMAL\d+-)?IM-\d+)-\d+"),    # IM-0629-0001, NORMAL2-IM-0383-0001-0002
 )
 PARTITIONS = ("train", "val", "test")
+POSITIVE = "PNEUMONIA"  # the class counted positive (sensitivity, P(positive)) where there is one
 MIN_CLASS = 10  # fewer images of a class than this: a metric on it means little
 
 
@@ -93,6 +95,15 @@ def _visible_files(folder):
     """Every file under ``folder``, recursively and sorted, none hidden or inside a hidden folder."""
     return sorted(p for p in folder.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def positive_index(classes, name=POSITIVE):
+    """The index of class ``name``; without a class POSITIVE, the default, the last class."""
+    if name in classes:
+        return classes.index(name)
+    if name != POSITIVE:
+        raise DataError(f"--positive {name} is not one of the classes {classes}")
+    return len(classes) - 1
 
 
 def image_files(root):
@@ -242,3 +253,43 @@ def fingerprint(ds):
 def small_classes(ds, minimum=MIN_CLASS):
     """{class: count} of the classes with fewer than ``minimum`` images."""
     return {c: n for c, n in ds.counts().items() if n < minimum}
+
+
+def check_partitions(n, percentages, split_text, test_dir):
+    """Refuse a split that leaves a partition it asks for empty (it would report "nan%")."""
+    sizes = split_sizes(n, percentages)
+    for name, share, size in zip(("training", "validation", "test"), percentages, sizes):
+        if share > 0 and size == 0 and not (name == "test" and test_dir):
+            raise DataError(f"--split {split_text} leaves the {name} partition empty with {n} images; "
+                            f"give it a larger share or more images")
+
+
+def hygiene(datasets):
+    """Warnings about each Dataset: identical images in two classes, classes too small to measure on.
+
+    (Images shared between --data, --val-dir and --test-dir: warn_overlaps.)
+    """
+    out = []
+    for d in datasets:
+        dups = duplicates_across_classes(d)
+        if dups:
+            a, b = dups[0]
+            out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and "
+                       f"{b}); their labels contradict each other")
+        for c, n in small_classes(d).items():
+            out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
+                       "specificity) means little")
+    for w in out:
+        print(f"warning: {w}", file=sys.stderr)
+    return out
+
+
+def warn_overlaps(named):
+    """Warn when two of the (name, Dataset) pairs share images by content."""
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            shared = shared_images(a, b)
+            if shared:
+                print(f"dsconv: warning: {len(shared)} image(s) of {name_b} ({b.root}) are also in {name_a} "
+                      f"({a.root}), by content (e.g. {shared[0][1]} = {shared[0][0]}); figures measured "
+                      "on them are optimistic", file=sys.stderr)

@@ -22,14 +22,12 @@ interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
 tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
 images (their content hashes and classes), and a resumed grid must come from
-the same ones. One grid writes to an --out at a time (an fcntl lock on
---out/.lock).
+the same ones (dsconv.runlog keeps these records; dsconv.report writes the
+tables and figures). One grid writes to an --out at a time (an fcntl lock
+on --out/.lock).
 """
 import argparse
 import contextlib
-import csv
-import io
-import json
 import math
 import sys
 import time
@@ -41,63 +39,22 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import bottlenecks, classifier, data, files, metrics, mobilenet, report, weights
+from dsconv import DsconvError, bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, runlog, weights
 
 OUT = "results"
-WORKERS = 2
-POSITIVE = "PNEUMONIA"
-SCHEMES = ("80/10/10", "70/15/15", "60/20/20")
 SHUFFLES = 3
 LRS = (0.1, 0.01, 0.001)
 STEPS = (1500, 2000, 2500)
 GROUP_BYS = ("image", "patient")
 BOTTLENECKS = ("logits", "pooled")
 FIGURE4_EVAL_EVERY = 10
-TIMING = "timing.json"
-DATA = "data.json"
-
-# The paper's tables. Table 4: accuracy % mean, std per scheme (80/10/10, 70/15/15, 60/20/20).
-PAPER_TABLE1 = {"80/10/10": (4172, 522, 522), "70/15/15": (3652, 782, 782), "60/20/20": (3130, 1043, 1043)}
-PAPER_TABLE3 = {
-    (1.0, 224): (569, 4.24), (1.0, 192): (418, 4.24), (1.0, 160): (291, 4.24), (1.0, 128): (186, 4.24),
-    (0.75, 224): (317, 2.59), (0.75, 192): (233, 2.59), (0.75, 160): (162, 2.59), (0.75, 128): (104, 2.59),
-    (0.5, 224): (150, 1.34), (0.5, 192): (110, 1.34), (0.5, 160): (77, 1.34), (0.5, 128): (49, 1.34),
-    (0.25, 224): (41, 0.47), (0.25, 192): (34, 0.47), (0.25, 160): (21, 0.47), (0.25, 128): (14, 0.47)}
-PAPER_FULL_CONV = (4866, 29.3)
-# Rows where the paper copies TF-slim's miscounted mult-adds (see dsconv.mobilenet).
-TABLE3_ERRATA = {(0.75, 224), (0.75, 192), (0.75, 160), (0.75, 128), (0.5, 224), (0.25, 192)}
-PAPER_TABLE4 = {
-    (1.0, 224): ((98.0, 0.17), (96.2, 0.06), (97.1, 0.60)),
-    (1.0, 192): ((97.3, 0.31), (97.1, 0.15), (97.0, 0.15)),
-    (1.0, 160): ((97.2, 0.21), (95.8, 0.87), (97.5, 0.29)),
-    (1.0, 128): ((96.8, 0.15), (96.4, 0.35), (96.8, 0.35)),
-    (0.75, 224): ((97.6, 0.36), (96.8, 0.75), (96.0, 0.35)),
-    (0.75, 192): ((97.4, 0.25), (96.7, 0.17), (96.5, 0.61)),
-    (0.75, 160): ((97.8, 0.23), (97.2, 0.44), (96.2, 0.96)),
-    (0.75, 128): ((97.7, 0.10), (96.8, 0.51), (95.7, 1.50)),
-    (0.5, 224): ((97.3, 0.87), (96.1, 0.30), (96.7, 0.81)),
-    (0.5, 192): ((96.8, 0.45), (96.2, 0.38), (96.4, 0.40)),
-    (0.5, 160): ((97.0, 0.66), (95.8, 0.26), (94.8, 0.72)),
-    (0.5, 128): ((96.6, 0.06), (96.4, 0.68), (95.7, 0.06)),
-    (0.25, 224): ((96.5, 0.21), (95.6, 0.35), (95.5, 0.38)),
-    (0.25, 192): ((96.2, 0.21), (95.0, 1.32), (96.7, 0.61)),
-    (0.25, 160): ((97.4, 0.15), (95.4, 0.70), (95.5, 0.15)),
-    (0.25, 128): ((97.2, 0.21), (96.3, 0.21), (95.9, 1.22))}
-PAPER_VARIANTS = tuple(PAPER_TABLE4)
-# The paper's best cell and its setting (its Figure 4): 98.0 +/- 0.17, sensitivity 97.0, specificity 98.1.
-PAPER_BEST = ((1.0, 224, "logits", "image", "80/10/10"), 0.01, 2000)
-
-# A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
-KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
-COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
-                 "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
 
 
 @dataclass(frozen=True)
 class Grid:
     """The settings to run; ``variants`` None means every (alpha, resolution) with weights."""
     variants: tuple = None
-    schemes: tuple = SCHEMES
+    schemes: tuple = paper.SCHEMES
     shuffles: int = SHUFFLES
     lrs: tuple = LRS
     steps: tuple = STEPS
@@ -119,79 +76,11 @@ def parse_args(argv):
                         "replace those in --out, its runs join runs.csv")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{bottlenecks.default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error("--workers must be at least 1")
     return args
-
-
-def fmt(name, value):
-    """A CSV cell: settings in their canonical spelling, metrics to 6 significant digits."""
-    if name in ("alpha", "lr"):
-        return f"{float(value):g}"
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return str(value)
-
-
-def key_of(row):
-    return tuple(fmt(k, row[k]) for k in KEY)
-
-
-def read_runs(path):
-    """{key: row} of a runs.csv; a last line cut short by an interruption is dropped from the file."""
-    if not path.exists():
-        return {}
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        files.write_text(path, text)
-    lines = text.splitlines()
-    if not lines:
-        return {}
-    if tuple(lines[0].split(",")) != COLUMNS:
-        raise data.DataError(f"{path}: not a runs.csv of this version of dsconv.experiments (columns "
-                             f"differ); give another --out or move the file away")
-    rows = {}
-    for r in csv.DictReader(lines):
-        row = parse_row(r)
-        rows[key_of(row)] = row
-    return rows
-
-
-def parse_row(cells):
-    """A run from its CSV cells (strings)."""
-    row = {k: cells[k] for k in COLUMNS}
-    for k in ("alpha", "lr") + COLUMNS[COLUMNS.index("val_accuracy"):]:
-        row[k] = float(row[k]) if row[k] != "" else math.nan
-    for k in ("resolution", "seed", "steps", "trained_resolution", "n_train", "n_val", "n_test"):
-        row[k] = int(row[k])
-    return row
-
-
-class RunLog:
-    """runs.csv, appended to and flushed after every training, so an interruption loses at most one."""
-
-    def __init__(self, path):
-        self.path = path
-        self.rows = read_runs(path)
-        new = not path.exists() or path.stat().st_size == 0
-        self.file = open(path, "a", newline="")
-        if new:
-            self.file.write(",".join(COLUMNS) + "\n")
-            self.file.flush()
-
-    def add(self, rows):
-        """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
-        for row in rows:
-            cells = {k: fmt(k, row[k]) for k in COLUMNS}
-            self.file.write(",".join(cells.values()) + "\n")
-            self.rows[key_of(row)] = parse_row(cells)
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
 
 
 def available_variants():
@@ -206,10 +95,6 @@ def available_variants():
     return tuple(out)
 
 
-def positive_index(classes):
-    return classes.index(POSITIVE) if POSITIVE in classes else len(classes) - 1
-
-
 def evaluate(model, x, y, positive):
     """(mean cross-entropy, metrics.evaluate at 0.5) of a model on bottlenecks x, labels y."""
     p = model.probabilities(x)
@@ -219,7 +104,7 @@ def evaluate(model, x, y, positive):
 
 def train_cell(x, labels, part, classes, seed, lr, steps):
     """One training to max(steps), evaluated at each step count: [metrics dict per step count]."""
-    positive = positive_index(classes)
+    positive = data.positive_index(classes)
     tr, va, te = part == 0, part == 1, part == 2
     t = time.perf_counter()
     _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
@@ -236,11 +121,6 @@ def train_cell(x, labels, part, classes, seed, lr, steps):
                     "test_specificity": test["specificity"], "test_auc": test["auc"],
                     "train_s": train_s / len(steps)})
     return out
-
-
-def clock(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
@@ -262,8 +142,8 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
         alpha, res = variant
 
         def key(kind, g, scheme, seed, lr, s):
-            return key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
-                               seed=seed, lr=lr, steps=s))
+            return runlog.key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
+                                      seed=seed, lr=lr, steps=s))
         todos[variant] = [(kind, g, scheme, seed, lr) for (v, kind, g, scheme) in cells if v == variant
                           for seed in range(grid.shuffles) for lr in grid.lrs
                           if any(key(kind, g, scheme, seed, lr, s) not in log.rows for s in steps)]
@@ -275,7 +155,8 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
             if not variants:
                 continue
             nets = [weights.load(alpha, res, head=True, quiet=True) for _, res in variants]
-            for net, (vds, x) in zip(nets, readable_bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)):
+            vds, feats = timed_bottlenecks(ds, nets, grid.bottlenecks, cache_dir, workers, timing)
+            for net, x in zip(nets, feats):
                 res, todo = net.resolution, todos[alpha, net.resolution]
                 groups = {"image": None, "patient": [data.patient_id(p) for p in vds.paths]}
                 parts = {}
@@ -298,16 +179,16 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
                         last = (kind, g, scheme)
                         left = (training + time.perf_counter() - t) / trained * (total - done)
                         print(f"grid [{done}/{total} trainings] {alpha:g}-{res} {kind} by {g} {scheme}  "
-                              f"{clock(time.perf_counter() - start)} elapsed, ~{clock(left)} of training left "
-                              "(plus bottlenecks)", file=stream, flush=True)
+                              f"{report.clock(time.perf_counter() - start)} elapsed, ~{report.clock(left)} of "
+                              "training left (plus bottlenecks)", file=stream, flush=True)
                 training += time.perf_counter() - t
                 timing["train_s"] = training
     finally:
         pool.shutdown(cancel_futures=True)
 
 
-def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
-    """[(Dataset of the readable images, {kind: features}) per net], timing the extraction of uncached images.
+def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
+    """(Dataset of the readable images, [{kind: features} per net]), timing the extraction of uncached images.
 
     ``nets``: one alpha at several resolutions, whose images are decoded once for all.
     """
@@ -319,20 +200,19 @@ def readable_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
         cached = [bottlenecks.Cache(root, bottlenecks.variant(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
-    feats, failed = bottlenecks.extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
+    vds, feats, _ = bottlenecks.extract_dataset(ds, nets, kinds, cache_dir, workers, seconds=forward)
     wall = time.perf_counter() - t
     for net, n, s in zip(nets, missing, forward):
         timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": n, "seconds": s,
                                   "group_wall_s": wall / len(nets)})
-    keep = np.array([p not in failed for p in ds.paths], bool)
-    return [(ds.subset(keep), f) for f in feats]
+    return vds, feats
 
 
-# ---- selection and tables
+# ---- selection
 
 
 def cell_key(row):
-    return (float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
+    return report.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
 
 
 def select(rows):
@@ -341,7 +221,7 @@ def select(rows):
     The setting with the highest mean validation accuracy over the seeds wins;
     ties go to the lower mean validation loss, then fewer steps, then the
     higher rate. Test accuracy is only read for the chosen setting.
-    Returns {cell: {"lr", "steps", "val", "test", "test_std", "sensitivity",
+    Returns {Cell: {"lr", "steps", "val", "test", "test_std", "sensitivity",
     "specificity", "n", "trained_resolution"}} (accuracies as fractions).
     """
     by = defaultdict(lambda: defaultdict(list))
@@ -364,169 +244,16 @@ def select(rows):
     return out
 
 
-def name(variant):
-    return f"{variant[0]:.2f}-{variant[1]}".replace("1.00", "1.0")
-
-
-def pm(mean, std, digits=2):
-    return f"{mean:.1f} ± {'n/a' if math.isnan(std) else f'{std:.{digits}f}'}"
-
-
-PROTOCOLS = {"image": "split by image (the paper's protocol)",
-             "patient": "split by patient (no patient on both sides)"}
-SELECTION_NOTE = ("Learning rate and step count chosen per cell by the best mean validation accuracy over "
-                  "the shuffles (ties: lower validation loss); the test partition played no part in the "
-                  "choice. Cells: our test accuracy % mean ± sample std (the paper's) · chosen lr/steps.")
-
-
-def table4(selected, schemes, alphas):
-    """table4.md: one table per protocol and bottleneck, the paper's rows, ours beside the paper's.
-
-    ``alphas``: the widths with weights; other rows say "no weights".
-    """
-    protocols = [g for g in GROUP_BYS if any(c[3] == g for c in selected)]
-    kinds = [k for k in BOTTLENECKS if any(c[2] == k for c in selected)]
-    lines = ["# Table 4: test accuracy of every variant and split scheme", "", SELECTION_NOTE, ""]
-    marked = False
-    for g in protocols:
-        for kind in kinds:
-            lines += [f"## {PROTOCOLS[g].capitalize()}, {kind} bottleneck", "",
-                      "| Model | " + " | ".join(schemes) + " |", "|---|" + "---|" * len(schemes)]
-            variants = list(PAPER_VARIANTS) + sorted({c[:2] for c in selected} - set(PAPER_VARIANTS))
-            for v in variants:
-                paper = PAPER_TABLE4.get(v)
-                cells, label = [], name(v)
-                for scheme in schemes:
-                    p = paper[SCHEMES.index(scheme)] if paper and scheme in SCHEMES else None
-                    ref = f"({p[0]:.1f} ± {p[1]:.2f})" if p else "(not in the paper)"
-                    s = selected.get((v[0], v[1], kind, g, scheme))
-                    if s is None:
-                        ours = "no weights" if v[0] not in alphas else "not in this grid"
-                        cells.append(f"{ours} {ref}")
-                        if v[0] not in alphas:
-                            label = (f"{name(v)} (no weights: `python -m dsconv.weights convert "
-                                     f"PATH/{weights.keras_file_name(v[0], 224)}`)")
-                        continue
-                    if s["trained_resolution"] != v[1]:
-                        label, marked = f"{name(v)} †", True
-                    cells.append(f"{pm(100 * s['test'], 100 * s['test_std'])} {ref} · {s['lr']:g}/{s['steps']}")
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-            lines.append("")
-    if marked:
-        lines += ["† run on the weights trained at 224 (the only ones available), the paper used weights "
-                  "trained at this resolution.", ""]
-    lines += ["The paper writes 1.0-244, 0.75-244, ... for the 224 variants. Variants without weights: "
-              "Keras' file for that alpha is not available here; with it (from "
-              "`keras.applications.MobileNet(alpha=...)`, in ~/.keras/models) converted as the row says, "
-              "the grid runs them too.", ""]
-    return "\n".join(lines)
-
-
-def table1(rows, schemes):
-    """table1.md: partition sizes per scheme, the paper's, ours by image and by patient."""
-    sizes = defaultdict(set)
-    for r in rows:
-        sizes[r["group_by"], r["split"]].add((int(r["n_train"]), int(r["n_val"]), int(r["n_test"])))
-    lines = ["# Table 1: split sizes (train | validation | test)", "",
-             "| Scheme | paper | ours, by image | ours, by patient (range over shuffles) |", "|---|---|---|---|"]
-
-    def show(found):
-        if not found:
-            return "not run"
-        lo, hi = np.min(list(found), axis=0), np.max(list(found), axis=0)
-        return " \\| ".join(str(a) if a == b else f"{a}–{b}" for a, b in zip(lo, hi))
-    for scheme in schemes:
-        paper = " \\| ".join(map(str, PAPER_TABLE1[scheme])) if scheme in PAPER_TABLE1 else "—"
-        lines.append(f"| {scheme} | {paper} | {show(sizes['image', scheme])} | {show(sizes['patient', scheme])} |")
-    lines += ["", "By image the sizes are exact (data.split); by patient whole patients are dealt out, so "
-              "the sizes come close to the targets.", ""]
-    return "\n".join(lines)
-
-
-def table3():
-    """table3.md: million mult-adds and parameters, counted and the paper's, errata flagged."""
-    lines = ["# Table 3: million mult-adds and parameters (1000-class ImageNet network)", "",
-             "| Model | mult-adds, ours | mult-adds, paper | parameters, ours | parameters, paper |",
-             "|---|---|---|---|---|",
-             f"| Full convolution (1.0-224) | — | {PAPER_FULL_CONV[0]} | — | {PAPER_FULL_CONV[1]} |"]
-    for v in PAPER_VARIANTS:
-        madds, params = mobilenet.count(*v)
-        pm_, pp = PAPER_TABLE3[v]
-        flag = " *" if v in TABLE3_ERRATA else ""
-        lines.append(f"| {name(v)} | {madds / 1e6:.0f}{flag} | {pm_} | {params / 1e6:.2f} | {pp:.2f} |")
-    lines += ["", "* The paper copies TF-slim's table, whose mult-adds for these rows are off; counting the "
-              "layers (dsconv.mobilenet.count) gives ours, and Howard et al.'s own Table 6 agrees (325 M for "
-              "0.75-224, 149 M for 0.5-224).", ""]
-    return "\n".join(lines)
-
-
-# ---- figures
-
-
-def tradeoff(path, selected, scheme, plt):
-    """Test accuracy against million mult-adds, by image and by patient, one panel per bottleneck."""
-    kinds = [k for k in BOTTLENECKS if any(c[2] == k and c[4] == scheme for c in selected)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False, sharey=True)
-    for ax, kind in zip(axes[0], kinds):
-        xs = [mobilenet.count(*v)[0] / 1e6 for v in PAPER_VARIANTS]
-        ax.scatter(xs, [PAPER_TABLE4[v][SCHEMES.index(scheme)][0] for v in PAPER_VARIANTS], marker="x",
-                   color="gray", label="paper (by image)")
-        for g, color in (("image", "tab:blue"), ("patient", "tab:red")):
-            pts = sorted((mobilenet.count(c[0], c[1])[0] / 1e6, s, c) for c, s in selected.items()
-                         if c[2] == kind and c[3] == g and c[4] == scheme)
-            if not pts:
-                continue
-            for alpha in sorted({c[0] for _, _, c in pts}):
-                line = [(x, s) for x, s, c in pts if c[0] == alpha]
-                ax.errorbar([x for x, _ in line], [100 * s["test"] for _, s in line],
-                            yerr=[100 * np.nan_to_num(s["test_std"]) for _, s in line], color=color,
-                            marker="o", capsize=3, label=f"ours, by {g}" if alpha == pts[0][2][0] else None)
-            for x, s, c in pts if g == "image" else ():
-                ax.annotate(name(c[:2]), (x, 100 * s["test"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xticks([10, 20, 50, 100, 200, 500])
-        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-        ax.get_xaxis().set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("million mult-adds (counted)")
-        ax.set_title(f"{kind} bottleneck, split {scheme}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("test accuracy % (mean ± std over shuffles)")
-    fig.suptitle("Accuracy against cost: lr and steps chosen on validation", fontsize=10)
-    fig.tight_layout()
-    save_png(fig, path)
-    plt.close(fig)
-
-
-def figure4(path, curves, title, plt):
-    """Train (batch) and validation accuracy over steps, one pair of lines per shuffle."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for seed, c in curves:
-        ax.plot(c["step"], c["train_accuracy"], lw=0.7, color="tab:orange", alpha=0.8,
-                label="train (batch of 100)" if seed == curves[0][0] else None)
-        ax.plot(c["step"], c["val_accuracy"], lw=1.2, color="tab:blue",
-                label="validation" if seed == curves[0][0] else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0.7, 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    save_png(fig, path)
-    plt.close(fig)
-
-
 def paper_setting(rows):
     """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
-    cell, lr, steps = PAPER_BEST
+    cell, (lr, steps) = report.Cell(*paper.BEST_CELL), paper.BEST_SETTING
     rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
     return (cell, select(rs)[cell]) if rs else None
 
 
 def best_cell(selected, scheme):
     """The cell with the best validation accuracy at the paper's protocol and ``scheme``: (cell, selection)."""
-    cells = [(s["val"], -s["lr"], c) for c, s in selected.items() if c[3] == "image" and c[4] == scheme]
+    cells = [(s["val"], -s["lr"], c) for c, s in selected.items() if c.group_by == "image" and c.split == scheme]
     if not cells:
         cells = [(s["val"], -s["lr"], c) for c, s in selected.items()]
     cell = max(cells)[2]
@@ -534,15 +261,14 @@ def best_cell(selected, scheme):
 
 
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
-    alpha, res, kind, g, scheme = cell
-    net = weights.load(alpha, res, head=True, quiet=True)
-    feats, failed = bottlenecks.extract_kinds(ds.paths, net, (kind,), cache_dir, workers=workers, progress=False)
-    vds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
-    x = feats[kind]
-    groups = [data.patient_id(p) for p in vds.paths] if g == "patient" else None
+    """The training curves of a cell at its selected setting, one per shuffle: [(seed, curves)]."""
+    net = weights.load(*cell.variant, head=True, quiet=True)
+    vds, (feats,), _ = bottlenecks.extract_dataset(ds, [net], (cell.bottleneck,), cache_dir, workers, progress=False)
+    x = feats[cell.bottleneck]
+    groups = [data.patient_id(p) for p in vds.paths] if cell.group_by == "patient" else None
     out = []
     for seed in range(shuffles):
-        part = data.split(vds.labels, data.parse_split(scheme), seed, groups)
+        part = data.split(vds.labels, data.parse_split(cell.split), seed, groups)
         _, c = classifier.train(x[part == 0], vds.labels[part == 0], vds.classes, x[part == 1],
                                 vds.labels[part == 1], lr=sel["lr"], steps=sel["steps"],
                                 eval_every=FIGURE4_EVAL_EVERY, seed=seed)
@@ -568,162 +294,25 @@ def leakage(ds, seeds, scheme):
         train_patients = {patients[i] for i in np.flatnonzero(part == 0)}
         test = np.flatnonzero(part == 2)
         shared.append(np.mean([patients[i] in train_patients for i in test]))
-    return {"images": len(keys), "patients": len(set(patients)), "duplicate_groups": len(dups), "duplicates_within_patient": within,
+    return {"images": len(keys), "patients": len(set(patients)), "duplicate_groups": len(dups),
+            "duplicates_within_patient": within,
             "test_with_patient_in_train": float(np.mean(shared)) if shared else math.nan}
-
-
-def summary(selected, rows, grid, alphas, invocations, facts, figure_cell, paper_cell):
-    """summary.md: headline numbers, leakage, cost, and what differs from the paper."""
-    have = sorted(alphas, reverse=True)
-    missing = [a for a in mobilenet.ALPHAS if a not in alphas]
-    lines = ["# Reproducing the paper: summary", ""]
-    head = "80/10/10" if "80/10/10" in grid.schemes else grid.schemes[0]
-    lines += [f"## Headline: split {head}", "", SELECTION_NOTE.split(" Cells:")[0], "",
-              "| Model | bottleneck | by image | by patient | paper (by image) | chosen lr/steps (image; patient) |",
-              "|---|---|---|---|---|---|"]
-    for v in grid.variants:
-        for kind in grid.bottlenecks:
-            si, sp = selected.get((*v, kind, "image", head)), selected.get((*v, kind, "patient", head))
-            if not si and not sp:
-                continue
-            paper = PAPER_TABLE4.get(v)
-            p = paper[SCHEMES.index(head)] if paper and head in SCHEMES else None
-
-            def show(s):
-                return pm(100 * s["test"], 100 * s["test_std"]) if s else "not run"
-
-            def setting(s):
-                return f"{s['lr']:g}/{s['steps']}" if s else "—"
-            lines.append(f"| {name(v)}{' †' if si and si['trained_resolution'] != v[1] else ''} | {kind} | "
-                         f"{show(si)} | {show(sp)} | {pm(*p) if p else '—'} | {setting(si)}; {setting(sp)} |")
-    lines += ["", "Test accuracy % at threshold 0.5, mean ± sample std over the shuffles. "
-              "† 224-trained weights run at a smaller resolution.", ""]
-    if figure_cell:
-        c, s = figure_cell
-        lines += [f"Best by validation, split by {c[3]} {c[4]}: {name(c[:2])} {c[2]}, lr {s['lr']:g}, "
-                  f"{s['steps']} steps: test accuracy {pm(100 * s['test'], 100 * s['test_std'])}, sensitivity "
-                  f"{100 * s['sensitivity']:.1f}%, specificity {100 * s['specificity']:.1f}% (paper, 1.0-224: "
-                  "98.0 ± 0.17, 97.0%, 98.1%).", ""]
-    if paper_cell:
-        c, s = paper_cell
-        lines += [f"The paper's best cell at its own setting ({name(c[:2])} {c[2]}, split by {c[3]} {c[4]}, lr "
-                  f"{s['lr']:g}, {s['steps']} steps, not chosen on validation): test accuracy "
-                  f"{pm(100 * s['test'], 100 * s['test_std'])}, sensitivity {100 * s['sensitivity']:.1f}%, "
-                  f"specificity {100 * s['specificity']:.1f}% (paper: 98.0 ± 0.17, 97.0%, 98.1%). Its curves, "
-                  "the paper's Figure 4: figure4.png.", ""]
-    gaps = [selected[(*c[:3], "image", c[4])]["test"] - s["test"] for c, s in selected.items()
-            if c[3] == "patient" and (*c[:3], "image", c[4]) in selected]
-    if gaps:
-        lines += [f"Split by image minus split by patient, over the {len(gaps)} variant/bottleneck/scheme "
-                  f"cells run both ways: {100 * np.mean(gaps):+.1f} points on average (from "
-                  f"{100 * min(gaps):+.1f} to {100 * max(gaps):+.1f}).", ""]
-    lines += cost(rows, grid, invocations)
-    lines += ["## What differs from the paper, and why", "",
-              leak_text(facts, head),
-              "- **Bottleneck.** retrain.py used TF-slim's 1001 logits (a background class first); Keras' "
-              "weights give 1000 logits (the `logits` tables). The pooled 1024·alpha vector is shown too.",
-              f"- **Weights.** The paper used TF-slim checkpoints trained at each resolution; here only "
-              f"224-trained Keras weights are available, for alpha {' and '.join(map(str, have))}, and "
-              f"they also run at 192, 160 and 128 (marked †)."
-              + (f" Alpha {' and '.join(map(str, missing))} {'has' if len(missing) == 1 else 'have'} no weights "
-                 "(listed as such)." if missing
-                 else ""),
-              "- **Selection.** The paper does not say how a cell's lr and steps were chosen; here they are "
-              "chosen on validation, and only the chosen setting's test accuracy is reported.",
-              "- **Images.** The shared copies are resized to 224 x 224 JPEG; the paper read the originals. "
-              "retrain.py measured validation on 100 random samples, we on the whole partition.",
-              "- **Mult-adds.** Table 3's counts are ours beside the paper's, whose TF-slim errata are flagged "
-              "in table3.md; tradeoff.png uses ours.", ""]
-    return "\n".join(lines)
-
-
-def cost(rows, grid, invocations):
-    """The Cost section: every invocation that wrote to this runs.csv with this grid, and the bottleneck rates."""
-    n_train = len({key_of(r)[:-1] for r in rows})
-    lines = ["## Cost", "",
-             f"runs.csv holds {len(rows)} runs from {n_train} trainings, each to {max(grid.steps)} steps with "
-             f"snapshots at {', '.join(map(str, sorted(grid.steps)))}. Wall time per invocation of the command "
-             "(a resumed grid has several):", "",
-             "| started | wall time (min:s) | trainings | training, wall (s) | bottlenecks computed | images/s |",
-             "|---|---|---|---|---|---|"]
-    for inv in invocations:
-        images = sum(e["images"] for e in inv["extract"])
-        secs = sum(e["group_wall_s"] for e in inv["extract"] if e["images"])
-        lines.append(f"| {inv['started']} | {clock(inv['wall_s'])} | {inv['trainings']} | {inv['train_s']:.0f} | "
-                     f"{images} | {f'{images / secs:.0f}' if images else '—'} |")
-    lines += ["", "Bottlenecks (logits and pooled from one forward pass; the resolutions of an alpha share each "
-              "image's decoding), images/s of the forward pass per variant where computed: "
-              + ", ".join(f"{e['variant']} {e['images'] / e['seconds']:.0f}" for inv in invocations
-                          for e in inv["extract"] if e["images"]) + ". The images/s column above counts the "
-              "whole extraction (file hashes, decoding, cache writes).",
-              "Single measurements on two cores shared with other work: noisy.", ""]
-    return lines
-
-
-def leak_text(facts, scheme):
-    dup = facts["duplicate_groups"]
-    text = (f"- **Patient leakage.** The paper splits by image. {facts['images']} images come from "
-            f"{facts['patients']} patients; at {scheme} by image, "
-            f"{100 * facts['test_with_patient_in_train']:.0f}% of test images (mean over the shuffles) have "
-            f"their patient in the training partition too. ")
-    if dup:
-        text += (f"{dup} groups of byte-identical files exist ({facts['duplicates_within_patient']} within "
-                 "one patient), so a split by image can put the very same image on both sides. ")
-    return text + "The split by patient shows the accuracy without that help."
 
 
 # ---- the command
 
 
-def save_png(fig, path):
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    files.write_bytes(path, png.getvalue())
-
-
-def check_same_data(out, ds, log):
-    """Refuse to resume a runs.csv made from other images; record the fingerprint of these."""
-    path = out / DATA
-    mine = {"root": str(ds.root), "images": len(ds.paths), "fingerprint": data.fingerprint(ds)}
-    try:
-        theirs = json.loads(path.read_text()) if path.exists() else None
-    except ValueError:
-        theirs = None
-    if log.rows and theirs and theirs.get("fingerprint") != mine["fingerprint"]:
-        raise data.DataError(f"{out / 'runs.csv'} holds runs on other data ({theirs.get('images')} images from "
-                             f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
-                             "--out, or move runs.csv away to start over")
-    if log.rows and not theirs:
-        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
-              "on the assumption that they are these", file=sys.stderr)
-    if theirs != mine:
-        files.write_text(path, json.dumps(mine, indent=1) + "\n")
-
-
-def read_timing(out):
-    path = out / TIMING
-    try:
-        return json.loads(path.read_text()) if path.exists() else []
-    except ValueError:
-        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
-        return []
-
-
-def write_timing(out, timing):
-    """Append this invocation's times to timing.json (also when interrupted)."""
-    files.write_text(out / TIMING, json.dumps(read_timing(out) + [timing], indent=1) + "\n")
-
-
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
+    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.report); the names written."""
     rows = [r for r in log.rows.values()
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
             and r["seed"] < grid.shuffles and r["lr"] in grid.lrs and r["steps"] in grid.steps]
     selected = select(rows)
-    files.write_text(out / "table4.md", table4(selected, grid.schemes, alphas))
-    files.write_text(out / "table1.md", table1(rows, grid.schemes))
-    files.write_text(out / "table3.md", table3())
-    head = "80/10/10" if "80/10/10" in grid.schemes else grid.schemes[0]
+    files.write_text(out / "table4.md", report.table4(selected, grid, alphas))
+    files.write_text(out / "table1.md", report.table1(rows, grid.schemes))
+    files.write_text(out / "table3.md", report.table3())
+    head = report.headline(grid.schemes)
     figure_cell = best_cell(selected, head) if selected else None
     paper_cell = paper_setting(rows)
     plt = report.pyplot("figure4.png or tradeoff.png")
@@ -731,16 +320,15 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     if plt and selected:
         c, s = paper_cell or figure_cell
         curves = figure4_curves(ds, c, s, grid.shuffles, cache_dir, workers)
-        figure4(out / "figure4.png", curves, f"MobileNet {name(c[:2])} {c[2]}, split by {c[3]} {c[4]}, "
-                f"lr {s['lr']:g}, {s['steps']} steps, {len(curves)} shuffles"
-                + ("\nthe paper's Figure 4 setting" if paper_cell else "\nbest by validation"), plt)
-        tradeoff(out / "tradeoff.png", selected, head, plt)
+        report.figure4(out / "figure4.png", curves, c, s, paper_cell is not None, plt)
+        report.tradeoff(out / "tradeoff.png", selected, grid, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
     timing["wall_s"] = time.perf_counter() - wall_start
-    invocations = [i for i in read_timing(out) if i["grid"] == timing["grid"]] + [timing]
-    files.write_text(out / "summary.md", summary(selected, rows, grid, alphas, invocations, facts, figure_cell,
-                                                 paper_cell))
+    invocations = [i for i in runlog.read_timing(out) if i["grid"] == timing["grid"]] + [timing]
+    trainings = len({runlog.key_of(r)[:-1] for r in rows})
+    files.write_text(out / "summary.md", report.summary(selected, rows, trainings, grid, alphas, invocations, facts,
+                                                        figure_cell, paper_cell))
     written.append("summary.md")
     return written
 
@@ -761,22 +349,22 @@ def main(argv=None):
         try:
             held.enter_context(files.lock(out / ".lock", wait=False))
         except files.Busy:
-            raise OSError(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
-                          "finish or give another --out") from None
+            raise files.Busy(f"{out}: another dsconv.experiments grid is writing there; wait for it to "
+                             "finish or give another --out") from None
         files.remove_strays(out)
         ds = data.scan(args.data)
         grid = replace(grid, variants=grid.variants or available_variants())
         if not grid.variants:
             raise weights.WeightsError("no MobileNet weights with the ImageNet head found; see "
                                        "`python -m dsconv.weights --help`")
-        log = RunLog(out / "runs.csv")
-        check_same_data(out, ds, log)
+        log = runlog.RunLog(out / "runs.csv")
+        runlog.check_same_data(out, ds, log)
         if log.rows:
             print(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}", file=sys.stderr)
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
         alphas = {a for a, _ in available_variants()}
         written = write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, args.workers)
-    except (data.DataError, weights.WeightsError, ValueError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted: finished runs are in {out / 'runs.csv'} and bottlenecks are cached; run "
@@ -787,10 +375,10 @@ def main(argv=None):
                 log.close()
                 timing["wall_s"] = time.perf_counter() - wall_start
                 try:
-                    write_timing(out, timing)
+                    runlog.write_timing(out, timing)
                 except OSError as e:
-                    print(f"warning: could not write {out / TIMING} ({e.strerror or e})", file=sys.stderr)
-    print(f"wrote {out}/: {', '.join(written)} ({clock(time.perf_counter() - wall_start)} min:s)")
+                    print(f"warning: could not write {out / runlog.TIMING} ({e.strerror or e})", file=sys.stderr)
+    print(f"wrote {out}/: {', '.join(written)} ({report.clock(time.perf_counter() - wall_start)} min:s)")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,16 @@ def file_key(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def file_key_or_error(path):
+    """file_key, None for an empty file, or the OSError (for a thread pool's map, which stops at a raise)."""
+    try:
+        if path.stat().st_size == 0:
+            return None
+        return file_key(path)
+    except OSError as e:
+        return e
+
+
 def checksum(attrs, tensors):
     """sha256 over the attributes (as text) and the tensors (name, dtype, shape, bytes)."""
     h = hashlib.sha256()

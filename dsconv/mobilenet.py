@@ -7,22 +7,10 @@ head. Widths scale with alpha as ``int(c * alpha)``. Layer names are Keras'
 (``conv1``, ``conv_dw_N``, ``conv_pw_N``, ``conv_preds``), so weight loading
 is a dictionary lookup.
 
-Mult-adds and parameters of the 1000-class network (the paper's Table 3):
-
-    variant    M mult-adds   M params        variant    M mult-adds   M params
-    1.0-224        569         4.24          0.5-224        149*        1.34
-    1.0-192        418         4.24          0.5-192        110         1.34
-    1.0-160        291         4.24          0.5-160         77         1.34
-    1.0-128        186         4.24          0.5-128         49         1.34
-    0.75-224       325*        2.59          0.25-224        41         0.47
-    0.75-192       239*        2.59          0.25-192        30*        0.47
-    0.75-160       166*        2.59          0.25-160        21         0.47
-    0.75-128       107*        2.59          0.25-128        14         0.47
-
-* The paper copies TF-slim's table, which says 317, 233, 162, 104, 150 and 34
-for these; counting the layers gives the numbers above, and Howard et al.'s
-own Table 6 agrees (325 M for 0.75-224, 149 M for 0.5-224). See
-tests/test_mobilenet.py.
+``count`` gives the mult-adds and parameters of the 1000-class network (the
+paper's Table 3). The paper's table and its errata (rows where counting the
+layers disagrees with it) are in dsconv.paper; tests/test_mobilenet.py checks
+``count`` against both.
 """
 import hashlib
 import threading

@@ -3,25 +3,24 @@
     python -m dsconv.train --data ../shared/data/chest_xray/train
 
 Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
-splits the images with its seed (0, 1, ...), trains the head (dsconv.classifier),
-picks the decision threshold on the validation partition and reports test
-metrics at 0.5 and at that threshold. Written to --out: results.json,
+(dsconv.repeats) splits the images with its seed (0, 1, ...), trains the head
+(dsconv.classifier), picks the decision threshold on the validation partition
+and reports test metrics at 0.5 and at that threshold. Written to --out: results.json,
 model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib).
 """
 import argparse
-import io
 import json
 import math
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import __version__, bottlenecks, classifier, data, files, images, metrics, report, weights
+from dsconv import (DsconvError, __version__, bottlenecks, classifier, data, files, images, metrics, repeats,
+                    report, weights)
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -29,14 +28,11 @@ RESOLUTION = 224
 SPLIT = "80/10/10"
 GROUP_BY = "patient"
 REPEATS = 3
-POSITIVE = "PNEUMONIA"
 BOTTLENECK = "pooled"
 SAMPLING = "balanced"
-WORKERS = 2
 # Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
 TTA = "flip"
 SITE_WEIGHT = 5
-FOLDS = 5
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
 STEPS = [classifier.STEPS]
@@ -46,7 +42,6 @@ PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "site_dir":
          "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": [2000]}
 PAPER_SHOWN = {"no_standardize": True, "weight_decay": 0, "tta": "none", "site_dir": "none", "site_weight": 0,
                "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": 2000}
-REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
 
 
 def parse_args(argv):
@@ -77,7 +72,7 @@ def parse_args(argv):
                    help="keep each patient's images on one side of the split, or split images "
                         "independently (the paper)")
     p.add_argument("--repeats", type=int, default=REPEATS, help="number of random splits, seeds 0..N-1")
-    p.add_argument("--positive", default=POSITIVE,
+    p.add_argument("--positive", default=data.POSITIVE,
                    help="class counted positive for sensitivity (if absent: the last class)")
     p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
     p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
@@ -99,7 +94,7 @@ def parse_args(argv):
                         + "; flags given explicitly still win")
     p.add_argument("--site-weight", type=int, default=SITE_WEIGHT,
                    help="with --val-dir: its images also train, each this many times, and every choice "
-                        f"made on them uses out-of-fold scores ({FOLDS} folds of patients); 0: they only "
+                        f"made on them uses out-of-fold scores ({repeats.FOLDS} folds of patients); 0: they only "
                         "validate")
     p.add_argument("--threshold-rule", default=THRESHOLD_RULE, choices=metrics.THRESHOLD_RULES,
                    help="choose the decision threshold maximising Youden's J (sensitivity + specificity) "
@@ -109,7 +104,7 @@ def parse_args(argv):
                         "instead of following --threshold-rule")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{bottlenecks.default_cache_dir()})")
-    p.add_argument("--workers", type=int, default=WORKERS, help="image decoding threads")
+    p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
     if "--paper" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**PAPER)
@@ -181,223 +176,15 @@ def clean(x):
     return x
 
 
-def readable_bottlenecks(ds, nets, args, cache_dir, skipped):
+def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    feats, failed = bottlenecks.extract_ensemble(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
-                                              tta=args.tta)
+    ds, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
+                                                    tta=args.tta)
     skipped.update({str(p): msg for p, msg in failed.items()})
-    ds = ds.subset(np.array([p not in failed for p in ds.paths], bool))
     for c, n in ds.counts().items():
         if n == 0:
             raise data.DataError(f"{ds.root / c}: no readable image in this class folder")
-    return ds, feats
-
-
-class Part(NamedTuple):
-    """Bottlenecks with their labels and files: a validation or test set."""
-    x: np.ndarray
-    labels: np.ndarray
-    paths: list
-
-
-def choose_threshold(args, y, scores):
-    """(threshold, rule) on validation labels y (positive True) and scores."""
-    if not (y.any() and (~y).any()):
-        return 0.5, "0.5 (the validation set lacks a class)"
-    t, rule = metrics.choose_threshold(y, scores, args.threshold_rule, args.target_sensitivity)
-    return t, f"{rule} on validation"
-
-
-def assess(y, scores, threshold, paths, target):
-    """Metrics of a test set at 0.5 and at the threshold, patient-bootstrap 95% intervals, specificity at target."""
-    groups = [data.patient_id(p) for p in paths]
-    return {"at_0.5": metrics.evaluate(y, scores, 0.5),
-            "at_threshold": metrics.evaluate(y, scores, threshold),
-            "ci95_at_threshold": metrics.bootstrap(y, scores, threshold, groups),
-            "patients": len(set(groups)),
-            "specificity_at_sensitivity": {"target": target,
-                                           "specificity": metrics.specificity_at(y, scores, target)}}
-
-
-def folds(paths, labels, k, seed):
-    """Fold 0..k-1 per image: whole patients, dealt round-robin per class in a random order."""
-    groups = np.array([data.patient_id(q) for q in paths])
-    fold = np.zeros(len(paths), np.int64)
-    rng = np.random.default_rng(seed)
-    for c in np.unique(labels):
-        names = rng.permutation(np.unique(groups[labels == c]))
-        for i, g in enumerate(names):
-            fold[(groups == g) & (labels == c)] = i % k
-    return fold
-
-
-def fit(args, x, y, classes, val, site, positive, seed):
-    """Train the head for every --weight-decay, snapshots at every --steps; keep the best on validation.
-
-    Returns (Classifier adapted to ``site``, its curves, its validation
-    scores, the choice: every candidate's validation AUC and loss and the one
-    taken). Best: highest validation AUC, then lowest validation loss, then
-    fewer steps and more weight decay (the simpler model).
-
-    With --val-dir and --site-weight W > 0 the validation images train too,
-    each W times (as they are: mapping them onto the training statistics
-    first did worse on the external folder). Then every validation score is
-    out-of-fold: FOLDS models, each trained without one fold of validation
-    patients, score that fold; those scores choose the candidate and the
-    threshold, and a last model trained on all of them is the one kept.
-    """
-    y_val = val.labels == positive
-    cross = args.val_dir is not None and args.site_weight > 0 and len(val.labels) > 0
-    if cross:
-        fold = folds(val.paths, val.labels, FOLDS, seed)
-        runs = [(fold != k, fold == k) for k in range(FOLDS)] + [(np.ones(len(fold), bool), None)]
-    else:
-        runs = [(None, None)]
-    candidates = {}
-    for wd in args.weight_decay:
-        for extra, scored in runs:
-            xs, ys = x, y
-            if extra is not None:
-                xs = np.concatenate([x] + [val.x[extra]] * args.site_weight)
-                ys = np.concatenate([y] + [val.labels[extra]] * args.site_weight)
-            # with cross-fitting no validation image is held out of the kept model: no validation curve
-            last, curves = classifier.train(
-                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps), batch=args.batch_size,
-                sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
-                weight_decay=wd, seed=seed, snapshots=args.steps[:-1])
-            for steps in args.steps:
-                model = curves["snapshots"][steps] if steps != max(args.steps) else last
-                model.positive = positive
-                # validation images of the training clinic are scored as they are: the site's
-                # statistics would move them, not bring them closer to the training distribution
-                unadapted = model.scores(val.x) if site is not None and args.val_dir is None else None
-                if site is not None:
-                    model.adapt(site)
-                c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
-                                                        "scores": np.zeros(len(y_val))})
-                if scored is None:
-                    c["model"] = model
-                    if not cross:
-                        c["scores"] = model.scores(val.x) if unadapted is None else unadapted
-                else:
-                    c["scores"][scored] = model.scores(val.x[scored])
-                c["curves"] = curves
-    for c in candidates.values():
-        c["val_auc"] = metrics.auc(y_val, c["scores"]) if len(y_val) else math.nan
-        if len(classes) == 2:  # from the (out-of-fold) scores
-            p = np.empty((len(y_val), 2))
-            p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
-        else:
-            p = c["model"].probabilities(val.x)
-        c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
-    nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
-    best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
-                                                   c["steps"], -c["weight_decay"]))
-    choice = {"weight_decay": best["weight_decay"], "steps": best["steps"],
-              "rule": "highest validation AUC, then lowest validation loss, then fewer steps, more weight decay",
-              "validation_scores": f"out-of-fold ({FOLDS} folds of patients; --val-dir images train "
-                                   f"x{args.site_weight})" if cross else "of the model kept",
-              "candidates": [{k: c[k] for k in ("weight_decay", "steps", "val_auc", "val_loss")}
-                             for c in candidates.values()]}
-    curves = {k: v for k, v in best["curves"].items() if k != "snapshots"}
-    return best["model"], curves, best["scores"], choice
-
-
-def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
-    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
-
-    ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
-    them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
-    """
-    groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
-    part = data.split(ds.labels, pct, seed, groups)
-    carve = lambda k: Part(x[part == k], ds.labels[part == k], [q for q, m in zip(ds.paths, part == k) if m])
-    val = carve(1) if val is None else val
-    test = carve(2) if test is None else test
-    tr = part == 0
-    if len(np.unique(ds.labels[tr])) < len(ds.classes):
-        raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
-                             "larger training share in --split")
-    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed)
-    y_val = val.labels == positive
-    model.threshold, rule = choose_threshold(args, y_val, s_val)
-    y_test, s_test = test.labels == positive, model.scores(test.x)
-    sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
-    count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
-    result = {
-        "seed": seed, "sizes": sizes,
-        "class_counts": {"train": count(ds.labels[tr]), "val": count(val.labels), "test": count(test.labels)},
-        "threshold": model.threshold, "threshold_rule": rule, "choice": choice,
-        "validation": metrics.evaluate(y_val, s_val, 0.5) if len(y_val) else None,
-        "validation_at_threshold": metrics.evaluate(y_val, s_val, model.threshold) if len(y_val) else None,
-        "validation_loss": next(c["val_loss"] for c in choice["candidates"]
-                                if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
-        "test": metrics.evaluate(y_test, s_test, 0.5),
-        "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
-        "validation_report": assess(y_val, s_val, model.threshold, val.paths,
-                                    args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
-        "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
-    }
-    return result, model, curves, (y_test, s_test)
-
-
-def pct(v):
-    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
-
-
-def table(runs, summary):
-    """The per-repeat and mean +/- std table, as lines."""
-    cols = metrics.NAMES
-    head = (f"{'seed':>5} {'train':>6} {'val':>5} {'test':>5} | "
-            + " ".join(f"{c[:6]:>6}" for c in cols) + " | threshold: thr    acc   sens   spec")
-    lines = [head, "-" * len(head)]
-    for r in runs:
-        t, tt = r["test"], r["test_at_threshold"]
-        lines.append(f"{r['seed']:>5} {r['sizes']['train']:>6} {r['sizes']['val']:>5} {r['sizes']['test']:>5} | "
-                     + " ".join(pct(t[c]) for c in cols)
-                     + f" | {r['threshold']:15.3f} {pct(tt['accuracy'])} {pct(tt['sensitivity'])} "
-                       f"{pct(tt['specificity'])}")
-    lines.append("-" * len(head))
-    s, st = summary["test"], summary["test_at_threshold"]
-    lines.append(f"{'mean':>5} {'':>18} | " + " ".join(pct(s[c]["mean"]) for c in cols)
-                 + f" | {'':15} {pct(st['accuracy']['mean'])} {pct(st['sensitivity']['mean'])} "
-                   f"{pct(st['specificity']['mean'])}")
-    lines.append(f"{'std':>5} {'':>18} | " + " ".join(pct(s[c]["std"]) for c in cols)
-                 + f" | {'':15} {pct(st['accuracy']['std'])} {pct(st['sensitivity']['std'])} "
-                   f"{pct(st['specificity']['std'])}")
-    return lines
-
-
-def curve_files(all_curves, title):
-    """{"curves.csv": bytes, "curves.png": bytes (with matplotlib)} of the training curves."""
-    keys = ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
-    lines = ["seed," + ",".join(keys)]
-    for seed, c in all_curves:
-        for row in zip(*(c[k] for k in keys)):
-            lines.append(f"{seed}," + ",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
-    out = {"curves.csv": ("\n".join(lines) + "\n").encode()}
-    plt = report.pyplot("curves.png")
-    if plt is None:
-        return out
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for seed, c in all_curves:
-        for ax, k in ((acc, "accuracy"), (loss, "loss")):
-            ax.plot(c["step"], c[f"train_{k}"], lw=0.7, color="tab:orange", alpha=0.8,
-                    label="train (batch)" if seed == all_curves[0][0] else None)
-            ax.plot(c["step"], c[f"val_{k}"], lw=1.2, color="tab:blue",
-                    label="validation" if seed == all_curves[0][0] else None)
-    for ax, k in ((acc, "accuracy"), (loss, "cross-entropy")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(k)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
-    plt.close(fig)
-    out["curves.png"] = png.getvalue()
-    return out
+    return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
 
 
 def versions():
@@ -407,35 +194,6 @@ def versions():
     return {"dsconv": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
             "platform": platform.platform()}
-
-
-def check_partitions(n, percentages, split_text, test_dir):
-    """Refuse a split that leaves a partition it asks for empty (it would report "nan%")."""
-    sizes = data.split_sizes(n, percentages)
-    for name, share, size in zip(("training", "validation", "test"), percentages, sizes):
-        if share > 0 and size == 0 and not (name == "test" and test_dir):
-            raise data.DataError(f"--split {split_text} leaves the {name} partition empty with {n} images; "
-                                 f"give it a larger share or more images")
-
-
-def hygiene(datasets):
-    """Warnings about each Dataset: identical images in two classes, classes too small to measure on.
-
-    (Images shared between --data, --val-dir and --test-dir: warn_overlaps.)
-    """
-    out = []
-    for d in datasets:
-        dups = data.duplicates_across_classes(d)
-        if dups:
-            a, b = dups[0]
-            out.append(f"{len(dups)} image(s) sit in two class folders with identical content (e.g. {a} and "
-                       f"{b}); their labels contradict each other")
-        for c, n in data.small_classes(d).items():
-            out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
-                       "specificity) means little")
-    for w in out:
-        print(f"warning: {w}", file=sys.stderr)
-    return out
 
 
 def network_info(nets, args, width):
@@ -450,17 +208,6 @@ def network_info(nets, args, width):
     if args.tta != "none":
         info["tta"] = args.tta
     return info
-
-
-def warn_overlaps(named):
-    """Warn when two of the (name, Dataset) pairs share images by content."""
-    for i, (name_a, a) in enumerate(named):
-        for name_b, b in named[i + 1:]:
-            shared = data.shared_images(a, b)
-            if shared:
-                print(f"dsconv: warning: {len(shared)} image(s) of {name_b} ({b.root}) are also in {name_a} "
-                      f"({a.root}), by content (e.g. {shared[0][1]} = {shared[0][0]}); figures measured "
-                      "on them are optimistic", file=sys.stderr)
 
 
 def main(argv=None):
@@ -489,29 +236,25 @@ def main(argv=None):
             args.site_dir = None
         site_paths = data.image_files(args.site_dir) if args.site_dir else None
         times["scan_s"] = time.perf_counter() - t
-        if args.positive in ds.classes:
-            positive = ds.classes.index(args.positive)
-        elif args.positive == POSITIVE:
-            positive = len(ds.classes) - 1
-            print(f"note: no class {POSITIVE}; counting {ds.classes[positive]} as positive "
+        positive = data.positive_index(ds.classes, args.positive)
+        if ds.classes[positive] != args.positive:
+            print(f"note: no class {data.POSITIVE}; counting {ds.classes[positive]} as positive "
                   "(choose with --positive)")
-        else:
-            raise data.DataError(f"--positive {args.positive} is not one of the classes {ds.classes}")
-        warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
+        data.warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
         t = time.perf_counter()
         nets = [weights.load(a, args.resolution, head=args.bottleneck == "logits") for a in args.alpha]
         times["load_network_s"] = time.perf_counter() - t
         t = time.perf_counter()
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
-        ds, x = readable_bottlenecks(ds, nets, args, cache_dir, skipped)
+        ds, x = bottlenecks_of(ds, nets, args, cache_dir, skipped)
         val = test = site = None
         if val_ds is not None:
-            val_ds, x_val = readable_bottlenecks(val_ds, nets, args, cache_dir, skipped)
-            val = Part(x_val, val_ds.labels, val_ds.paths)
+            val_ds, x_val = bottlenecks_of(val_ds, nets, args, cache_dir, skipped)
+            val = repeats.Part(x_val, val_ds.labels, val_ds.paths)
         if test_ds is not None:
-            test_ds, x_test = readable_bottlenecks(test_ds, nets, args, cache_dir, skipped)
-            test = Part(x_test, test_ds.labels, test_ds.paths)
+            test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
+            test = repeats.Part(x_test, test_ds.labels, test_ds.paths)
         if site_paths is not None:
             site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
                                                      workers=args.workers, tta=args.tta)
@@ -520,12 +263,13 @@ def main(argv=None):
                 raise data.DataError(f"{args.site_dir}: fewer than two readable images; site statistics "
                                      "need a sample of the site's X-rays")
         times["bottlenecks_s"] = time.perf_counter() - t
-        check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
-        warnings = hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
+        data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
+        warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
-            result, model, curves, s_test = run_repeat(seed, args, percentages, ds, x, val, test, site, positive)
+            result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site,
+                                                               positive)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))
@@ -533,7 +277,7 @@ def main(argv=None):
         times["training_s"] = time.perf_counter() - t
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
-    except (data.DataError, weights.WeightsError, classifier.ModelError, ValueError, OSError) as e:
+    except (DsconvError, OSError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
@@ -593,7 +337,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
              + (f" {args.tta}" if args.tta != "none" else "") + (", site-adapted" if site is not None else "")
              + f", {where}, lr {args.lr:g}, steps {','.join(map(str, args.steps))}, weight decay "
                f"{','.join(f'{w:g}' for w in args.weight_decay)}")
-    lines = table(runs, summary)
+    lines = repeats.table(runs, summary)
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))
     s = summary["test"]
@@ -610,7 +354,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
         print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
               "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
     print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
-    figures = curve_files(all_curves, title)
+    figures = report.curve_files(all_curves, title)
     figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, calibrate, classifier, data, images, metrics, predict, train, weights
+from dsconv import bottlenecks, calibrate, classifier, data, images, metrics, predict, repeats, train, weights
 from tests.conftest import SHARED, copy_xrays
 
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
@@ -76,10 +76,10 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
                          progress=False)[0]
     y = data.scan(folders["train"]).labels
     xv = bottlenecks.extract(val.paths, net, "pooled", tmp_path / "cache", tta="flip", progress=False)[0]
-    fold = train.folds(val.paths, val.labels, train.FOLDS, 0)
+    fold = repeats.folds(val.paths, val.labels, repeats.FOLDS, 0)
     patients = [data.patient_id(p) for p in val.paths]
     assert all(len({f for f, q in zip(fold, patients) if q == g}) == 1 for g in patients)
-    assert set(fold) == set(range(train.FOLDS))
+    assert set(fold) == set(range(repeats.FOLDS))
 
     def head(keep):
         m, _ = classifier.train(np.concatenate([x] + [xv[keep]] * 3), np.concatenate([y] + [val.labels[keep]] * 3),
@@ -89,7 +89,7 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
         m.adapt(xv)
         return m
     oof = np.zeros(len(fold))
-    for k in range(train.FOLDS):
+    for k in range(repeats.FOLDS):
         oof[fold == k] = head(fold != k).scores(xv[fold == k])
     kept = head(np.ones(len(fold), bool))
     assert np.array_equal(kept.weights, model.head.weights)

@@ -5,24 +5,8 @@ import numpy as np
 import pytest
 
 from dsconv import DsconvError, mobilenet, weights
+from dsconv.paper import TABLE3, TABLE3_ERRATA
 from tests.conftest import REFERENCE
-
-# The paper's Table 3 (copied from TF-slim's table): million mult-adds and parameters.
-TABLE3 = {
-    (1.0, 224): (569, 4.24), (1.0, 192): (418, 4.24), (1.0, 160): (291, 4.24), (1.0, 128): (186, 4.24),
-    (0.75, 224): (317, 2.59), (0.75, 192): (233, 2.59), (0.75, 160): (162, 2.59), (0.75, 128): (104, 2.59),
-    (0.5, 224): (150, 1.34), (0.5, 192): (110, 1.34), (0.5, 160): (77, 1.34), (0.5, 128): (49, 1.34),
-    (0.25, 224): (41, 0.47), (0.25, 192): (34, 0.47), (0.25, 160): (21, 0.47), (0.25, 128): (14, 0.47),
-}
-# Entries where the table disagrees with counting the layers. Howard et al.'s
-# MobileNet paper, Table 6, gives 325 M for 0.75-224 and 149 M for 0.5-224
-# (both the count), not 317 and 150; the 0.75 row is 2.6% low at every
-# resolution, and 0.25-192 is out of line with its neighbours (41 -> 34 -> 21
-# for 224 -> 192 -> 160, where r^2 scaling gives 30). Value: what counting
-# gives, rounded.
-TABLE3_ERRATA = {(0.75, 224): 325, (0.75, 192): 239, (0.75, 160): 166, (0.75, 128): 107,
-                 (0.5, 224): 149, (0.25, 192): 30}
-
 
 @pytest.mark.parametrize("variant", sorted(TABLE3))
 def test_table3(variant):

@@ -20,7 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, train, weights
+from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train,
+                    weights)
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays
 
 DEAD_PID = 999999999
@@ -238,7 +239,7 @@ def test_resume_from_other_data_refused(converted, small, tmp_path, monkeypatch)
     monkeypatch.setattr(experiments, "write_reports", lambda *a, **k: [])
     out = tmp_path / "out"
     out.mkdir()
-    log = experiments.RunLog(out / "runs.csv")
+    log = runlog.RunLog(out / "runs.csv")
     log.add([dict(alpha=0.25, resolution=128, bottleneck="pooled", group_by="image", split="80/10/10", seed=0,
                   lr=0.1, steps=100, trained_resolution=224, n_train=10, n_val=2, n_test=2, val_accuracy=1.0,
                   val_loss=0.1, test_accuracy=1.0, test_sensitivity=1.0, test_specificity=1.0, test_auc=1.0,

@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, classifier, data, train, weights
+from dsconv import bottlenecks, classifier, data, report, train, weights
 from dsconv.mobilenet import MobileNet
 from tests.conftest import CHEST, copy_xrays
 
@@ -107,7 +107,7 @@ CURVES = {"step": [10, 20], "train_loss": [0.5, 0.4], "train_accuracy": [0.8, 0.
 
 def test_curves_without_matplotlib(capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    out = train.curve_files([(0, CURVES)], "t")
+    out = report.curve_files([(0, CURVES)], "t")
     assert list(out) == ["curves.csv"]
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert out["curves.csv"].decode().splitlines()[1] == "0,10,0.5,0.8,0.6,0.7"
@@ -115,7 +115,7 @@ def test_curves_without_matplotlib(capsys, monkeypatch):
 
 def test_curves_png():
     pytest.importorskip("matplotlib", reason="the optional extra `plot`")
-    assert len(train.curve_files([(0, CURVES), (1, CURVES)], "t")["curves.png"]) > 1000
+    assert len(report.curve_files([(0, CURVES), (1, CURVES)], "t")["curves.png"]) > 1000
 
 
 def test_help_documents_every_flag(capsys):

@@ -1,0 +1,191 @@
+"""The repeats of python -m dsconv.train: each splits, fits the head, chooses on validation and tests.
+
+``run_repeat`` is one repeat: the split of its seed, ``fit`` (the weight
+decay and step count chosen on validation, cross-fitted when the images of
+a --val-dir also train), the threshold, and the test metrics with
+patient-bootstrap intervals. ``table`` shows the results of the repeats.
+"""
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from dsconv import classifier, data, metrics
+
+FOLDS = 5
+REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
+
+
+class Part(NamedTuple):
+    """Bottlenecks with their labels and files: a validation or test set."""
+    x: np.ndarray
+    labels: np.ndarray
+    paths: list
+
+
+def choose_threshold(args, y, scores):
+    """(threshold, rule) on validation labels y (positive True) and scores."""
+    if not (y.any() and (~y).any()):
+        return 0.5, "0.5 (the validation set lacks a class)"
+    t, rule = metrics.choose_threshold(y, scores, args.threshold_rule, args.target_sensitivity)
+    return t, f"{rule} on validation"
+
+
+def assess(y, scores, threshold, paths, target):
+    """Metrics of a test set at 0.5 and at the threshold, patient-bootstrap 95% intervals, specificity at target."""
+    groups = [data.patient_id(p) for p in paths]
+    return {"at_0.5": metrics.evaluate(y, scores, 0.5),
+            "at_threshold": metrics.evaluate(y, scores, threshold),
+            "ci95_at_threshold": metrics.bootstrap(y, scores, threshold, groups),
+            "patients": len(set(groups)),
+            "specificity_at_sensitivity": {"target": target,
+                                           "specificity": metrics.specificity_at(y, scores, target)}}
+
+
+def folds(paths, labels, k, seed):
+    """Fold 0..k-1 per image: whole patients, dealt round-robin per class in a random order."""
+    groups = np.array([data.patient_id(q) for q in paths])
+    fold = np.zeros(len(paths), np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        names = rng.permutation(np.unique(groups[labels == c]))
+        for i, g in enumerate(names):
+            fold[(groups == g) & (labels == c)] = i % k
+    return fold
+
+
+def fit(args, x, y, classes, val, site, positive, seed):
+    """Train the head for every --weight-decay, snapshots at every --steps; keep the best on validation.
+
+    Returns (Classifier adapted to ``site``, its curves, its validation
+    scores, the choice: every candidate's validation AUC and loss and the one
+    taken). Best: highest validation AUC, then lowest validation loss, then
+    fewer steps and more weight decay (the simpler model).
+
+    With --val-dir and --site-weight W > 0 the validation images train too,
+    each W times (as they are: mapping them onto the training statistics
+    first did worse on the external folder). Then every validation score is
+    out-of-fold: FOLDS models, each trained without one fold of validation
+    patients, score that fold; those scores choose the candidate and the
+    threshold, and a last model trained on all of them is the one kept.
+    """
+    y_val = val.labels == positive
+    cross = args.val_dir is not None and args.site_weight > 0 and len(val.labels) > 0
+    if cross:
+        fold = folds(val.paths, val.labels, FOLDS, seed)
+        runs = [(fold != k, fold == k) for k in range(FOLDS)] + [(np.ones(len(fold), bool), None)]
+    else:
+        runs = [(None, None)]
+    candidates = {}
+    for wd in args.weight_decay:
+        for extra, scored in runs:
+            xs, ys = x, y
+            if extra is not None:
+                xs = np.concatenate([x] + [val.x[extra]] * args.site_weight)
+                ys = np.concatenate([y] + [val.labels[extra]] * args.site_weight)
+            # with cross-fitting no validation image is held out of the kept model: no validation curve
+            last, curves = classifier.train(
+                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps), batch=args.batch_size,
+                sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
+                weight_decay=wd, seed=seed, snapshots=args.steps[:-1])
+            for steps in args.steps:
+                model = curves["snapshots"][steps] if steps != max(args.steps) else last
+                model.positive = positive
+                # validation images of the training clinic are scored as they are: the site's
+                # statistics would move them, not bring them closer to the training distribution
+                unadapted = model.scores(val.x) if site is not None and args.val_dir is None else None
+                if site is not None:
+                    model.adapt(site)
+                c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
+                                                        "scores": np.zeros(len(y_val))})
+                if scored is None:
+                    c["model"] = model
+                    if not cross:
+                        c["scores"] = model.scores(val.x) if unadapted is None else unadapted
+                else:
+                    c["scores"][scored] = model.scores(val.x[scored])
+                c["curves"] = curves
+    for c in candidates.values():
+        c["val_auc"] = metrics.auc(y_val, c["scores"]) if len(y_val) else math.nan
+        if len(classes) == 2:  # from the (out-of-fold) scores
+            p = np.empty((len(y_val), 2))
+            p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
+        else:
+            p = c["model"].probabilities(val.x)
+        c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
+    nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
+    best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
+                                                   c["steps"], -c["weight_decay"]))
+    choice = {"weight_decay": best["weight_decay"], "steps": best["steps"],
+              "rule": "highest validation AUC, then lowest validation loss, then fewer steps, more weight decay",
+              "validation_scores": f"out-of-fold ({FOLDS} folds of patients; --val-dir images train "
+                                   f"x{args.site_weight})" if cross else "of the model kept",
+              "candidates": [{k: c[k] for k in ("weight_decay", "steps", "val_auc", "val_loss")}
+                             for c in candidates.values()]}
+    curves = {k: v for k, v in best["curves"].items() if k != "snapshots"}
+    return best["model"], curves, best["scores"], choice
+
+
+def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
+    """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
+
+    ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
+    them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
+    """
+    groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
+    part = data.split(ds.labels, pct, seed, groups)
+    carve = lambda k: Part(x[part == k], ds.labels[part == k], [q for q, m in zip(ds.paths, part == k) if m])
+    val = carve(1) if val is None else val
+    test = carve(2) if test is None else test
+    tr = part == 0
+    if len(np.unique(ds.labels[tr])) < len(ds.classes):
+        raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
+                             "larger training share in --split")
+    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed)
+    y_val = val.labels == positive
+    model.threshold, rule = choose_threshold(args, y_val, s_val)
+    y_test, s_test = test.labels == positive, model.scores(test.x)
+    sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
+    count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
+    result = {
+        "seed": seed, "sizes": sizes,
+        "class_counts": {"train": count(ds.labels[tr]), "val": count(val.labels), "test": count(test.labels)},
+        "threshold": model.threshold, "threshold_rule": rule, "choice": choice,
+        "validation": metrics.evaluate(y_val, s_val, 0.5) if len(y_val) else None,
+        "validation_at_threshold": metrics.evaluate(y_val, s_val, model.threshold) if len(y_val) else None,
+        "validation_loss": next(c["val_loss"] for c in choice["candidates"]
+                                if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
+        "test": metrics.evaluate(y_test, s_test, 0.5),
+        "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
+        "validation_report": assess(y_val, s_val, model.threshold, val.paths,
+                                    args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
+        "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
+    }
+    return result, model, curves, (y_test, s_test)
+
+
+def pct(v):
+    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
+
+
+def table(runs, summary):
+    """The per-repeat and mean +/- std table, as lines."""
+    cols = metrics.NAMES
+    head = (f"{'seed':>5} {'train':>6} {'val':>5} {'test':>5} | "
+            + " ".join(f"{c[:6]:>6}" for c in cols) + " | threshold: thr    acc   sens   spec")
+    lines = [head, "-" * len(head)]
+    for r in runs:
+        t, tt = r["test"], r["test_at_threshold"]
+        lines.append(f"{r['seed']:>5} {r['sizes']['train']:>6} {r['sizes']['val']:>5} {r['sizes']['test']:>5} | "
+                     + " ".join(pct(t[c]) for c in cols)
+                     + f" | {r['threshold']:15.3f} {pct(tt['accuracy'])} {pct(tt['sensitivity'])} "
+                       f"{pct(tt['specificity'])}")
+    lines.append("-" * len(head))
+    s, st = summary["test"], summary["test_at_threshold"]
+    lines.append(f"{'mean':>5} {'':>18} | " + " ".join(pct(s[c]["mean"]) for c in cols)
+                 + f" | {'':15} {pct(st['accuracy']['mean'])} {pct(st['sensitivity']['mean'])} "
+                   f"{pct(st['specificity']['mean'])}")
+    lines.append(f"{'std':>5} {'':>18} | " + " ".join(pct(s[c]["std"]) for c in cols)
+                 + f" | {'':15} {pct(st['accuracy']['std'])} {pct(st['sensitivity']['std'])} "
+                   f"{pct(st['specificity']['std'])}")
+    return lines

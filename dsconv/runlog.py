@@ -1,0 +1,123 @@
+"""The record of a dsconv.experiments --out: runs.csv, timing.json and data.json.
+
+runs.csv holds one row per run, appended and flushed as each training
+finishes, so an interrupted grid resumes where it stopped; timing.json the
+wall time of every invocation; data.json the fingerprint of the images
+(their content hashes and classes), so that a resumed grid comes from the
+same ones.
+"""
+import csv
+import json
+import math
+import sys
+
+from dsconv import data, files
+
+TIMING = "timing.json"
+DATA = "data.json"
+
+# A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
+KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
+COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
+                 "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
+
+
+def fmt(name, value):
+    """A CSV cell: settings in their canonical spelling, metrics to 6 significant digits."""
+    if name in ("alpha", "lr"):
+        return f"{float(value):g}"
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+def key_of(row):
+    return tuple(fmt(k, row[k]) for k in KEY)
+
+
+def read_runs(path):
+    """{key: row} of a runs.csv; a last line cut short by an interruption is dropped from the file."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        files.write_text(path, text)
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    if tuple(lines[0].split(",")) != COLUMNS:
+        raise data.DataError(f"{path}: not a runs.csv of this version of dsconv.experiments (columns "
+                             f"differ); give another --out or move the file away")
+    rows = {}
+    for r in csv.DictReader(lines):
+        row = parse_row(r)
+        rows[key_of(row)] = row
+    return rows
+
+
+def parse_row(cells):
+    """A run from its CSV cells (strings)."""
+    row = {k: cells[k] for k in COLUMNS}
+    for k in ("alpha", "lr") + COLUMNS[COLUMNS.index("val_accuracy"):]:
+        row[k] = float(row[k]) if row[k] != "" else math.nan
+    for k in ("resolution", "seed", "steps", "trained_resolution", "n_train", "n_val", "n_test"):
+        row[k] = int(row[k])
+    return row
+
+
+class RunLog:
+    """runs.csv, appended to and flushed after every training, so an interruption loses at most one."""
+
+    def __init__(self, path):
+        self.path = path
+        self.rows = read_runs(path)
+        new = not path.exists() or path.stat().st_size == 0
+        self.file = open(path, "a", newline="")
+        if new:
+            self.file.write(",".join(COLUMNS) + "\n")
+            self.file.flush()
+
+    def add(self, rows):
+        """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
+        for row in rows:
+            cells = {k: fmt(k, row[k]) for k in COLUMNS}
+            self.file.write(",".join(cells.values()) + "\n")
+            self.rows[key_of(row)] = parse_row(cells)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def check_same_data(out, ds, log):
+    """Refuse to resume a runs.csv made from other images; record the fingerprint of these."""
+    path = out / DATA
+    mine = {"root": str(ds.root), "images": len(ds.paths), "fingerprint": data.fingerprint(ds)}
+    try:
+        theirs = json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        theirs = None
+    if log.rows and theirs and theirs.get("fingerprint") != mine["fingerprint"]:
+        raise data.DataError(f"{out / 'runs.csv'} holds runs on other data ({theirs.get('images')} images from "
+                             f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
+                             "--out, or move runs.csv away to start over")
+    if log.rows and not theirs:
+        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
+              "on the assumption that they are these", file=sys.stderr)
+    if theirs != mine:
+        files.write_text(path, json.dumps(mine, indent=1) + "\n")
+
+
+def read_timing(out):
+    path = out / TIMING
+    try:
+        return json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
+        return []
+
+
+def write_timing(out, timing):
+    """Append this invocation's times to timing.json (also when interrupted)."""
+    files.write_text(out / TIMING, json.dumps(read_timing(out) + [timing], indent=1) + "\n")
