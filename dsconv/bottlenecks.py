@@ -9,10 +9,10 @@
 A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
 With test-time augmentation ``tta="flip"`` it is the mean of the image's and
-its mirror image's (left-right) bottlenecks, cached as a variant of its own.
+its mirror image's (left-right) bottlenecks, cached on their own.
 An ensemble concatenates the bottlenecks of several networks, in order.
 
-The cache is one folder per variant under ``cache_dir``, named by alpha,
+The cache is one folder per ``attrs`` under ``cache_dir``, named by alpha,
 resolution, bottleneck kind, the sha256 of the network tensors the
 bottleneck depends on (the backbone for ``pooled``, backbone and head for
 ``logits``: the with-top and no-top weight files of one alpha share pooled
@@ -22,12 +22,12 @@ edited image misses. Each
 batch is written as its own small HDF5 file (written to a temporary name,
 then renamed), so Ctrl-C or a killed process loses at most the batch in
 flight; at the end the parts are merged into ``bottlenecks.h5``. Every file
-carries the variant and a sha256 of its rows: a file that does not open, or
-whose variant, shapes or checksum disagree, is reported, deleted and
+carries the attrs and a sha256 of its rows: a file that does not open, or
+whose attrs, shapes or checksum disagree, is reported, deleted and
 recomputed, never trusted.
 
 Several processes may share a cache: the merge holds an fcntl lock on the
-variant folder's ``.lock`` and folds in every part present, so no run
+cache folder's ``.lock`` and folds in every part present, so no run
 deletes rows another has not merged; readers take the lock shared. A cache
 that cannot be written (read-only, full) is used for what it holds, with one
 warning, and the rest is kept in memory.
@@ -55,15 +55,11 @@ FORMAT = "dsconv-bottlenecks-v1"
 
 def default_cache_dir():
     """$DSCONV_CACHE, else the repository's cache/, else ~/.cache/dsconv."""
-    env = os.environ.get("DSCONV_CACHE")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parent.parent
-    return repo / "cache" if (repo / "setup.cfg").exists() else Path.home() / ".cache" / "dsconv"
+    return files.default_dir("DSCONV_CACHE", "cache", Path(".cache", "dsconv"))
 
 
-def variant(net, kind, tta="none"):
-    """The attributes that decide a bottleneck, besides the image."""
+def attrs(net, kind, tta="none"):
+    """The attributes that decide a bottleneck, besides the image; every cache file carries them."""
     if kind not in KINDS:
         raise DsconvError(f"bottleneck must be one of {KINDS}, got {kind!r}")
     if tta not in TTAS:
@@ -71,18 +67,19 @@ def variant(net, kind, tta="none"):
     if kind == "logits" and not net.has_head:
         raise DsconvError("the logits bottleneck needs the network with its ImageNet head "
                          "(dsconv.weights.load(..., head=True))")
-    v = {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
+    a = {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
          "tensors_sha256": net.tensors_sha256(head=kind == "logits"), "preprocessing": images.PREPROCESSING}
     if tta != "none":  # absent for plain bottlenecks, so that their caches keep their names
-        v["tta"] = tta
-    return v
+        a["tta"] = tta
+    return a
 
 
-def variant_dir(cache_dir, v):
-    prep = hashlib.sha256(v["preprocessing"].encode()).hexdigest()[:8]
-    tta = f"-{v['tta']}" if "tta" in v else ""
-    return Path(cache_dir) / (f"mobilenet-{v['alpha']:g}-{v['resolution']}-{v['kind']}{tta}-"
-                              f"{v['tensors_sha256'][:16]}-{prep}")
+def folder(cache_dir, a):
+    """The cache folder of the bottlenecks with attrs ``a``."""
+    prep = hashlib.sha256(a["preprocessing"].encode()).hexdigest()[:8]
+    tta = f"-{a['tta']}" if "tta" in a else ""
+    return Path(cache_dir) / (f"mobilenet-{a['alpha']:g}-{a['resolution']}-{a['kind']}{tta}-"
+                              f"{a['tensors_sha256'][:16]}-{prep}")
 
 
 def forward(net, x, tta="none"):
@@ -100,18 +97,18 @@ def _checksum(keys, feats):
     return h.hexdigest()
 
 
-def _write(path, v, keys, feats):
+def _write(path, a, keys, feats):
     """Write rows atomically: a temporary name, then rename."""
     keys = np.asarray(keys, "S64")
 
     def fill(f):
-        f.attrs.update(format=FORMAT, checksum=_checksum(keys, feats), **v)
+        f.attrs.update(format=FORMAT, checksum=_checksum(keys, feats), **a)
         f["keys"] = keys
         f["features"] = np.asarray(feats, np.float32)
     files.write_hdf5(path, fill)
 
 
-def _read(path, v):
+def _read(path, a):
     """{key: row} of one cache file; raises ValueError saying what is wrong."""
     try:
         with h5py.File(path, "r") as f:
@@ -119,7 +116,7 @@ def _read(path, v):
             keys, feats = f["keys"][()], f["features"][()]
     except (OSError, KeyError) as e:
         raise ValueError(f"cannot be read ({e})") from None
-    for k, want in v.items():
+    for k, want in a.items():
         got = attrs.get(k)
         if got is None or (got.item() if hasattr(got, "item") else got) != want:
             raise ValueError(f"holds {k} {got!r}, not {want!r}")
@@ -131,11 +128,11 @@ def _read(path, v):
 
 
 class Cache:
-    """The bottlenecks of one variant on disk: ``get``, ``put`` a batch, ``merge``."""
+    """The bottlenecks of one ``attrs`` on disk: ``get``, ``put`` a batch, ``merge``."""
 
-    def __init__(self, cache_dir, v, width):
-        self.v, self.width = v, width
-        self.dir = variant_dir(cache_dir, v)
+    def __init__(self, cache_dir, a, width):
+        self.attrs, self.width = a, width
+        self.dir = folder(cache_dir, a)
         self.rows = {}
         self.parts = 0
         self.writable = True
@@ -175,7 +172,7 @@ class Cache:
         return files.lock(lock, shared=shared)
 
     def _load(self, path):
-        rows = _read(path, self.v)
+        rows = _read(path, self.attrs)
         if any(r.shape != (self.width,) for r in rows.values()):
             raise ValueError(f"holds vectors of another size than {self.width}")
         return rows
@@ -186,7 +183,7 @@ class Cache:
             return
         name = f"part-{time.time_ns()}-{os.getpid()}.h5"
         try:
-            _write(self.dir / name, self.v, keys, feats)
+            _write(self.dir / name, self.attrs, keys, feats)
         except OSError as e:
             self._read_only(e.strerror or e)
             return
@@ -212,7 +209,7 @@ class Cache:
                         continue
                 rows.update(self.rows)
                 keys = sorted(rows)
-                _write(merged, self.v, keys, np.stack([rows[k] for k in keys]))
+                _write(merged, self.attrs, keys, np.stack([rows[k] for k in keys]))
                 for p in parts:
                     p.unlink(missing_ok=True)
         except OSError as e:
@@ -305,7 +302,7 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     per net, accumulates each network's forward time.
     """
     kinds = tuple(dict.fromkeys(kinds))
-    vs = [{kind: variant(net, kind, tta) for kind in kinds} for net in nets]
+    per_net = [{kind: attrs(net, kind, tta) for kind in kinds} for net in nets]
     sizes = [{kind: net.pooled_width if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
               for kind in kinds} for net in nets]
     paths = [Path(p) for p in paths]
@@ -320,8 +317,8 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
             else:
                 keys[path] = key
         root = default_cache_dir() if cache_dir is None else cache_dir
-        caches = [{kind: Cache(root, v[kind], size[kind]) for kind in kinds} if cache_dir is not False else {}
-                  for v, size in zip(vs, sizes)]
+        caches = [{kind: Cache(root, a[kind], size[kind]) for kind in kinds} if cache_dir is not False else {}
+                  for a, size in zip(per_net, sizes)]
         known = [{kind: c[kind].rows if c else {} for kind in kinds} for c in caches]
         todo = list({keys[p]: p for p in paths
                      if p in keys and any(keys[p] not in k[kind] for k in known for kind in kinds)}.items())

@@ -39,7 +39,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import DsconvError, bottlenecks, classifier, data, files, metrics, mobilenet, paper, report, runlog, weights
+from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, files, metrics, mobilenet, paper,
+                    report, runlog, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -67,7 +68,7 @@ QUICK = Grid(variants=((0.25, 128),), schemes=("80/10/10",), shuffles=2, lrs=(0.
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dsconv.experiments", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--out", default=OUT, help="output folder; a runs.csv already there is resumed")
     p.add_argument("--quick", action="store_true",
@@ -197,7 +198,7 @@ def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
     missing = []
     for net in nets:
         size = {"pooled": net.pooled_width, "logits": mobilenet.CLASSES}
-        cached = [bottlenecks.Cache(root, bottlenecks.variant(net, k), size[k]).rows for k in kinds]
+        cached = [bottlenecks.Cache(root, bottlenecks.attrs(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
     vds, feats, _ = bottlenecks.extract_dataset(ds, nets, kinds, cache_dir, workers, seconds=forward)

@@ -95,6 +95,14 @@ def write_hdf5(path, fill):
     write_all({path: hdf5_bytes(fill)})
 
 
+def default_dir(env, repo_folder, home_folder):
+    """$env if set, else repo_folder in the source checkout (where setup.cfg is), else ~/home_folder."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    repo = Path(__file__).resolve().parent.parent
+    return repo / repo_folder if (repo / "setup.cfg").exists() else Path.home() / home_folder
+
+
 def file_key(path):
     """sha256 of a file's bytes, hex."""
     with open(path, "rb") as f:

@@ -408,9 +408,8 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     cin = taps // 9
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
-    rows = max(1, tile.shape[0] // (wo * taps))
-    for r0 in range(t0, t1, rows):
-        r1 = min(t1, r0 + rows)
+    for r0 in range(t0, t1, max(1, tile.shape[0] // (wo * taps))):  # as many rows as tile holds
+        r1 = min(t1, r0 + max(1, tile.shape[0] // (wo * taps)))
         for t in range(r0, r1):
             img, oy = x[t // ho * h * w * cin:], t % ho
             for ky in range(3):

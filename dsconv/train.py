@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import (DsconvError, __version__, bottlenecks, classifier, data, files, images, metrics, repeats,
-                    report, weights)
+from dsconv import (DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, files, images, metrics,
+                    paper, repeats, report, weights)
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -37,16 +37,21 @@ THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
 STEPS = [classifier.STEPS]
 WEIGHT_DECAY = [0.1]
-# The paper's protocol, one flag away: retrain.py's head and the paper's split by image
+# The paper's protocol, one flag away: retrain.py's head and the paper's best cell's split and steps
 PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "site_dir": "none", "site_weight": 0,
-         "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": [2000]}
-PAPER_SHOWN = {"no_standardize": True, "weight_decay": 0, "tta": "none", "site_dir": "none", "site_weight": 0,
-               "threshold_rule": "youden", "group_by": "image", "split": "80/10/10", "steps": 2000}
+         "threshold_rule": "youden", "group_by": paper.BEST_CELL[3], "split": paper.BEST_CELL[4],
+         "steps": [paper.BEST_SETTING[1]]}
+
+
+def paper_flags():
+    """PAPER as the flags it stands for."""
+    return " ".join("--no-standardize" if k == "standardize" else
+                    f"--{k.replace('_', '-')} {v[0] if isinstance(v, list) else v}" for k, v in PAPER.items())
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m dsconv.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--test-dir", help="evaluate on this folder (same class subfolders) instead of carving "
                                       "a test partition out of --data; the test share of --split then "
@@ -89,9 +94,7 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=number_list(float), default=WEIGHT_DECAY, metavar="WD[,WD...]",
                    help="L2 weight decay (not in retrain.py); several: the one with the best validation AUC")
     p.add_argument("--paper", action="store_true",
-                   help="the paper's protocol (retrain.py): " + " ".join(
-                       f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in PAPER_SHOWN.items())
-                        + "; flags given explicitly still win")
+                   help=f"the paper's protocol (retrain.py): {paper_flags()}; flags given explicitly still win")
     p.add_argument("--site-weight", type=int, default=SITE_WEIGHT,
                    help="with --val-dir: its images also train, each this many times, and every choice "
                         f"made on them uses out-of-fold scores ({repeats.FOLDS} folds of patients); 0: they only "

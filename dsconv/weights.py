@@ -39,12 +39,8 @@ class WeightsError(DsconvError):
 
 
 def weights_dir():
-    """Where converted files live: $DSCONV_WEIGHTS, else the repository's weights/."""
-    env = os.environ.get("DSCONV_WEIGHTS")
-    if env:
-        return Path(env)
-    repo = Path(__file__).resolve().parent.parent
-    return repo / "weights" if (repo / "setup.cfg").exists() else Path.home() / ".dsconv" / "weights"
+    """Where converted files live: $DSCONV_WEIGHTS, else the repository's weights/, else ~/.dsconv/weights."""
+    return files.default_dir("DSCONV_WEIGHTS", "weights", Path(".dsconv", "weights"))
 
 
 def keras_dirs():

@@ -208,13 +208,13 @@ def test_split_leaving_a_partition_empty_refused(converted, small, cache, tmp_pa
 # ---- 4. concurrency
 
 
-def fake_variant():
+def fake_attrs():
     return {"alpha": 0.25, "resolution": 128, "kind": "pooled", "tensors_sha256": "0" * 64,
             "preprocessing": "test"}
 
 
 def test_cache_merge_loses_no_other_process_rows(tmp_path):
-    v = fake_variant()
+    v = fake_attrs()
     # two runs open the same cache, each computes its own images, then each merges
     a, b = bottlenecks.Cache(tmp_path, v, 3), bottlenecks.Cache(tmp_path, v, 3)
     a.put(["a" * 64], np.ones((1, 3)))
