@@ -205,7 +205,7 @@ class Classifier:
         x = np.asarray(bottlenecks)
         if x.ndim != 2 or x.shape[1] != self.weights.shape[0]:
             raise ValueError(f"expected bottlenecks of shape (N, {self.weights.shape[0]}), got {x.shape}")
-        return kernels.softmax(self.prepare(x) @ self.weights + self.bias)
+        return kernels.softmax(kernels.dense(self.prepare(x), self.weights, self.bias))
 
     def scores(self, bottlenecks):
         """Probability of the positive class."""

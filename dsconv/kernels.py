@@ -24,6 +24,7 @@ would keep running the old code after that other file is edited. So every
 function the cached kernels call lives here.
 """
 from collections import namedtuple
+from concurrent import futures
 import os
 import sys
 
@@ -76,6 +77,12 @@ MR = tile_rows(os.environ, binding.get_host_cpu_features().flatten())
 JIT = dict(cache=not os.environ.get("DSCONV_MR"), nogil=True, fastmath=False)
 
 
+# Constant arguments to the functions below are passed as np.int64(...): a
+# Python literal would compile a version of the callee of its own. The glue
+# of the fused pass is inlined (inline="always") into the one function that
+# uses it, so that it is compiled once, not once alone and once inside.
+
+
 @njit(**JIT)
 def same_padding(size, stride):
     """TensorFlow "SAME" for a 3x3 window: (output size, padding before).
@@ -99,13 +106,17 @@ STACK = 1 << 20
 STEM_BAND = 8
 # Rows of one parallel task in the one-layer pointwise product.
 POINTWISE_ROWS = 256
-# Mult-adds below which a layer of the banded pass runs on one thread: a
-# parallel loop costs its threads a wake-up and a barrier, tens of
-# microseconds, and much more on a loaded machine.
-SPLIT = 8_000_000
-# Output pixels (of all images) below which the banded pass splits a layer by
-# output channels instead of rows: 7x7 maps yes, 14x14 no.
+# Mult-adds per task of a layer the threads share (the images left over
+# when there are fewer than the threads: one image, mostly): about 5 to 50
+# microseconds. A layer has at most TASKS per thread, each at least one row.
+GRAIN = 250_000
+TASKS = 4
+# Output pixels (of all images) below which a shared layer is split by output
+# channels instead of rows: 7x7 maps yes, 14x14 no.
 FEW_PIXELS = 64
+# Polls of a counter before a waiting thread gives its core away (sched_yield)
+# between polls: a few microseconds of spinning.
+SPINS = 2000
 
 # ---------------------------------------------------------------------------
 # The two innermost loops in explicit vector code. Numba has no vector types,
@@ -375,13 +386,12 @@ def _block(a, k, m, wp, b, y, n, i0, j0, n1):
 
 
 @njit(**JIT)
-def gemm(a, m, wp, b, y, n0=0, n1=-1):
+def gemm(a, m, wp, b, y, n0, n1):
     """Columns [n0, n1) of y[:m * N] = relu6(a[:m * K] @ w + b); n0 a multiple of NR.
 
     a flat (m, K), wp = pack(w) (panels, K, NR), b (N,), y flat (m, N).
     """
     k, n = wp.shape[1], b.shape[0]
-    n1 = n if n1 < 0 else n1
     if k * (n1 - n0) <= SMALL_B:
         for i0 in range(0, m, 2 * MR):
             for j0 in range(n0, n1, NR):
@@ -426,7 +436,7 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
                             jx = ix + j // cin
                             inside = iy >= 0 and iy < h and jx >= 0 and jx < w
                             tile[p + j] = img[(iy * w + jx) * cin + j % cin] if inside else np.float32(0)
-        gemm(tile, (r1 - r0) * wo, k, b, y[r0 * wo * c:])
+        gemm(tile, (r1 - r0) * wo, k, b, y[r0 * wo * c:], np.int64(0), b.shape[0])
 
 
 @njit(**JIT)
@@ -500,7 +510,7 @@ def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
         for t in range(r0, r1):
             _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
                            tile[(t - r0) * wo * c:], wo)
-        gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:])
+        gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:], np.int64(0), cout)
 
 
 @njit(**JIT)
@@ -529,72 +539,172 @@ def _pool_flat(x, m, out):
         out[ci] = acc[ci] / m
 
 
-@njit(**JIT)
-def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled):
+@njit(inline="always", **JIT)
+def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, maps):
     # The whole network on a stack of g images, serially, layer by layer:
-    # x flat (g, r, r, 3) -> pooled (g, F). Activations alternate between the
-    # flat buffers act0 and act1.
+    # x flat (g, r, r, 3) -> pooled (g, F), and the last feature maps into
+    # maps (flat (g, s, s, F)) unless it is empty. Activations alternate
+    # between the flat buffers act0 and act1.
     side = -(-r // 2)
-    _stem_rows(x, r, r, k0, b0, 2, act0, 0, g * side, tile)
+    _stem_rows(x, r, r, k0, b0, np.int64(2), act0, np.int64(0), g * side, tile)
     src, dst = act0, act1
     for i in range(len(kd)):
         out = -(-side // strides[i])
-        _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile)
+        _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, np.int64(0), g * out, tile)
         side, src, dst = out, dst, src
     c = pooled.shape[1]
+    if maps.size:
+        maps[:g * side * side * c] = src[:g * side * side * c]
     for n in range(g):
         _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
 
-@njit(parallel=True, **JIT)
-def _network_stacks(x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
-    # x flat (N, r, r, 3) -> pooled (N, F); thread t runs images [N t / T, N (t + 1) / T),
-    # up to `stack` at a time, on its own buffers act[t] (2, S) and tile[t]:
-    # no synchronisation between layers.
+# Counters the threads of the fused pass share: a task is claimed by adding 1
+# to its layer's claim counter (the old value is the task's number), and
+# counted done by adding 1 to its done counter. Sequentially consistent
+# atomics: what a thread wrote before counting a task done is seen by every
+# thread that sees the count.
+
+@intrinsic
+def _atomic_add(typingctx, counters, index, value):
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i = context.cast(builder, args[1], signature.args[1], types.int64)
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", builder.gep(data, [i]), v, "seq_cst")
+
+    return types.int64(counters, index, value), codegen
+
+
+@intrinsic
+def _atomic_load(typingctx, counters, index):
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        i = context.cast(builder, args[1], signature.args[1], types.int64)
+        return builder.load_atomic(builder.gep(data, [i]), "seq_cst", 8)
+
+    return types.int64(counters, index), codegen
+
+
+@intrinsic
+def _relax(typingctx, spins):
+    """A spin-wait's pause: the CPU's spin hint (x86 PAUSE) up to SPINS polls, then sched_yield()."""
+    def codegen(context, builder, signature, args):
+        mod = builder.module
+        with builder.if_else(builder.icmp_signed("<", args[0], ir.Constant(I64, SPINS))) as (spin, give):
+            with spin:
+                if binding.get_process_triple().startswith(("x86_64", "i686", "i386")):
+                    builder.call(cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), []),
+                                                                "llvm.x86.sse2.pause"), [])
+            with give:
+                builder.call(cgutils.get_or_insert_function(mod, ir.FunctionType(I32, []), "sched_yield"), [])
+        return context.get_dummy_value()
+
+    return types.void(spins), codegen
+
+
+@njit(inline="always", **JIT)
+def _wait(counters, index, target):
+    # until counters[index] reaches target
+    spins = 0
+    while _atomic_load(counters, index) < target:
+        _relax(spins)
+        spins += 1
+
+
+@njit(inline="always", **JIT)
+def _by_channels(g, out, c, tile):
+    # whether a shared layer of g images with out x out outputs from c channels is split by output channels
+    return g * out * out < FEW_PIXELS and g * out * out * c <= tile.shape[0]
+
+
+@njit(inline="always", **JIT)
+def _shared_tasks(i, side, g, r, k0, wp, strides, tile, threads):
+    # How many tasks layer i (0: the stem) of the g shared images is split into.
+    if i == 0:
+        units = g * -(-r // 2)
+        macs = units * -(-r // 2) * k0.shape[1] * k0.shape[0] * NR
+    else:
+        out = -(-side // strides[i - 1])
+        c = wp[i - 1].shape[1]
+        macs = g * out * out * (9 + wp[i - 1].shape[0] * NR) * c
+        units = wp[i - 1].shape[0] if _by_channels(g, out, c, tile) else g * out
+    return max(1, min(units, TASKS * threads, macs // GRAIN))
+
+
+@njit(inline="always", **JIT)
+def _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile, x):
+    # Task `task` of `tasks` of layer i (0: the stem) of the g shared images.
+    if i == 0:
+        rows = g * -(-r // 2)
+        _stem_rows(x, r, r, k0, b0, np.int64(2), dst, rows * task // tasks, rows * (task + 1) // tasks, tile)
+        return
+    j = i - 1
+    out = -(-side // strides[j])
+    if _by_channels(g, out, wp[j].shape[1], tile):
+        panels, cout = wp[j].shape[0], bp[j].shape[0]
+        _block_cols(src, g, side, kd[j], bd[j], wp[j], bp[j], strides[j], dst, NR * (panels * task // tasks),
+                    min(cout, NR * (panels * (task + 1) // tasks)), tile)
+    else:
+        _block_rows(src, side, side, kd[j], bd[j], wp[j], bp[j], strides[j], dst, g * out * task // tasks,
+                    g * out * (task + 1) // tasks, tile)
+
+
+@njit(**JIT)
+def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters):
+    # Thread t's part of the fused pass, x flat (N, r, r, 3) -> pooled (N, F),
+    # T = len(tile) threads in all: first the W = N - N mod T images that go
+    # whole, in stacks of up to `stack`, each thread its stack on its own
+    # buffers act[t] and tile[t] (no synchronisation between layers); then
+    # the images left over, layer by layer, every layer split into tasks
+    # (bands of rows, or ranges of output channels) on act[0]. Any thread
+    # claims any task and a layer waits only for the previous one's tasks to
+    # be done, so the pass completes however the threads are scheduled, even
+    # one after another. maps: the last feature maps, flat (N, s, s, F), or
+    # empty. counters: zeros, 2 len(kd) + 5 of them (claims and done counts:
+    # the stacks, then each shared layer, and the pooling's claims).
     threads = tile.shape[0]
     size = r * r * 3
-    for t in prange(threads):
-        for n0 in range(n_img * t // threads, n_img * (t + 1) // threads, stack):
-            n1 = min(n_img * (t + 1) // threads, n0 + stack)
-            _stack(x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides,
-                   act[t, 0], act[t, 1], tile[t], pooled[n0:n1])
-
-
-@njit(parallel=True, **JIT)
-def _network_bands(x, g, r, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled):
-    # x flat (g, r, r, 3) -> pooled (g, F), layer by layer, every layer large
-    # enough split into T bands of the g * Ho output rows (thread t: band t,
-    # with tile[t]), or into T ranges of output channels when it has few rows;
-    # act[0] holds the activations.
-    threads = tile.shape[0]
+    per_map = maps.size // max(n_img, 1)  # s s F, or 0
+    whole = n_img - n_img % threads
+    stacks = -(-whole // stack)  # at most `stack` images each, a multiple of T of them: equal shares
+    stacks = -(-stacks // threads) * threads
+    g = n_img - whole
+    while True:
+        s = _atomic_add(counters, 0, 1)
+        if s >= stacks:
+            break
+        n0, n1 = whole * s // stacks, whole * (s + 1) // stacks
+        _stack(x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides, act[t, 0], act[t, 1],
+               tile[t], pooled[n0:n1], maps[n0 * per_map:n1 * per_map])
+        _atomic_add(counters, 1, 1)
+    if g == 0:
+        return
+    _wait(counters, np.int64(1), stacks)  # act[0] is free
     a, b = act[0, 0], act[0, 1]
-    side = -(-r // 2)
-    if g * side * side * k0.size < SPLIT:
-        _stem_rows(x, r, r, k0, b0, 2, a, 0, g * side, tile[0])
-    else:
-        for t in prange(threads):
-            _stem_rows(x, r, r, k0, b0, 2, a, g * side * t // threads, g * side * (t + 1) // threads, tile[t])
-    src, dst = a, b
-    for i in range(len(kd)):
-        out = -(-side // strides[i])
-        c, cout = wp[i].shape[1], bp[i].shape[0]
-        if g * out * out * (9 + cout) * c < SPLIT:
-            _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, 0, g * out, tile[0])
-        elif g * out * out < FEW_PIXELS and g * out * out * c <= tile.shape[1]:
-            # Few rows (7x7): split the output channels instead, each thread repeating the small
-            # depthwise. At 14x14 (196 rows) repeating it costs more than halving the product's rows.
-            panels = wp[i].shape[0]
-            for t in prange(threads):
-                _block_cols(src, g, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
-                            NR * (panels * t // threads), min(cout, NR * (panels * (t + 1) // threads)), tile[t])
-        else:
-            for t in prange(threads):
-                _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst,
-                            g * out * t // threads, g * out * (t + 1) // threads, tile[t])
-        side, src, dst = out, dst, src
+    side = r
+    for i in range(len(kd) + 1):
+        src, dst = (a, b) if i % 2 else (b, a)
+        tasks = _shared_tasks(i, side, g, r, k0, wp, strides, tile[t], threads)
+        while True:
+            task = _atomic_add(counters, 2 + 2 * i, 1)
+            if task >= tasks:
+                break
+            _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile[t],
+                          x[whole * size:])
+            _atomic_add(counters, 3 + 2 * i, 1)
+        _wait(counters, 3 + 2 * i, tasks)
+        side = -(-side // 2) if i == 0 else -(-side // strides[i - 1])
+    last = a if len(kd) % 2 == 0 else b
     c = pooled.shape[1]
-    for n in range(g):
-        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
+    while True:
+        n = _atomic_add(counters, 4 + 2 * len(kd), 1)
+        if n >= g:
+            break
+        m = side * side * c
+        if per_map:
+            maps[(whole + n) * m:(whole + n + 1) * m] = last[n * m:(n + 1) * m]
+        _pool_flat(last[n * m:], side * side, pooled[whole + n])
 
 
 # The fused forward pass: its packed weights, its buffers, and the one entry.
@@ -637,25 +747,47 @@ def network_buffers(packed, resolution, threads):
                    np.empty((threads, max(TILE, row)), np.float32))
 
 
-def network(x, packed, buffers, pooled):
+def network(x, packed, buffers, pooled, maps=None):
     """The whole network up to the pooled features: x (N, r, r, 3) float32 -> pooled (N, F), in place.
+
+    With ``maps`` (N, s, s, F) float32, the last feature maps (s = r / 32)
+    are written there too: what a class activation map needs, from the same
+    pass.
 
     Whole images per thread, in stacks of up to ``buffers.stack`` images
     (so that the late layers' matrix products have enough rows), while there
     are at least as many images as threads: no synchronisation between
-    layers. Then the remaining images together, every layer split into
-    bands of rows across the threads. One call at a time per ``buffers``.
+    layers. Then the images left over (a single image, mostly) shared by all
+    the threads, layer by layer, in one parallel region: a thread that
+    finishes its part of a layer polls a counter for the others, no
+    operating-system wake-up in between. One call at a time per ``buffers``.
     """
-    threads = buffers.tile.shape[0]
     n, r = x.shape[0], x.shape[1]
-    whole, flat = n // threads * threads, x.reshape(-1)
-    weights = (packed.stem_kernel, packed.stem_bias, packed.dw_kernels, packed.dw_biases, packed.pw_kernels,
-               packed.pw_biases, packed.strides)
-    if whole:
-        _network_stacks(flat[:whole * r * r * 3], whole, r, buffers.stack, *weights, buffers.act, buffers.tile,
-                        pooled[:whole])
-    if whole < n:
-        _network_bands(flat[whole * r * r * 3:], n - whole, r, *weights, buffers.act, buffers.tile, pooled[whole:])
+    counters = np.zeros(2 * len(packed.dw_kernels) + 5, np.int64)
+    maps = np.empty(0, np.float32) if maps is None else maps.reshape(-1)
+    args = (x.reshape(-1), n, r, buffers.stack, *packed, buffers.act, buffers.tile, pooled, maps, counters)
+    threads = buffers.tile.shape[0]
+    helpers = [_helpers(threads - 1).submit(_network, t, *args) for t in range(1, threads)]
+    try:
+        _network(0, *args)
+    finally:  # the buffers are not free before every helper has returned, even on Ctrl-C
+        futures.wait(helpers)
+
+
+_pool = (None, 0, 0)  # (executor, its threads, the process it belongs to)
+
+
+def _helpers(n):
+    """The threads (besides the caller's) that run the fused pass: at least n, kept from call to call.
+
+    A forked child gets a pool of its own: it inherits the parent's
+    executor but none of its threads.
+    """
+    global _pool
+    pool, size, pid = _pool
+    if pool is None or size < n or pid != os.getpid():
+        _pool = pool, size, pid = futures.ThreadPoolExecutor(max(1, n), "dsconv-network"), max(1, n), os.getpid()
+    return pool
 
 
 @njit(parallel=True, **JIT)
@@ -666,10 +798,24 @@ def _global_avg_pool(x, y):
         _pool_flat(x[n].ravel(), h * w, y[n])
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
+def _dense(x, w, b, y):
+    # y (N, M) = x (N, K) @ w (K, M) + b in float64, each sum in the order of k
+    for n in range(x.shape[0]):
+        acc = y[n]
+        acc[:] = 0.0
+        for k in range(x.shape[1]):
+            v = np.float64(x[n, k])
+            for m in range(w.shape[1]):
+                acc[m] += v * w[k, m]
+        for m in range(w.shape[1]):
+            acc[m] += b[m]
+
+
+@njit(**JIT)
 def _softmax(z, p):
     # z (N, K) logits, p (N, K), float32 or float64
-    for n in prange(z.shape[0]):
+    for n in range(z.shape[0]):
         m = z[n].max()
         s = np.zeros(1, z.dtype)[0]
         for j in range(z.shape[1]):
@@ -731,13 +877,23 @@ def global_avg_pool(x):
 
 
 def dense(x, w, b):
-    """Fully connected layer with bias: x (N, K), w (K, M), b (M,) -> (N, M)."""
-    x, w, b = _check(x, "x", 2), _check(w, "kernel", 2), _check(b, "bias", 1)
+    """Fully connected layer with bias: x (N, K), w (K, M), b (M,) float32 or float64 -> (N, M) float64.
+
+    Summed in float64 (the head is 0.2% of the work, and float32 sums of
+    1024 terms drift from Keras' logits by more than 1e-4), every output in
+    the order of k: a row's result does not depend on the rows beside it
+    (a BLAS product of one row and of many round differently), so an image
+    gets the same bits alone, in a batch, on the page or from the cache.
+    """
+    x, w, b = (np.ascontiguousarray(a) for a in (x, w, b))
+    if any(a.dtype not in (np.float32, np.float64) for a in (x, w, b)) or (x.ndim, w.ndim, b.ndim) != (2, 2, 1):
+        raise ValueError(f"dense: expected float arrays (N, K), (K, M), (M,), got {x.shape} {x.dtype}, "
+                         f"{w.shape} {w.dtype}, {b.shape} {b.dtype}")
     if w.shape[0] != x.shape[1] or b.shape != (w.shape[1],):
         raise ValueError(f"dense: kernel {w.shape} / bias {b.shape} do not fit input {x.shape}")
-    # float64 accumulation: the head is 0.2% of the work, and it keeps the
-    # logits within 1e-4 of Keras where float32 sums of 1024 terms drift.
-    return (x.astype(np.float64) @ w.astype(np.float64) + b).astype(np.float32)
+    y = np.empty((x.shape[0], w.shape[1]), np.float64)
+    _dense(x, w, b, y)
+    return y
 
 
 def softmax(z):

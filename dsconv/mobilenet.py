@@ -159,21 +159,33 @@ class MobileNet:
 
     def logits(self, pooled):
         head = self.params["conv_preds"]
-        return kernels.dense(pooled, head["kernel"], head["bias"])
+        return kernels.dense(pooled, head["kernel"], head["bias"]).astype(np.float32)
 
-    def _pooled(self, x):
+    def forward_maps(self, images):
+        """(pooled (N, 1024a), the last feature maps conv_pw_13_relu (N, r/32, r/32, 1024a)) in one fused pass."""
+        x = self._images(images)
+        side = -(-self.resolution // 32)
+        maps = np.empty((len(x), side, side, self.pooled_width), np.float32)
+        return self._pooled(x, maps), maps
+
+    def _pooled(self, x, maps=None):
         """The fused forward pass (kernels.network) with this network's packed weights and buffers."""
         threads = numba.get_num_threads()
         if getattr(self, "_fused", None) is None or self._fused[0] != threads:
-            if getattr(self, "_packed", None) is None:
-                p = self.params
-                self._packed = kernels.pack_network(
-                    (p["conv1"]["kernel"], p["conv1"]["bias"]),
-                    [(p[f"conv_dw_{i}"]["kernel"], p[f"conv_dw_{i}"]["bias"], p[f"conv_pw_{i}"]["kernel"],
-                      p[f"conv_pw_{i}"]["bias"], stride) for i, (_, stride) in enumerate(BLOCKS, 1)])
-            self._fused = (threads, threading.Lock(), kernels.network_buffers(self._packed, self.resolution, threads))
+            self._fused = (threads, threading.Lock(), kernels.network_buffers(self.packed, self.resolution, threads))
         _, lock, buffers = self._fused
         pooled = np.empty((len(x), self.pooled_width), np.float32)
         with lock:
-            kernels.network(x, self._packed, buffers, pooled)
+            kernels.network(x, self.packed, buffers, pooled, maps)
         return pooled
+
+    @property
+    def packed(self):
+        """The backbone's weights packed for kernels.network, once."""
+        if getattr(self, "_packed", None) is None:
+            p = self.params
+            self._packed = kernels.pack_network(
+                (p["conv1"]["kernel"], p["conv1"]["bias"]),
+                [(p[f"conv_dw_{i}"]["kernel"], p[f"conv_dw_{i}"]["bias"], p[f"conv_pw_{i}"]["kernel"],
+                  p[f"conv_pw_{i}"]["bias"], stride) for i, (_, stride) in enumerate(BLOCKS, 1)])
+        return self._packed

@@ -143,33 +143,53 @@ class Model:
         return W, b
 
     def class_map(self, x, w):
-        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck.
+        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck."""
+        return self._one_pass(x, w)[1]
 
-        An ensemble's map is the sum of its parts' maps; with flip TTA each
-        part's map is the mean of the image's and the mirror image's (flipped back).
+    def _one_pass(self, x, w):
+        """(bottleneck (D,), class map (h, w) for weights w) of one image x (r, r, 3), one fused pass per net.
+
+        The bottleneck is the one bottlenecks.forward gives, bit for bit. An
+        ensemble's map is the sum of its parts' maps; with flip TTA each
+        part's map is the mean of the image's and the mirror image's
+        (flipped back), both from one pass of the pair.
         """
-        total, at = 0.0, 0
+        batch = x[None] if self.tta == "none" else np.stack([x, x[:, ::-1]])
+        feats, total, at = [], 0.0, 0
         for net in self.nets:
             wi = w[at:at + net.pooled_width]
             at += net.pooled_width
-            m = cam.class_map(net.feature_maps(x[None])[0], wi)
+            pooled, maps = net.forward_maps(batch)
+            out = pooled if self.bottleneck == "pooled" else net.logits(pooled)
+            m = cam.class_map(maps[0], wi)
             if self.tta == "flip":
-                m = (m + cam.class_map(net.feature_maps(x[None, :, ::-1])[0], wi)[:, ::-1]) / 2
+                out = (out[:1] + out[1:]) / 2
+                m = (m + cam.class_map(maps[1], wi)[:, ::-1]) / 2
+            feats.append(out[0])
             total = total + m
-        return total
+        return np.concatenate(feats), total
 
-    def heatmap(self, source, probability, size=None):
-        """The class activation map of the positive class over the X-ray, as an RGB Pillow image.
+    def diagnose(self, source, size=None):
+        """(probabilities (C,), heatmap, the X-ray) of one image file: one decode for the network, one pass.
 
-        At the X-ray's own size, or with ``size`` at most size x size pixels (faster on large X-rays).
+        The heatmap is the class activation map of the positive class over
+        the X-ray, an RGB Pillow image at the X-ray's own size, or with
+        ``size`` at most size x size pixels (faster on large X-rays); the
+        X-ray is returned at that size too.
         """
         original = images.open_image(source, size)
         if size:
             original.thumbnail((size, size))
         x = images.scale(images.decode(source, self.resolution))
         w, _ = cam.contrast(*self.linear(), self.head.positive)
-        return cam.overlay(original, self.class_map(x, w), f"P({self.positive}) = {probability:.3f}  "
-                                                           f"MobileNet {self.variant}")
+        feats, m = self._one_pass(x, w)
+        p = self.head.probabilities(feats[None])[0]
+        caption = f"P({self.positive}) = {p[self.head.positive]:.3f}  MobileNet {self.variant}"
+        return p, cam.overlay(original, m, caption), original
+
+    def heatmap(self, source, size=None):
+        """The heatmap of diagnose()."""
+        return self.diagnose(source, size)[1]
 
 
 def parts(info):
@@ -272,26 +292,42 @@ def _row(model, path, error=None):
 
 
 def _rows(model, paths, heatmap_dir, used):
+    if heatmap_dir:
+        return [_row_with_heatmap(model, path, heatmap_dir, used) for path in paths]
     feats, failed = model.bottlenecks(paths)
     probs = iter(model.head.probabilities(feats) if len(feats) else [])
     rows = []
     for path in paths:
         row = _row(model, path, failed.get(path))
         if row["error"] is None:
-            p = next(probs)
-            row["probability"], row["decision"] = float(p[model.head.positive]), model.decide(p)
-            if heatmap_dir:
-                try:
-                    out = unique_name(heatmap_dir, path, used)
-                    png = io.BytesIO()
-                    # light compression: the default took 5x longer than all the rest
-                    model.heatmap(path, row["probability"]).save(png, format="PNG", compress_level=1)
-                    files.write_bytes(out, png.getvalue())
-                    row["heatmap"] = str(out)
-                except (images.ImageError, OSError) as e:
-                    row["error"] = f"heatmap: {e}"
+            _decided(model, row, next(probs))
         rows.append(row)
     return rows
+
+
+def _decided(model, row, p):
+    row["probability"], row["decision"] = float(p[model.head.positive]), model.decide(p)
+    return row
+
+
+def _row_with_heatmap(model, path, heatmap_dir, used):
+    """The row of one image and its heatmap from one forward pass (no bottleneck cache)."""
+    row = _row(model, path)
+    try:
+        p, heat, _ = model.diagnose(path)
+    except (images.ImageError, OSError) as e:
+        row["error"] = str(e) if isinstance(e, images.ImageError) else f"{path}: cannot be read ({e})"
+        return row
+    _decided(model, row, p)
+    try:
+        out = unique_name(heatmap_dir, path, used)
+        png = io.BytesIO()
+        heat.save(png, format="PNG", compress_level=1)  # light compression: the default took 5x longer than the rest
+        files.write_bytes(out, png.getvalue())
+        row["heatmap"] = str(out)
+    except OSError as e:
+        row["error"] = f"heatmap: {e}"
+    return row
 
 
 def render(rows, fmt, positive):

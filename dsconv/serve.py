@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, images, predict
+from dsconv import DsconvError, HelpFormatter, predict
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -114,31 +114,26 @@ def predict_files(model, uploads, lock, workdir):
         path.write_bytes(content)
         paths.append(path)
     with lock:
-        rows = predict.rows_for(model, paths, progress=False)
-        maps = [None if r["error"] else _heatmap(model, path, r["probability"]) for path, r in zip(paths, rows)]
+        done = [_diagnose(model, path) for path in paths]
     results = []
-    for (name, _), path, row, pictures in zip(uploads, paths, rows, maps):
-        if row["probability"] is None:
-            results.append({"name": name, "error": row["error"].replace(str(path), name)})
+    for (name, _), path, (p, heat, original) in zip(uploads, paths, done):
+        if p is None:
+            results.append({"name": name, "error": str(heat).replace(str(path), name)})
             continue
-        result = {"name": name, "probability": row["probability"], "label": row["decision"],
-                  "threshold": row["threshold"], "heatmap": None, "image": None}
-        heat, original = pictures
-        if isinstance(heat, Exception):
-            result["error"] = f"{name}: no heatmap ({str(heat).replace(str(path), name)})"
-        else:
-            original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
-            result["heatmap"], result["image"] = _data_url(heat, "PNG"), _data_url(original, "JPEG")
-        results.append(result)
+        row = predict._decided(model, {}, p)
+        original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
+        results.append({"name": name, "probability": row["probability"], "label": row["decision"],
+                        "threshold": model.threshold, "heatmap": _data_url(heat, "PNG"),
+                        "image": _data_url(original, "JPEG")})
     return results
 
 
-def _heatmap(model, path, probability):
-    """(heatmap, the X-ray itself) as Pillow images, or (the exception, None)."""
+def _diagnose(model, path):
+    """(probabilities, heatmap, the X-ray) of one upload, from one forward pass; or (None, the error, None)."""
     try:
-        return model.heatmap(path, probability, PREVIEW), images.open_image(path, PREVIEW)
-    except (DsconvError, OSError, ValueError) as e:
-        return e, None
+        return model.diagnose(path, PREVIEW)
+    except (DsconvError, OSError) as e:
+        return None, e, None
 
 
 def _data_url(im, fmt):

@@ -69,7 +69,7 @@ def test_gemm(m, k, n):
     # a column range leaves the other columns untouched
     a, w, b = rand(m, k, lo=0, hi=6), rand(k, n), rand(n)
     y = np.full((m, n), np.nan, np.float32)
-    kernels.gemm(a.ravel(), m, kernels.pack(w), b, y.ravel())
+    kernels.gemm(a.ravel(), m, kernels.pack(w), b, y.ravel(), 0, n)
     close(y, naive.relu6(a.astype(np.float64) @ w + b), 1e-4)
     n0 = kernels.NR if n > kernels.NR else 0
     n1 = max(n0 + 1, n - 1)
@@ -89,6 +89,9 @@ def test_global_avg_pool(n, h, w, c):
 def test_dense(n, k, m):
     x, w, b = rand(n, k), rand(k, m), rand(m)
     close(kernels.dense(x, w, b), naive.dense(x, w, b))
+    # each row alone gives the same bits as in the batch
+    np.testing.assert_array_equal(np.concatenate([kernels.dense(x[i:i + 1], w, b) for i in range(n)]),
+                                  kernels.dense(x, w, b))
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 2), (4, 1000)])

@@ -4,7 +4,7 @@ import numba
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, mobilenet, weights
+from dsconv import DsconvError, kernels, mobilenet, weights
 from dsconv.paper import TABLE3, TABLE3_ERRATA
 from tests.conftest import REFERENCE
 
@@ -100,8 +100,9 @@ def test_runs_at_other_multiples_of_32(converted):
 @pytest.mark.parametrize("threads", [1, numba.config.NUMBA_NUM_THREADS])
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_fused_forward_matches_layer_by_layer(converted, n, threads):
-    # forward() runs whole images per thread, then the remainder split in row
-    # bands; both must give what the simple one-kernel-per-layer path gives.
+    # forward() runs whole images per thread, then the remainder shared by the
+    # threads layer by layer; both must give what the simple
+    # one-kernel-per-layer path gives.
     net = weights.load(0.25, 128, quiet=True)
     x = np.random.default_rng(n).uniform(-1, 1, (n, 128, 128, 3)).astype(np.float32)
     before = numba.get_num_threads()
@@ -112,3 +113,42 @@ def test_fused_forward_matches_layer_by_layer(converted, n, threads):
         numba.set_num_threads(before)
     want = net.feature_maps(x).astype(np.float64).mean(axis=(1, 2))
     assert largest(pooled, want) <= 1e-5
+
+
+@pytest.mark.parametrize("alpha,resolution", [(0.25, 128), (1.0, 224)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+def test_fused_pass_is_the_same_whoever_computes_what(converted, alpha, resolution, threads, n):
+    # Any split of the work between threads, stacks and shared layers (1.0-224
+    # splits its shared layers into many row and channel tasks), more threads
+    # than cores included, gives each image the feature maps of the
+    # layer-by-layer path, bit for bit, and the same pooled features as the
+    # image alone.
+    net = weights.load(alpha, resolution, quiet=True)
+    x = np.random.default_rng(n).uniform(-1, 1, (n, resolution, resolution, 3)).astype(np.float32)
+    packed = net.packed
+    side = resolution // 32
+    pooled = np.empty((n, net.pooled_width), np.float32)
+    maps = np.empty((n, side, side, net.pooled_width), np.float32)
+    kernels.network(x, packed, kernels.network_buffers(packed, resolution, threads), pooled, maps)
+    want = net.feature_maps(x)
+    np.testing.assert_array_equal(maps, want)
+    assert largest(pooled, want.astype(np.float64).mean(axis=(1, 2))) <= 1e-5
+    alone = np.concatenate([net.forward(x[i:i + 1])[0] for i in range(n)])
+    np.testing.assert_array_equal(pooled, alone)
+    np.testing.assert_array_equal(net.forward_maps(x)[1], maps)
+
+
+def test_fused_pass_completes_on_one_thread_of_several(converted):
+    # The threads claim the work as they come: run only thread 0's part of a
+    # pass laid out for 3 threads (as if the others never started), and it
+    # does all of it.
+    net = weights.load(0.25, 128, quiet=True)
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 128, 128, 3)).astype(np.float32)
+    packed = net.packed
+    b = kernels.network_buffers(packed, 128, 3)
+    pooled = np.full((5, net.pooled_width), np.nan, np.float32)
+    counters = np.zeros(2 * len(packed.dw_kernels) + 5, np.int64)
+    kernels._network(0, x.reshape(-1), 5, 128, b.stack, *packed, b.act, b.tile, pooled, np.empty(0, np.float32),
+                     counters)
+    np.testing.assert_array_equal(pooled, net.forward(x)[0])

@@ -2,6 +2,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,31 @@ def test_heatmaps(converted, trained, tmp_path, capsys):
     assert code == 0 and len(list((tmp_path / "maps").glob("*.png"))) == 2
     png = Image.open(rows[0]["heatmap"])
     assert png.size == (300, 180) and png.mode == "RGB"  # the original's own size and aspect
+
+
+@pytest.mark.parametrize("kind", ["pooled", "logits"])
+def test_a_heatmap_costs_one_forward_pass_and_changes_no_probability(converted, trained, tmp_path, capsys,
+                                                                      monkeypatch, kind):
+    paths = sample(2)
+    code, out, _ = run(capsys, trained[kind], *paths, "--format", "json", "--no-cache")
+    plain = {r["path"]: r["probability"] for r in json.loads(out)}
+    passes = []
+    forward_maps = MobileNet.forward_maps
+    monkeypatch.setattr(MobileNet, "forward_maps", lambda net, x: passes.append(len(x)) or forward_maps(net, x))
+    monkeypatch.setattr(MobileNet, "forward", lambda *a: pytest.fail("a second forward pass ran"))
+    monkeypatch.setattr(MobileNet, "feature_maps", lambda *a: pytest.fail("a second forward pass ran"))
+    code, out, _ = run(capsys, trained[kind], *paths, "--heatmap", tmp_path / "maps", "--format", "json",
+                       "--no-cache")
+    rows = json.loads(out)
+    assert code == 0 and passes == [1] * len(paths)
+    assert all(Path(r["heatmap"]).is_file() for r in rows)
+    # the same bottleneck bit for bit; the head's matrix product of one row may round its last bit apart
+    assert {r["path"]: r["probability"] for r in rows} == pytest.approx(plain, abs=1e-12)
+    monkeypatch.undo()
+    model = predict.load_model(trained[kind], cache_dir=False)
+    x = images.scale(images.decode(paths[0], model.resolution))
+    one, _ = model._one_pass(x, np.ones(model.head.weights.shape[0] if kind == "pooled" else 256))
+    np.testing.assert_array_equal(one, model.bottlenecks(paths[:1])[0][0])
 
 
 def test_dicom_gives_the_png_probabilities(converted, trained, tmp_path):
