@@ -91,7 +91,7 @@ def _per_image_depthwise(x, h, k, b, stride, y, tile):
 @njit(parallel=True, **dict(kernels.JIT, cache=False))
 def _per_image_pointwise(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
-        kernels.gemm(x[t], h * h, k, b, y[t])
+        kernels.gemm(x[t], h * h, k, b, y[t], 0, b.shape[0])
 
 
 def case(kind, n, shape, cout, stride, rng, per_image=False):

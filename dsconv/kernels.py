@@ -46,17 +46,20 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 
 def tile_rows(env, host_features):
-    """Rows MR of the matrix-product micro-kernel: mr x 2 vectors of accumulators.
+    """Rows MR of the matrix-product micro-kernel, whose tile is MR x NV vectors of accumulators.
 
-    14 fill 28 of the 32 AVX-512 registers; 16 AVX2 registers hold half as
-    many floats each, so 3 elsewhere. The CPU is the one Numba compiles for
-    (NUMBA_CPU_NAME and NUMBA_CPU_FEATURES when set, else the host's).
-    DSCONV_MR overrides it (2 to 16), so that tests run either tile on any
-    machine.
+    With AVX-512, 14 x 2: 28 of the 32 registers. Elsewhere a vector of
+    LANES floats is two registers of 8 (AVX2, 16 of them) or four of 4
+    (NEON, 32): 6 x 1 vector, AVX2's classic 6 x 16 tile, 12 registers of
+    accumulators, two for the panel's row and one broadcast. (3 x 2 needed
+    17 registers: the spills cost a third of the speed.) NV is 2 from 8
+    rows up, else 1. The CPU is the one Numba compiles for (NUMBA_CPU_NAME
+    and NUMBA_CPU_FEATURES when set, else the host's). DSCONV_MR overrides
+    it (2 to 16), so that tests run either tile on any machine.
     """
     name = env.get("NUMBA_CPU_NAME", "host")
     features = host_features if name == "host" else env.get("NUMBA_CPU_FEATURES", "")
-    mr = 14 if "+avx512f" in features else 3
+    mr = 14 if "+avx512f" in features else 6
     text = env.get("DSCONV_MR", "")
     if text:
         if text.isdigit() and 2 <= int(text) <= 16:
@@ -67,6 +70,7 @@ def tile_rows(env, host_features):
 
 
 MR = tile_rows(os.environ, binding.get_host_cpu_features().flatten())
+NV = 2 if MR >= 8 else 1
 
 # One place for the JIT flags. fastmath stays off: the forward pass must match
 # Keras to 1e-4, and reassociated sums would trade that for little speed. (The
@@ -110,7 +114,7 @@ POINTWISE_ROWS = 256
 # when there are fewer than the threads: one image, mostly): about 5 to 50
 # microseconds. A layer has at most TASKS per thread, each at least one row.
 GRAIN = 250_000
-TASKS = 4
+TASKS = 2
 # Output pixels (of all images) below which a shared layer is split by output
 # channels instead of rows: 7x7 maps yes, 14x14 no.
 FEW_PIXELS = 64
@@ -359,9 +363,9 @@ def pack_depthwise(k):
     return np.ascontiguousarray(padded.reshape(9, blocks, LANES).transpose(1, 0, 2))
 
 
-_wide = gemm_block(MR, 2)  # MR x NR
-_half = gemm_block(MR // 2, 2)  # MR / 2 x NR, for the last rows: a block costs its full height
-_narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used
+_wide = gemm_block(MR, NV)  # MR x NV LANES
+_half = gemm_block(max(1, MR // 2), NV)  # for the last rows: a tile costs its full height
+_narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used (NV = 2)
 
 # B (K x columns) floats up to which the product goes row block by row block,
 # all panels for each (the block of a stays in L1); above, panel by panel
@@ -371,18 +375,23 @@ SMALL_B = 1 << 15
 
 @njit(inline="always")
 def _block(a, k, m, wp, b, y, n, i0, j0, n1):
-    # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y
+    # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y: tiles of MR rows x NV vectors
     rows, cols = min(2 * MR, m - i0), min(NR, n1 - j0)
     w0 = j0 // NR * k * NR
-    if cols <= LANES:
+    if NV == 2 and cols <= LANES:
         _narrow(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
-    else:
+        return
+    for v in range(0, NR // LANES, NV):  # the panel's column vectors, NV at a time
+        c = min(NV * LANES, cols - v * LANES)
+        if c <= 0:
+            break
+        j = j0 + v * LANES
         for r0 in range(i0, i0 + rows, MR):
             r = min(MR, i0 + rows - r0)
             if r <= MR // 2:
-                _half(a, r0 * k, k, wp, w0, NR, k, y, r0 * n + j0, n, b, j0, r, cols)
+                _half(a, r0 * k, k, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
             else:
-                _wide(a, r0 * k, k, wp, w0, NR, k, y, r0 * n + j0, n, b, j0, r, cols)
+                _wide(a, r0 * k, k, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
 
 
 @njit(**JIT)
@@ -560,8 +569,8 @@ def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, m
 
 
 # Counters the threads of the fused pass share: a task is claimed by adding 1
-# to its layer's claim counter (the old value is the task's number), and
-# counted done by adding 1 to its done counter. Sequentially consistent
+# to a claim counter (the old value is the task's number) or to the task's
+# own flag (0: it is ours), and counted done by adding 1 to a done counter. Sequentially consistent
 # atomics: what a thread wrote before counting a task done is seen by every
 # thread that sees the count.
 
@@ -661,8 +670,9 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     # claims any task and a layer waits only for the previous one's tasks to
     # be done, so the pass completes however the threads are scheduled, even
     # one after another. maps: the last feature maps, flat (N, s, s, F), or
-    # empty. counters: zeros, 2 len(kd) + 5 of them (claims and done counts:
-    # the stacks, then each shared layer, and the pooling's claims).
+    # empty. counters: zeros (see network), the stacks' claims and done
+    # count, then per shared layer its done count and a claim flag per task,
+    # then the pooling's claims.
     threads = tile.shape[0]
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
@@ -686,19 +696,20 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     for i in range(len(kd) + 1):
         src, dst = (a, b) if i % 2 else (b, a)
         tasks = _shared_tasks(i, side, g, r, k0, wp, strides, tile[t], threads)
-        while True:
-            task = _atomic_add(counters, 2 + 2 * i, 1)
-            if task >= tasks:
-                break
-            _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile[t],
-                          x[whole * size:])
-            _atomic_add(counters, 3 + 2 * i, 1)
-        _wait(counters, 3 + 2 * i, tasks)
+        base = 2 + i * (TASKS * threads + 1)  # the layer's done count, then a claim flag per task
+        first = t * tasks // threads
+        for j in range(tasks):
+            task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
+            if _atomic_add(counters, base + 1 + task, 1) == 0:
+                _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile[t],
+                              x[whole * size:])
+                _atomic_add(counters, base, 1)
+        _wait(counters, base, tasks)
         side = -(-side // 2) if i == 0 else -(-side // strides[i - 1])
     last = a if len(kd) % 2 == 0 else b
     c = pooled.shape[1]
     while True:
-        n = _atomic_add(counters, 4 + 2 * len(kd), 1)
+        n = _atomic_add(counters, 2 + (len(kd) + 1) * (TASKS * threads + 1), 1)
         if n >= g:
             break
         m = side * side * c
@@ -763,10 +774,10 @@ def network(x, packed, buffers, pooled, maps=None):
     operating-system wake-up in between. One call at a time per ``buffers``.
     """
     n, r = x.shape[0], x.shape[1]
-    counters = np.zeros(2 * len(packed.dw_kernels) + 5, np.int64)
+    threads = buffers.tile.shape[0]
+    counters = np.zeros(3 + (len(packed.dw_kernels) + 1) * (TASKS * threads + 1), np.int64)
     maps = np.empty(0, np.float32) if maps is None else maps.reshape(-1)
     args = (x.reshape(-1), n, r, buffers.stack, *packed, buffers.act, buffers.tile, pooled, maps, counters)
-    threads = buffers.tile.shape[0]
     helpers = [_helpers(threads - 1).submit(_network, t, *args) for t in range(1, threads)]
     try:
         _network(0, *args)

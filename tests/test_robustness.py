@@ -378,7 +378,7 @@ def test_train_warns_about_the_data(converted, small, cache, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("env, host, mr", [
-    ({}, "+avx512f,+avx2", 14), ({}, "+avx2,-avx512f", 3), ({"NUMBA_CPU_NAME": "haswell"}, "+avx512f", 3),
+    ({}, "+avx512f,+avx2", 14), ({}, "+avx2,-avx512f", 6), ({"NUMBA_CPU_NAME": "haswell"}, "+avx512f", 6),
     ({"NUMBA_CPU_NAME": "skylake-avx512", "NUMBA_CPU_FEATURES": "+avx512f"}, "", 14),
     ({"DSCONV_MR": "3"}, "+avx512f", 3), ({"DSCONV_MR": "8"}, "", 8)])
 def test_tile_choice(env, host, mr):
