@@ -245,9 +245,13 @@ class Progress:
 
 
 def _decode(path, sizes):
-    """({size: pixels} or None, error message or None) of one file."""
+    """({size: network input (r, r, 3) float32} or None, error message or None) of one file.
+
+    Scaled here, in the decoding threads, so that the thread running the
+    network only stacks the batch.
+    """
     try:
-        return images.decode_sizes(path, sizes), None
+        return {r: images.scale(px) for r, px in images.decode_sizes(path, sizes).items()}, None
     except images.ImageError as e:
         return None, str(e)
 
@@ -374,7 +378,7 @@ def _run(todo, nets, tta, caches, computed, failed, pool, batch, bar, seconds):
                 ks = [k for k, _ in good]
                 for n, net in enumerate(nets):
                     t = time.perf_counter()
-                    pooled, logits = forward(net, images.scale(np.stack([px[net.resolution] for _, px in good])), tta)
+                    pooled, logits = forward(net, np.stack([px[net.resolution] for _, px in good]), tta)
                     seconds[n] += time.perf_counter() - t
                     for kind in computed[n]:
                         out = pooled if kind == "pooled" else logits

@@ -106,6 +106,10 @@ TILE = 1 << 17
 # Floats of activations per thread a stack of images may take (4 MB): small
 # variants run several images per layer, for matrix products with more rows.
 STACK = 1 << 20
+# Stacks per thread the fused pass makes at least, where there are images
+# enough, so that threads slowed by other work (image decoding, another
+# process) take fewer of them.
+STACKS = 4
 # Output rows of one parallel task in the one-layer stem.
 STEM_BAND = 8
 # Rows of one parallel task in the one-layer pointwise product.
@@ -677,7 +681,9 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
     whole = n_img - n_img % threads
-    stacks = -(-whole // stack)  # at most `stack` images each, a multiple of T of them: equal shares
+    # At most `stack` images each, at least STACKS per thread where there are images enough (a thread
+    # that another process slows takes fewer), a multiple of T of them: equal shares.
+    stacks = max(-(-whole // stack), min(whole, STACKS * threads))
     stacks = -(-stacks // threads) * threads
     g = n_img - whole
     while True:
