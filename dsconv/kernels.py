@@ -139,26 +139,30 @@ SPINS = 2000
 # Keras adds batch norm after the convolution), clamp to [0, 6] and store
 # masked where a row of channels ends mid-vector.
 
-LANES = 16  # floats per vector
+LANES = 16  # floats per vector of the matrix products
+# Floats per vector of the depthwise rows: its nine taps stay in registers,
+# 9 of AVX-512's 32 at 16 floats, but 18 of AVX2's 16 registers (NEON: 36 of
+# 32), so 8 floats elsewhere.
+DW_LANES = 16 if MR >= 8 else 8
 
 F32, I1, I32, I64 = ir.FloatType(), ir.IntType(1), ir.IntType(32), ir.IntType(64)
-VEC, MASK, INDEX = ir.VectorType(F32, LANES), ir.VectorType(I1, LANES), ir.VectorType(I64, LANES)
-VPTR = VEC.as_pointer()
 
 
 class _IR:
-    """The LLVM helpers both micro-kernels use, bound to one builder."""
+    """The LLVM helpers both micro-kernels use, bound to one builder, on vectors of `lanes` floats."""
 
-    def __init__(self, context, builder, signature, args):
-        self.context, self.b = context, builder
+    def __init__(self, context, builder, signature, args, lanes=LANES):
+        self.context, self.b, self.lanes = context, builder, lanes
         self.types, self.args = signature.args, args
         mod = builder.module
-        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(VEC, [VEC] * 3), "llvm.fma.v16f32")
-        self.mstore = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [VEC, VPTR, I32, MASK]),
-                                                     "llvm.masked.store.v16f32.p0")
-        self.mload = cgutils.get_or_insert_function(mod, ir.FunctionType(VEC, [VPTR, I32, MASK, VEC]),
-                                                    "llvm.masked.load.v16f32.p0")
-        self.zero, self.six = ir.Constant(VEC, [0.0] * LANES), ir.Constant(VEC, [6.0] * LANES)
+        vec, self.mask = ir.VectorType(F32, lanes), ir.VectorType(I1, lanes)
+        self.vptr = vec.as_pointer()
+        self.fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{lanes}f32")
+        self.mstore = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(ir.VoidType(), [vec, self.vptr, I32, self.mask]), f"llvm.masked.store.v{lanes}f32.p0")
+        self.mload = cgutils.get_or_insert_function(
+            mod, ir.FunctionType(vec, [self.vptr, I32, self.mask, vec]), f"llvm.masked.load.v{lanes}f32.p0")
+        self.zero, self.six = ir.Constant(vec, [0.0] * lanes), ir.Constant(vec, [6.0] * lanes)
 
     def pointer(self, array, offset):
         """&array[offset] of argument number `array` (a float32 array), offset an i64 value."""
@@ -169,28 +173,32 @@ class _IR:
         return self.b.gep(pointer, [offset if isinstance(offset, ir.Value) else ir.Constant(I64, offset)])
 
     def splat(self, value):
-        vector = ir.VectorType(value.type, LANES)
+        vector = ir.VectorType(value.type, self.lanes)
         undef = ir.Constant(vector, ir.Undefined)
         return self.b.shuffle_vector(self.b.insert_element(undef, value, ir.Constant(I32, 0)), undef,
-                                     ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+                                     ir.Constant(ir.VectorType(I32, self.lanes), [0] * self.lanes))
 
     def first(self, count):
         """The mask of lanes [0, count)."""
-        return self.b.icmp_signed("<", ir.Constant(INDEX, list(range(LANES))), self.splat(count))
+        return self.b.icmp_signed("<", ir.Constant(ir.VectorType(I64, self.lanes), list(range(self.lanes))),
+                                  self.splat(count))
 
     def load(self, pointer, mask=None):
-        p = self.b.bitcast(pointer, VPTR)
+        p = self.b.bitcast(pointer, self.vptr)
         if mask is None:
             return self.b.load(p, align=4)
         return self.b.call(self.mload, [p, ir.Constant(I32, 4), mask, self.zero])
 
     def store_bias_relu6(self, acc, bias, pointer, mask):
-        """pointer[:LANES] = min(max(acc + bias, 0), 6) where mask."""
+        """pointer[:lanes] = min(max(acc + bias, 0), 6) where mask (everywhere if mask is None)."""
         b = self.b
         s = b.fadd(acc, bias)
         s = b.select(b.fcmp_ordered(">", s, self.zero), s, self.zero)
         s = b.select(b.fcmp_ordered("<", s, self.six), s, self.six)
-        b.call(self.mstore, [s, b.bitcast(pointer, VPTR), ir.Constant(I32, 4), mask])
+        if mask is None:
+            b.store(s, b.bitcast(pointer, self.vptr), align=4)
+        else:
+            b.call(self.mstore, [s, b.bitcast(pointer, self.vptr), ir.Constant(I32, 4), mask])
 
     def loop(self, start, stop, carried, body):
         """for i in range(start, stop): carried = body(i, carried); returns the final carried values."""
@@ -251,13 +259,21 @@ def gemm_block(mr, nv):
                 return new
 
             acc = g.loop(ir.Constant(I64, 0), k, [g.zero] * (mr * nv), step)
-            inside = [g.first(builder.sub(cols, ir.Constant(I64, v * LANES))) for v in range(nv)]
-            bias = [g.load(g.at(pb, v * LANES), inside[v]) for v in range(nv)]
-            for r in range(mr):
-                with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), rows)):
-                    out = g.at(py, builder.mul(ir.Constant(I64, r), ldy))
-                    for v in range(nv):
-                        g.store_bias_relu6(acc[r * nv + v], bias[v], g.at(out, v * LANES), inside[v])
+
+            def store(inside):  # masks per vector, or None: all columns inside (unmasked: faster)
+                bias = [g.load(g.at(pb, v * LANES), inside and inside[v]) for v in range(nv)]
+                for r in range(mr):
+                    with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), rows)):
+                        out = g.at(py, builder.mul(ir.Constant(I64, r), ldy))
+                        for v in range(nv):
+                            g.store_bias_relu6(acc[r * nv + v], bias[v], g.at(out, v * LANES), inside and inside[v])
+
+            full = builder.icmp_signed(">=", cols, ir.Constant(I64, nv * LANES))
+            with builder.if_else(full) as (whole, part):
+                with whole:
+                    store(None)
+                with part:
+                    store([g.first(builder.sub(cols, ir.Constant(I64, v * LANES))) for v in range(nv)])
             return context.get_dummy_value()
 
         return types.void(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
@@ -271,8 +287,8 @@ def depthwise_row(stride):
     kernel(x, h, w, c, k, b, iy, ix, lo, hi, wo, y): x flat (H, W, C) image,
     k = pack_depthwise(kernel), b (C,), y flat (Wo, C) output row. Output
     pixel ox takes the window whose top-left input pixel is (iy, ix + ox
-    stride), LANES channels at a time, each tap one load of the input and
-    one of the kernel (the nine taps of LANES channels contiguous in k, in
+    stride), DW_LANES channels at a time, each tap one load of the input and
+    one of the kernel (the nine taps of DW_LANES channels contiguous in k, in
     L1). Pixels [lo, hi) have their window inside the image: they go two at
     a time, sharing the kernel's loads and the input columns their windows
     have in common. The others take the taps outside the image (the SAME
@@ -282,13 +298,14 @@ def depthwise_row(stride):
     @intrinsic
     def kernel(typingctx, x, h, w, c, k, b, iy, ix, lo, hi, wo, y):
         def codegen(context, builder, signature, args):
-            g = _IR(context, builder, signature, args)
+            g = _IR(context, builder, signature, args, DW_LANES)
             _, h, w, c, _, _, iy, ix, lo, hi, wo, _ = args
             zero64, nine = ir.Constant(I64, 0), ir.Constant(I64, 9)
-            none = ir.Constant(MASK, [0] * LANES)
+            none, all_ = ir.Constant(g.mask, [0] * DW_LANES), ir.Constant(g.mask, [1] * DW_LANES)
             px, pk, pb, py = (g.pointer(i, zero64) for i in (0, 4, 5, 11))
             line = [g.at(px, builder.mul(builder.add(iy, ir.Constant(I64, ky)), builder.mul(w, c))) for ky in range(3)]
-            blocks = builder.sdiv(builder.add(c, ir.Constant(I64, LANES - 1)), ir.Constant(I64, LANES))
+            blocks = builder.sdiv(builder.add(c, ir.Constant(I64, DW_LANES - 1)), ir.Constant(I64, DW_LANES))
+            full = builder.sdiv(c, ir.Constant(I64, DW_LANES))
 
             def inside(v, size):
                 return builder.and_(builder.icmp_signed(">=", v, zero64), builder.icmp_signed("<", v, size))
@@ -303,11 +320,13 @@ def depthwise_row(stride):
                 valid = [[builder.and_(rows[ky], inside(col, w)) for col in cols] for ky in range(3)]
                 out = g.at(py, builder.mul(ox, c))
 
-                def block(i, _):
-                    c0 = builder.mul(i, ir.Constant(I64, LANES))
-                    channels = g.first(builder.sub(c, c0))
-                    taps = [g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * LANES))))
-                            for t in range(9)]
+                def block(i, tail):
+                    # channels [c0, c0 + DW_LANES): all inside unless tail (then masked; loads and stores
+                    # without a mask are the fast ones, AMD's masked stores especially)
+                    c0 = builder.mul(i, ir.Constant(I64, DW_LANES))
+                    channels = g.first(builder.sub(c, c0)) if tail else None
+                    taps = [g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * DW_LANES))))
+                            for t in range(9)]  # packed with zeros to whole blocks
                     inputs = {}
                     for p in range(n):
                         acc = g.zero
@@ -315,14 +334,19 @@ def depthwise_row(stride):
                             for kx in range(3):
                                 j = p * stride + kx
                                 if (ky, j) not in inputs:
-                                    mask = builder.select(valid[ky][j], channels, none) if border else channels
+                                    mask = channels
+                                    if border:
+                                        mask = builder.select(valid[ky][j], all_ if channels is None else channels,
+                                                              none)
                                     inputs[ky, j] = g.load(g.at(src[ky][j], c0), mask)
                                 acc = builder.call(g.fma, [inputs[ky, j], taps[3 * ky + kx], acc])
                         g.store_bias_relu6(acc, g.load(g.at(pb, c0), channels),
                                            g.at(out, builder.add(builder.mul(ir.Constant(I64, p), c), c0)), channels)
                     return []
 
-                g.loop(zero64, blocks, [], block)
+                g.loop(zero64, full, [], lambda i, _: block(i, False))
+                with builder.if_then(builder.icmp_signed("<", full, blocks)):
+                    block(full, True)
                 return []
 
             pairs = builder.sdiv(builder.sub(hi, lo), ir.Constant(I64, 2))
@@ -359,12 +383,12 @@ def pack(w):
 
 
 def pack_depthwise(k):
-    """k (3, 3, C) -> (blocks, 9, LANES) float32: the nine taps of channels [b LANES, (b + 1) LANES) in block b."""
+    """k (3, 3, C) -> (blocks, 9, DW_LANES) float32: the nine taps of channels [b DW_LANES, (b + 1) DW_LANES) in block b."""
     c = k.shape[2]
-    blocks = -(-c // LANES)
-    padded = np.zeros((9, blocks * LANES), np.float32)
+    blocks = -(-c // DW_LANES)
+    padded = np.zeros((9, blocks * DW_LANES), np.float32)
     padded[:, :c] = k.reshape(9, c)
-    return np.ascontiguousarray(padded.reshape(9, blocks, LANES).transpose(1, 0, 2))
+    return np.ascontiguousarray(padded.reshape(9, blocks, DW_LANES).transpose(1, 0, 2))
 
 
 _wide = gemm_block(MR, NV)  # MR x NV LANES

@@ -1,0 +1,92 @@
+"""One original-size X-ray from file to probability and heatmap: the time, and where it goes.
+
+    python bench/xray.py                          # the newest runs/*/model.h5, the largest original
+    python bench/xray.py --model runs/x/model.h5 --image ../shared/data/originals/NORMAL/IM-0001.jpeg
+
+Times Model.diagnose (what `predict --heatmap` and the page run per image)
+on one image, its parts measured by wrapping the functions it calls, then
+the PNG that predict writes. The first call compiles or loads the kernels
+and is not counted; the median of --repeats calls is reported.
+"""
+import argparse
+import io
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from dsconv import cam, images, predict  # noqa: E402
+from dsconv.mobilenet import MobileNet  # noqa: E402
+
+ORIGINALS = ROOT.parent / "shared" / "data" / "originals"
+PARTS = [("decode for the network (JPEG draft, resize, scale)", images, "decode"),
+         ("decode the X-ray for the overlay", images, "open_image"),
+         ("network: one fused pass (pooled and last maps)", MobileNet, "forward_maps"),
+         ("class map and overlay at the X-ray's size", cam, "overlay")]
+
+
+def timed(spent, label, owner, name, inside=[]):
+    """Wrap owner.name so that its calls add to spent[label]; a call inside another timed one counts there."""
+    f = getattr(owner, name)
+
+    def wrapper(*a, **k):
+        if inside:
+            return f(*a, **k)
+        inside.append(label)
+        t = time.perf_counter()
+        try:
+            return f(*a, **k)
+        finally:
+            spent[label] += time.perf_counter() - t
+            inside.pop()
+    setattr(owner, name, wrapper)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="a trained model file (default: the newest runs/*/model.h5)")
+    p.add_argument("--image", help="an X-ray (default: the largest file in ../shared/data/originals)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls (median reported)")
+    a = p.parse_args()
+    models = sorted((ROOT / "runs").glob("*/model.h5"), key=lambda q: q.stat().st_mtime)
+    model_path = Path(a.model) if a.model else (models[-1] if models else None)
+    if model_path is None:
+        sys.exit("error: no runs/*/model.h5; train one (the README's first command) or give --model")
+    image = Path(a.image) if a.image else max(ORIGINALS.rglob("*.jpeg"), key=lambda q: q.stat().st_size)
+    model = predict.load_model(model_path, cache_dir=False)
+    model.diagnose(image)  # compiles or loads the kernels
+    spent = defaultdict(float)
+    for part in PARTS:
+        timed(spent, *part)
+    totals, png_times, shares = [], [], defaultdict(list)
+    for _ in range(a.repeats):
+        spent.clear()
+        t = time.perf_counter()
+        _, heat, _ = model.diagnose(image)
+        totals.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        heat.save(io.BytesIO(), format="PNG", compress_level=1)
+        png_times.append(time.perf_counter() - t)
+        for label, s in spent.items():
+            shares[label].append(s)
+    with Image.open(image) as im:
+        size = f"{im.size[0]} x {im.size[1]} {im.mode}"
+    total = statistics.median(totals)
+    print(f"{image.name} ({size}, {image.stat().st_size / 1e6:.1f} MB), model {model_path} "
+          f"(MobileNet {model.variant}): file -> probability and heatmap {total * 1000:.0f} ms "
+          f"(median of {a.repeats}), + {statistics.median(png_times) * 1000:.0f} ms for the heatmap's PNG")
+    accounted = 0.0
+    for label, _, _ in PARTS:
+        ms = statistics.median(shares[label]) * 1000
+        accounted += ms
+        print(f"  {label:52s} {ms:7.1f} ms")
+    print(f"  {'the rest (head, caption, bookkeeping)':52s} {max(0.0, total * 1000 - accounted):7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
