@@ -126,9 +126,10 @@ def case(kind, n, shape, cout, stride, rng, per_image=False):
               if kind == "depthwise" else kernels.pack(k))
         tile = np.empty((n, 1 << 17), np.float32)
 
-        def run():
+        def per_image():
             driver(x.reshape(n, -1), h, kk, b, stride, y.reshape(n, -1), tile)
             return y
+        run = per_image
 
     def check():
         y = run()

@@ -20,7 +20,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from dsconv import cam, images, predict  # noqa: E402
+import dsconv  # noqa: E402
+from dsconv import cam, images  # noqa: E402
 from dsconv.mobilenet import MobileNet  # noqa: E402
 
 ORIGINALS = ROOT.parent / "shared" / "data" / "originals"
@@ -58,7 +59,7 @@ def main():
     if model_path is None:
         sys.exit("error: no runs/*/model.h5; train one (the README's first command) or give --model")
     image = Path(a.image) if a.image else max(ORIGINALS.rglob("*.jpeg"), key=lambda q: q.stat().st_size)
-    model = predict.load_model(model_path, cache_dir=False)
+    model = dsconv.load_model(model_path, cache_dir=False)
     model.diagnose(image)  # compiles or loads the kernels
     spent = defaultdict(float)
     for part in PARTS:

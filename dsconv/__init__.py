@@ -14,8 +14,8 @@ class DsconvError(Exception):
 
 
 def load_model(path, threshold=None, cache_dir=None):
-    """A trained classifier with predict_proba / predict; see dsconv.predict."""
-    from dsconv.predict import load_model
+    """A trained model with predict_proba, predict and diagnose; see dsconv.model."""
+    from dsconv.model import load_model
     return load_model(path, threshold, cache_dir)
 
 

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, data, files, metrics, predict, report
+from dsconv import DsconvError, HelpFormatter, data, files, metrics, report
+from dsconv.model import load_model
 
 
 def parse_args(argv):
@@ -53,7 +54,7 @@ def parse_args(argv):
 
 
 def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="accuracy"):
-    """Adapt ``model`` (a predict.Model) in place; returns its new calibration record.
+    """Adapt ``model`` (a dsconv.model.Model) in place; returns its new calibration record.
 
     ``val``: a data.Dataset of labelled site images with the model's classes.
     """
@@ -85,7 +86,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         files.check_writable(Path(args.out).parent, "give another --out")
-        model = predict.load_model(args.model, cache_dir=args.cache)
+        model = load_model(args.model, cache_dir=args.cache)
         before = model.threshold
         val = data.scan(args.val_dir, model.classes) if args.val_dir else None
         site = data.image_files(args.site_dir) if args.site_dir else None

@@ -10,11 +10,7 @@ own row and the rest go on; the exit status is 1 if any image failed, 2 if
 nothing could be done (a missing or damaged model file, no images). Ctrl-C
 writes the rows done so far, the others marked "interrupted", and exits 130.
 
-In Python:
-
-    model = dsconv.load_model("runs/.../model.h5")
-    model.predict_proba(["a.jpeg", pixels])   # (N, classes)
-    model.predict(["a.jpeg"])                 # class names at the threshold
+In Python: dsconv.load_model (dsconv.model).
 """
 import argparse
 import csv
@@ -23,9 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from dsconv import DsconvError, HelpFormatter, bottlenecks, cam, classifier, files, images, weights
+from dsconv import DsconvError, HelpFormatter, bottlenecks, files, images
+from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -40,206 +35,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, rows):
         super().__init__()
         self.rows = rows
-
-
-class Model:
-    """A trained classifier file with the frozen network(s) it needs, in the manner of scikit-learn.
-
-    The model file records the variant: one network or an ensemble (its
-    bottlenecks concatenated in order), the bottleneck kind and the
-    test-time augmentation; all of it is applied here as at training time.
-    """
-
-    def __init__(self, path, threshold=None, cache_dir=None):
-        self.path = Path(path)
-        self.head = classifier.load(self.path)
-        info = self.head.info
-        try:
-            self.parts = parts(info)
-            self.bottleneck = info["bottleneck"]
-            self.resolution = int(info["resolution"])
-        except KeyError as e:
-            raise classifier.ModelError(f"{path}: the model file does not record {e}; train it again "
-                                        "with `python -m dsconv.train`") from None
-        self.tta = info.get("tta", "none")
-        if self.tta not in bottlenecks.TTAS:
-            raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
-                                        f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
-        self.alpha = info["alpha"]
-        self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
-        self.net = self.nets[0]
-        self.classes = list(self.head.classes)
-        self.positive = self.classes[self.head.positive]
-        self.threshold = self.head.threshold if threshold is None else float(threshold)
-        self.cache_dir = cache_dir
-        if info.get("preprocessing") not in (None, images.PREPROCESSING):
-            print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
-                  f"this version does {images.PREPROCESSING!r}", file=sys.stderr)
-
-    @property
-    def variant(self):
-        return variant_name(self.head.info)
-
-    def bottlenecks(self, paths, progress=False):
-        """(features (N, D) of the readable paths, {path: reason} of the others); cached."""
-        return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
-                                         progress=progress, tta=self.tta)
-
-    def _pixels_bottlenecks(self, arrays):
-        x = np.stack([_prepare(a, self.resolution) for a in arrays])
-        out = []
-        for net in self.nets:
-            pooled, logits = bottlenecks.forward(net, x, self.tta)
-            out.append(pooled if self.bottleneck == "pooled" else logits)
-        return np.concatenate(out, axis=1)
-
-    def predict_proba(self, images_):
-        """(N, classes) probabilities of image paths and/or arrays.
-
-        An array is either uint8 pixels of any size ((H, W) or (H, W, 3)),
-        resized as a file would be, or float (r, r, 3) already scaled to [-1, 1].
-        An unreadable file raises dsconv.images.ImageError naming it.
-        """
-        items = list(images_) if isinstance(images_, (list, tuple)) else [images_]
-        paths = [p for p in items if not isinstance(p, np.ndarray)]
-        feats = np.zeros((len(items), self.head.weights.shape[0]), np.float32)
-        if paths:
-            got, failed = self.bottlenecks(paths)
-            if failed:
-                raise images.ImageError(next(iter(failed.values())))
-            feats[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
-        arrays = [i for i, a in enumerate(items) if isinstance(a, np.ndarray)]
-        if arrays:
-            feats[arrays] = self._pixels_bottlenecks([items[i] for i in arrays])
-        return self.head.probabilities(feats)
-
-    def predict(self, images_):
-        """Class names: the positive class where its probability reaches the threshold."""
-        p = self.predict_proba(images_)
-        return np.array([self.decide(row) for row in p])
-
-    def decide(self, p):
-        if p[self.head.positive] >= self.threshold:
-            return self.positive
-        others = [k for k in range(len(self.classes)) if k != self.head.positive]
-        return self.classes[max(others, key=lambda k: p[k])]
-
-    def linear(self):
-        """(W (F, C), b (C,)): the class logits as an affine map of the pooled features.
-
-        F is the networks' pooled widths added up, in order (an ensemble's
-        rows are its parts' rows stacked).
-        """
-        W, b = self.head.affine()
-        if self.bottleneck == "logits":
-            rows, at = [], 0
-            for net in self.nets:
-                top = net.params["conv_preds"]
-                Wi = W[at:at + top["bias"].shape[0]]
-                rows.append(top["kernel"].astype(np.float64) @ Wi)
-                b = b + top["bias"].astype(np.float64) @ Wi
-                at += top["bias"].shape[0]
-            W = np.concatenate(rows)
-        return W, b
-
-    def class_map(self, x, w):
-        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck."""
-        return self._one_pass(x, w)[1]
-
-    def _one_pass(self, x, w):
-        """(bottleneck (D,), class map (h, w) for weights w) of one image x (r, r, 3), one fused pass per net.
-
-        The bottleneck is the one bottlenecks.forward gives, bit for bit. An
-        ensemble's map is the sum of its parts' maps; with flip TTA each
-        part's map is the mean of the image's and the mirror image's
-        (flipped back), both from one pass of the pair.
-        """
-        batch = x[None] if self.tta == "none" else np.stack([x, x[:, ::-1]])
-        feats, total, at = [], 0.0, 0
-        for net in self.nets:
-            wi = w[at:at + net.pooled_width]
-            at += net.pooled_width
-            pooled, maps = net.forward_maps(batch)
-            out = pooled if self.bottleneck == "pooled" else net.logits(pooled)
-            m = cam.class_map(maps[0], wi)
-            if self.tta == "flip":
-                out = (out[:1] + out[1:]) / 2
-                m = (m + cam.class_map(maps[1], wi)[:, ::-1]) / 2
-            feats.append(out[0])
-            total = total + m
-        return np.concatenate(feats), total
-
-    def diagnose(self, source, size=None):
-        """(probabilities (C,), heatmap, the X-ray) of one image file: one decode for the network, one pass.
-
-        The heatmap is the class activation map of the positive class over
-        the X-ray, an RGB Pillow image at the X-ray's own size, or with
-        ``size`` at most size x size pixels (faster on large X-rays); the
-        X-ray is returned at that size too.
-        """
-        original = images.open_image(source, size)
-        if size:
-            original.thumbnail((size, size))
-        x = images.scale(images.decode(source, self.resolution))
-        w, _ = cam.contrast(*self.linear(), self.head.positive)
-        feats, m = self._one_pass(x, w)
-        p = self.head.probabilities(feats[None])[0]
-        caption = f"P({self.positive}) = {p[self.head.positive]:.3f}  MobileNet {self.variant}"
-        return p, cam.overlay(original, m, caption), original
-
-    def heatmap(self, source, size=None):
-        """The heatmap of diagnose()."""
-        return self.diagnose(source, size)[1]
-
-
-def parts(info):
-    """One dict per network of a model's info (alpha, weights_file, weights_sha256, trained_resolution).
-
-    A single network stores scalars, an ensemble lists of them.
-    """
-    keys = ("alpha", "weights_file", "weights_sha256", "trained_resolution")
-    alphas = info["alpha"] if isinstance(info["alpha"], list) else [info["alpha"]]
-    columns = {k: info.get(k) if isinstance(info.get(k), list) else [info.get(k)] * len(alphas) for k in keys}
-    return [{k: columns[k][i] for k in keys} for i in range(len(alphas))]
-
-
-def variant_name(info):
-    """"0.75-224 pooled", "0.25+0.75-224 pooled flip"."""
-    alphas = "+".join(f"{float(p['alpha']):g}" for p in parts(info))
-    tta = info.get("tta", "none")
-    return f"{alphas}-{info['resolution']} {info['bottleneck']}" + (f" {tta}" if tta != "none" else "")
-
-
-def _network(part, resolution, bottleneck):
-    """The frozen network a model part was trained on: the converted file with its sha256 if present."""
-    alpha, head = float(part["alpha"]), bottleneck == "logits"
-    want = part.get("weights_sha256")
-    d = weights.weights_dir()
-    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
-        meta = weights.describe(path)
-        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head) and weights.sha256(path) == want:
-            return weights.load_file(path, alpha, resolution)
-    net = weights.load(alpha, resolution, head=head, quiet=True)
-    if want and net.weights_sha256 != want:
-        print(f"dsconv: warning: the model was trained on weights {part.get('weights_file')} "
-              f"(sha256 {want[:12]}...), which are not in {d}; using {net.weights_path.name} instead",
-              file=sys.stderr)
-    return net
-
-
-def _prepare(a, size):
-    if a.dtype == np.uint8:
-        from PIL import Image
-        im = Image.fromarray(a if a.ndim == 2 or a.shape[2] == 3 else a[..., :3])
-        return images.scale(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
-    if a.shape != (size, size, 3):
-        raise ValueError(f"a float image must be ({size}, {size}, 3) scaled to [-1, 1], got {a.shape}")
-    return a.astype(np.float32)
-
-
-def load_model(path, threshold=None, cache_dir=None):
-    """A Model from a classifier file written by `python -m dsconv.train`."""
-    return Model(path, threshold, cache_dir)
 
 
 def collect(paths):

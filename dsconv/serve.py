@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from dsconv import DsconvError, HelpFormatter, predict
+from dsconv.model import load_model
 
 HOST = "127.0.0.1"
 PORT = 8000
@@ -328,7 +329,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("dsconv: stopped (SIGTERM)"))
     server = None
     try:
-        model = predict.load_model(args.model, cache_dir=False)
+        model = load_model(args.model, cache_dir=False)
         try:
             server = Server(model, args.model, args.host, args.port, args.max_upload_mb)
         except OSError as e:

@@ -5,7 +5,8 @@ import shutil
 import numpy as np
 import pytest
 
-from dsconv import bottlenecks, calibrate, classifier, data, images, metrics, predict, repeats, train, weights
+import dsconv
+from dsconv import bottlenecks, calibrate, cam, classifier, data, images, metrics, predict, repeats, train, weights
 from tests.conftest import SHARED, copy_xrays
 
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
@@ -45,7 +46,7 @@ def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders
     r = res["repeats"][0]
     assert r["sizes"] == {"train": 32, "val": 20, "test": 20}
     # the threshold is Youden's on the val-dir scores, recomputed here from the model file
-    model = predict.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
+    model = dsconv.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
     val = data.scan(folders["val"])
     s = model.predict_proba(val.paths)[:, 1]
     assert model.threshold == metrics.youden_threshold(val.labels == 1, s)
@@ -69,7 +70,7 @@ def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders
 def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, folders, tmp_path, capsys):
     run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
                 "--site-weight", "3", "--out", tmp_path / "run"))
-    model = predict.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
+    model = dsconv.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
     net = weights.load(0.25, 128, quiet=True)
     val = data.scan(folders["val"])
     x = bottlenecks.extract(data.scan(folders["train"]).paths, net, "pooled", tmp_path / "cache", tta="flip",
@@ -112,7 +113,7 @@ def test_calibration_identity(converted, folders, tmp_path, capsys):
                     "--cache", str(tmp_path / "cache")])
     out = capsys.readouterr().out
     assert "optimistic" in out
-    model = predict.load_model(tmp_path / "site.h5", cache_dir=False)
+    model = dsconv.load_model(tmp_path / "site.h5", cache_dir=False)
     ds = data.scan(site)
     y, s = ds.labels == 1, model.predict_proba(ds.paths)[:, 1]
     sens = metrics.evaluate(y, s, model.threshold)["sensitivity"]
@@ -172,7 +173,7 @@ def test_ensemble_with_tta_is_consistent_between_train_predict_and_heatmaps(conv
     run(*common(folders, tmp_path, "--alpha", "0.25,0.75", "--tta", "flip", "--val-dir", folders["val"],
                 "--test-dir", folders["test"], "--out", tmp_path / "run"))
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    model = predict.load_model(tmp_path / "run" / "model.h5", cache_dir=False)
+    model = dsconv.load_model(tmp_path / "run" / "model.h5", cache_dir=False)
     assert model.variant == "0.25+0.75-128 pooled flip" and res["network"]["features"] == 256 + 768
     test = data.scan(folders["test"])
     # probabilities from the two networks' bottlenecks computed here, concatenated
@@ -194,7 +195,7 @@ def test_ensemble_with_tta_is_consistent_between_train_predict_and_heatmaps(conv
     z = model.head.prepare(np.concatenate(parts, axis=1)) @ model.head.weights + model.head.bias
     for n in range(2):
         for k in range(2):
-            w, c = predict.cam.contrast(W, b, k)
+            w, c = cam.contrast(W, b, k)
             assert abs(model.class_map(x[n], w).mean() + c - (z[n, k] - z[n].mean())) < 1e-4
 
 

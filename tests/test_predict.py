@@ -127,7 +127,7 @@ def test_cam_identity_through_the_model(converted, trained, kind):
     # The map's spatial mean plus the bias is the class logit, for both
     # bottlenecks (logits: the ImageNet head composed with the classifier)
     # and with feature standardisation folded in.
-    model = predict.load_model(trained[kind], cache_dir=False)
+    model = dsconv.load_model(trained[kind], cache_dir=False)
     x = np.stack([images.load(p, 128) for p in sample(2)])
     A = model.net.feature_maps(x)
     pooled, logits = model.net.forward(x)
@@ -172,14 +172,14 @@ def test_a_heatmap_costs_one_forward_pass_and_changes_no_probability(converted, 
     # the same bottleneck bit for bit; the head's matrix product of one row may round its last bit apart
     assert {r["path"]: r["probability"] for r in rows} == pytest.approx(plain, abs=1e-12)
     monkeypatch.undo()
-    model = predict.load_model(trained[kind], cache_dir=False)
+    model = dsconv.load_model(trained[kind], cache_dir=False)
     x = images.scale(images.decode(paths[0], model.resolution))
     one, _ = model._one_pass(x, np.ones(model.head.weights.shape[0] if kind == "pooled" else 256))
     np.testing.assert_array_equal(one, model.bottlenecks(paths[:1])[0][0])
 
 
 def test_dicom_gives_the_png_probabilities(converted, trained, tmp_path):
-    model = predict.load_model(trained["pooled"], cache_dir=False)
+    model = dsconv.load_model(trained["pooled"], cache_dir=False)
     srcs = sample(2)
     pngs, dicoms = [], []
     for i, src in enumerate(srcs):

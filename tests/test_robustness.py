@@ -22,6 +22,7 @@ import pytest
 
 from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train,
                     weights)
+from dsconv.model import Model
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays
 
 DEAD_PID = 999999999
@@ -284,7 +285,7 @@ def test_ctrl_c_while_writing_completes_the_outputs(converted, model_file, small
 
 def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tmp_path, capsys, monkeypatch):
     paths = sorted((small / "NORMAL").glob("*.jpeg"))[:5]
-    bottlenecks = predict.Model.bottlenecks
+    bottlenecks = Model.bottlenecks
     calls = []
 
     def interrupted(self, chunk, progress=False):
@@ -292,7 +293,7 @@ def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tm
         if len(calls) == 2:
             raise KeyboardInterrupt
         return bottlenecks(self, chunk, progress)
-    monkeypatch.setattr(predict.Model, "bottlenecks", interrupted)
+    monkeypatch.setattr(Model, "bottlenecks", interrupted)
     monkeypatch.setattr(predict, "CHUNK", 2, raising=False)
     out = tmp_path / "rows.csv"
     code = exit_of(lambda: predict.main([str(model_file), *map(str, paths), "--format", "csv", "-o", str(out),

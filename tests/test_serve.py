@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dsconv
 from dsconv import predict, serve, train
 from tests import dicomfiles
 from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays
@@ -41,7 +42,7 @@ def served(tmp_path_factory, weights_dir):
                     "--group-by", "image", "--repeats", "1", "--steps", "100", "--lr", "0.1",
                     "--cache", str(root / "train-cache"), "--out", str(root / "run")])
         path = root / "run" / "model.h5"
-        model = predict.load_model(path, cache_dir=False)
+        model = dsconv.load_model(path, cache_dir=False)
         server = serve.Server(model, path, "127.0.0.1", 0, MAX_MB)
         serve.warm_up(model, server.lock, server.workdir)
         thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -114,7 +115,7 @@ def test_health_and_model(served):
     assert status == 200 and body == {"status": "ok"}
     status, r, m = request(served, "GET", "/api/model")
     assert status == 200 and m["variant"] == "0.25-128 pooled flip" and m["positive"] == "PNEUMONIA"
-    assert m["threshold"] == predict.load_model(served["model"]).threshold and m["max_upload_mb"] == MAX_MB
+    assert m["threshold"] == dsconv.load_model(served["model"]).threshold and m["max_upload_mb"] == MAX_MB
     assert m["info"]["alpha"] == 0.25 and m["info"]["training"]["steps"] == [100]
     assert r.getheader("Cache-Control") == "no-store"
 
