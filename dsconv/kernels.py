@@ -1,10 +1,12 @@
 """Numba kernels of the MobileNet v1 forward pass.
 
 Every array is NHWC float32. A public function checks shapes and allocates;
-a private ``@njit`` function does the work in explicit loops, parallel over
-the outermost independent axis (batch x output rows) only. Batch norm is
-folded into the kernels and biases at conversion time (dsconv.weights), so
-each convolution is conv + bias + ReLU6.
+a private ``@njit`` function does the work in explicit loops. The one-layer
+kernels are Numba parallel loops over the outermost independent axis (batch
+x output rows); the fused pass runs on the caller's and helper threads that
+claim work with atomic counters (see ``_network``). Batch norm is folded
+into the kernels and biases at conversion time (dsconv.weights), so each
+convolution is conv + bias + ReLU6.
 
 The two innermost loops are vector code written in LLVM IR: the
 micro-kernel of the matrix products (pointwise layers, and the stem as
@@ -15,7 +17,8 @@ buffers) serve both the one-layer public kernels (``stem``, ``depthwise``,
 ``pointwise``, ``global_avg_pool``, ``dense``, ``softmax``) and the fused
 forward pass: ``pack_network`` packs a network's weights once,
 ``network_buffers`` allocates its activations once per thread count, and
-``network`` runs the whole network per image or per band of rows.
+``network`` runs the whole network, whole images per thread or one image
+shared by the threads layer by layer.
 
 Why one file: Numba's cache (``cache=True``) is keyed by the source file
 of each cached function and is invalidated only when that file changes.
@@ -23,10 +26,10 @@ A cached kernel that inlined an intrinsic or a helper from another file
 would keep running the old code after that other file is edited. So every
 function the cached kernels call lives here.
 """
-from collections import namedtuple
-from concurrent import futures
 import os
 import sys
+from collections import namedtuple
+from concurrent import futures
 
 import numba
 import numpy as np
@@ -35,7 +38,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# Numba's OpenMP threads wait at the end of every parallel loop. By default
+# (For the one-layer kernels; the fused pass does not use OpenMP.) Numba's
+# OpenMP threads wait at the end of every parallel loop. By default
 # GNU OpenMP spins there for ~300000 iterations: when another process holds a
 # core, the waiting thread burns its time slice and a 7 ms forward pass took
 # 110 ms. Spinning 10000 iterations costs nothing measurable on an idle
@@ -775,7 +779,7 @@ def network_buffers(packed, resolution, threads):
 
     A stack is as many images as fit STACK floats of their largest
     activation (at least one); S holds a stack, or the images left over for
-    the banded pass (fewer than the threads).
+    the shared pass (fewer than the threads).
     """
     side, c = resolution // 2, packed.stem_bias.shape[0]
     largest, row = side * side * c, side * 27
