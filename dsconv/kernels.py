@@ -120,9 +120,11 @@ STEM_BAND = 8
 POINTWISE_ROWS = 256
 # Mult-adds per task of a layer the threads share (the images left over
 # when there are fewer than the threads: one image, mostly): about 5 to 50
-# microseconds. A layer has at most TASKS per thread, each at least one row.
+# microseconds. A layer has at most TASKS per thread, each at least one row:
+# one, so that each thread works on the same rows layer after layer (its own
+# share first), in its own cache; 2 and 4 were 7-20% slower at batch 1.
 GRAIN = 250_000
-TASKS = 2
+TASKS = 1
 # Output pixels (of all images) below which a shared layer is split by output
 # channels instead of rows: 7x7 maps yes, 14x14 no.
 FEW_PIXELS = 64
