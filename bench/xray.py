@@ -31,20 +31,23 @@ PARTS = [("decode for the network (JPEG draft, resize, scale)", images, "decode"
          ("class map and overlay at the X-ray's size", cam, "overlay")]
 
 
-def timed(spent, label, owner, name, inside=[]):
+INSIDE = []  # the timed part running now, if any
+
+
+def timed(spent, label, owner, name):
     """Wrap owner.name so that its calls add to spent[label]; a call inside another timed one counts there."""
     f = getattr(owner, name)
 
     def wrapper(*a, **k):
-        if inside:
+        if INSIDE:
             return f(*a, **k)
-        inside.append(label)
+        INSIDE.append(label)
         t = time.perf_counter()
         try:
             return f(*a, **k)
         finally:
             spent[label] += time.perf_counter() - t
-            inside.pop()
+            INSIDE.pop()
     setattr(owner, name, wrapper)
 
 

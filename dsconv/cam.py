@@ -11,8 +11,8 @@ blue where it pushes away.
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-RED = np.array([230, 30, 30], np.float32)
-BLUE = np.array([30, 90, 230], np.float32)
+RED = (230, 30, 30)
+BLUE = (30, 90, 230)
 OPACITY = 0.6
 
 
@@ -40,8 +40,7 @@ def overlay(image, cam, caption):
     scale = OPACITY * 255 / max(float(np.abs(up).max()), 1e-12)
     alpha = Image.fromarray(np.rint(np.abs(up) * scale).astype(np.uint8), "L")
     sign = Image.fromarray(np.where(up >= 0, np.uint8(255), np.uint8(0)), "L")
-    colour = Image.composite(Image.new("RGB", size, tuple(int(v) for v in RED)),
-                             Image.new("RGB", size, tuple(int(v) for v in BLUE)), sign)
+    colour = Image.composite(Image.new("RGB", size, RED), Image.new("RGB", size, BLUE), sign)
     out = Image.composite(colour, image.convert("L").convert("RGB"), alpha)
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=max(12, size[1] // 24))

@@ -389,7 +389,7 @@ def pack(w):
 
 
 def pack_depthwise(k):
-    """k (3, 3, C) -> (blocks, 9, DW_LANES) float32: the nine taps of channels [b DW_LANES, (b + 1) DW_LANES) in block b."""
+    """k (3, 3, C) -> (blocks, 9, DW_LANES) float32: block b holds the nine taps of channels b DW_LANES onwards."""
     c = k.shape[2]
     blocks = -(-c // DW_LANES)
     padded = np.zeros((9, blocks * DW_LANES), np.float32)
@@ -604,9 +604,27 @@ def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, m
 
 # Counters the threads of the fused pass share: a task is claimed by adding 1
 # to a claim counter (the old value is the task's number) or to the task's
-# own flag (0: it is ours), and counted done by adding 1 to a done counter. Sequentially consistent
-# atomics: what a thread wrote before counting a task done is seen by every
-# thread that sees the count.
+# own flag (0: it is ours), and counted done by adding 1 to a done counter.
+# Sequentially consistent atomics: what a thread wrote before counting a
+# task done is seen by every thread that sees the count. Their layout:
+# stacks claimed and done, then per shared layer (stem and blocks) a done
+# count and TASKS T claim flags, then the pooling's claims.
+
+
+def _counters(blocks, threads):
+    """Zeroed counters of one fused pass of a network with this many blocks, on T threads."""
+    return np.zeros(_pool_claims(blocks, threads) + 1, np.int64)
+
+
+@njit(inline="always", **JIT)
+def _layer_counters(i, threads):
+    # index of shared layer i's done count; its claim flags follow
+    return 2 + i * (TASKS * threads + 1)
+
+
+@njit(inline="always", **JIT)
+def _pool_claims(blocks, threads):
+    return _layer_counters(blocks + 1, threads)
 
 @intrinsic
 def _atomic_add(typingctx, counters, index, value):
@@ -704,9 +722,7 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     # claims any task and a layer waits only for the previous one's tasks to
     # be done, so the pass completes however the threads are scheduled, even
     # one after another. maps: the last feature maps, flat (N, s, s, F), or
-    # empty. counters: zeros (see network), the stacks' claims and done
-    # count, then per shared layer its done count and a claim flag per task,
-    # then the pooling's claims.
+    # empty. counters: _counters(len(kd), T).
     threads = tile.shape[0]
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
@@ -732,7 +748,7 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     for i in range(len(kd) + 1):
         src, dst = (a, b) if i % 2 else (b, a)
         tasks = _shared_tasks(i, side, g, r, k0, wp, strides, tile[t], threads)
-        base = 2 + i * (TASKS * threads + 1)  # the layer's done count, then a claim flag per task
+        base = _layer_counters(i, threads)
         first = t * tasks // threads
         for j in range(tasks):
             task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
@@ -745,7 +761,7 @@ def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, 
     last = a if len(kd) % 2 == 0 else b
     c = pooled.shape[1]
     while True:
-        n = _atomic_add(counters, 2 + (len(kd) + 1) * (TASKS * threads + 1), 1)
+        n = _atomic_add(counters, _pool_claims(len(kd), threads), 1)
         if n >= g:
             break
         m = side * side * c
@@ -768,7 +784,8 @@ def pack_network(stem, blocks):
     (C, Cout), its bias (Cout,), depthwise stride), in order.
     """
     kernel, bias = stem
-    return Packed(pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)), np.ascontiguousarray(bias, np.float32),
+    return Packed(pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)),
+                  np.ascontiguousarray(bias, np.float32),
                   tuple(pack_depthwise(np.asarray(kd, np.float32)) for kd, _, _, _, _ in blocks),
                   tuple(np.ascontiguousarray(bd, np.float32) for _, bd, _, _, _ in blocks),
                   tuple(pack(np.asarray(wp, np.float32)) for _, _, wp, _, _ in blocks),
@@ -811,7 +828,7 @@ def network(x, packed, buffers, pooled, maps=None):
     """
     n, r = x.shape[0], x.shape[1]
     threads = buffers.tile.shape[0]
-    counters = np.zeros(3 + (len(packed.dw_kernels) + 1) * (TASKS * threads + 1), np.int64)
+    counters = _counters(len(packed.dw_kernels), threads)
     maps = np.empty(0, np.float32) if maps is None else maps.reshape(-1)
     args = (x.reshape(-1), n, r, buffers.stack, *packed, buffers.act, buffers.tile, pooled, maps, counters)
     helpers = [_helpers(threads - 1).submit(_network, t, *args) for t in range(1, threads)]
@@ -864,7 +881,7 @@ def _softmax(z, p):
     # z (N, K) logits, p (N, K), float32 or float64
     for n in range(z.shape[0]):
         m = z[n].max()
-        s = np.zeros(1, z.dtype)[0]
+        s = 0.0
         for j in range(z.shape[1]):
             p[n, j] = np.exp(z[n, j] - m)
             s += p[n, j]

@@ -85,8 +85,8 @@ def fit(args, x, y, classes, val, site, positive, seed):
                 ys = np.concatenate([y] + [val.labels[extra]] * args.site_weight)
             # with cross-fitting no validation image is held out of the kept model: no validation curve
             last, curves = classifier.train(
-                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps), batch=args.batch_size,
-                sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
+                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps),
+                batch=args.batch_size, sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
                 weight_decay=wd, seed=seed, snapshots=args.steps[:-1])
             for steps in args.steps:
                 model = curves["snapshots"][steps] if steps != max(args.steps) else last

@@ -121,9 +121,8 @@ def predict_files(model, uploads, lock, workdir):
         if p is None:
             results.append({"name": name, "error": str(heat).replace(str(path), name)})
             continue
-        row = predict._decided(model, {}, p)
         original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
-        results.append({"name": name, "probability": row["probability"], "label": row["decision"],
+        results.append({"name": name, "probability": float(p[model.head.positive]), "label": model.decide(p),
                         "threshold": model.threshold, "heatmap": _data_url(heat, "PNG"),
                         "image": _data_url(original, "JPEG")})
     return results

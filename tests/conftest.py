@@ -27,6 +27,15 @@ def copy_xrays(root, per_class, step):
     return root
 
 
+def train_small(data, out, cache, steps, *extra):
+    """A small 0.25-128 model trained on `data` (split by image, 50/25/25, one repeat), written to out/model.h5."""
+    from dsconv import train
+    train.main(["--data", str(data), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
+                "--group-by", "image", "--repeats", "1", "--steps", str(steps), "--lr", "0.1",
+                "--cache", str(cache), "--out", str(out), *extra])
+    return Path(out) / "model.h5"
+
+
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory):
     """The Keras files of ../shared converted once into a temporary folder."""

@@ -148,7 +148,7 @@ def test_fused_pass_completes_on_one_thread_of_several(converted):
     packed = net.packed
     b = kernels.network_buffers(packed, 128, 3)
     pooled = np.full((5, net.pooled_width), np.nan, np.float32)
-    counters = np.zeros(3 + (len(packed.dw_kernels) + 1) * (kernels.TASKS * 3 + 1), np.int64)
+    counters = kernels._counters(len(packed.dw_kernels), 3)
     kernels._network(0, x.reshape(-1), 5, 128, b.stack, *packed, b.act, b.tile, pooled, np.empty(0, np.float32),
                      counters)
     np.testing.assert_array_equal(pooled, net.forward(x)[0])

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 import dsconv
-from dsconv import cam, classifier, images, predict, train, weights
+from dsconv import cam, classifier, images, predict, weights
 from dsconv.mobilenet import MobileNet
 from tests import dicomfiles
-from tests.conftest import CHEST, copy_xrays
+from tests.conftest import CHEST, copy_xrays, train_small
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,7 @@ def trained(tmp_path_factory, weights_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSCONV_WEIGHTS", str(weights_dir))
         for name, extra in (("pooled", ["--standardize"]), ("logits", ["--bottleneck", "logits"])):
-            train.main(["--data", str(data), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
-                        "--group-by", "image", "--repeats", "1", "--steps", "200", "--lr", "0.1", "--tta", "none",
-                        "--cache", str(root / "cache"), "--out", str(root / name)] + extra)
+            train_small(data, root / name, root / "cache", 200, "--tta", "none", *extra)
     return {"root": root, "data": data, "cache": root / "cache",
             "pooled": root / "pooled" / "model.h5", "logits": root / "logits" / "model.h5"}
 
@@ -174,7 +172,7 @@ def test_a_heatmap_costs_one_forward_pass_and_changes_no_probability(converted, 
     monkeypatch.undo()
     model = dsconv.load_model(trained[kind], cache_dir=False)
     x = images.scale(images.decode(paths[0], model.resolution))
-    one, _ = model._one_pass(x, np.ones(model.head.weights.shape[0] if kind == "pooled" else 256))
+    one, _ = model._one_pass(x, np.ones(model.nets[0].pooled_width))
     np.testing.assert_array_equal(one, model.bottlenecks(paths[:1])[0][0])
 
 

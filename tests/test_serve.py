@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 import dsconv
-from dsconv import predict, serve, train
+from dsconv import predict, serve
 from tests import dicomfiles
-from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays
+from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays, train_small
 
 MAX_MB = 4
 
@@ -38,10 +38,7 @@ def served(tmp_path_factory, weights_dir):
         mp.setenv("DSCONV_CACHE", str(root / "cache"))  # must stay empty: nothing of an upload is kept
         mp.setattr(tempfile, "tempdir", str(root / "tmp"))
         (root / "tmp").mkdir()
-        train.main(["--data", str(data), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
-                    "--group-by", "image", "--repeats", "1", "--steps", "100", "--lr", "0.1",
-                    "--cache", str(root / "train-cache"), "--out", str(root / "run")])
-        path = root / "run" / "model.h5"
+        path = train_small(data, root / "run", root / "train-cache", 100)
         model = dsconv.load_model(path, cache_dir=False)
         server = serve.Server(model, path, "127.0.0.1", 0, MAX_MB)
         serve.warm_up(model, server.lock, server.workdir)
