@@ -1,7 +1,8 @@
-"""Kernel microbenchmarks: every distinct layer shape of MobileNet 1.0-224.
+"""Kernel microbenchmarks: every distinct layer shape of a MobileNet (default 1.0-224).
 
     python bench/kernels.py            # batch 1 and 32, and one image per thread
     python bench/kernels.py --batch 32 --repeats 20
+    python bench/kernels.py --alpha 0.25 --resolution 128
 
 Each shape is checked against tests/naive.py (first and last image), warmed
 up (JIT compilation or cache load), then timed; one line per shape with the
@@ -142,9 +143,9 @@ def case(kind, n, shape, cout, stride, rng, per_image=False):
     return run, check, flops, bytes_
 
 
-def bench(n, repeats, peak, per_image=False):
+def bench(n, repeats, peak, per_image=False, alpha=1.0, resolution=224):
     rng = np.random.default_rng(0)
-    layers = network_layers()
+    layers = network_layers(alpha, resolution)
     rows = []
     for kind, names, shape, cout, stride in layers:
         run, check, flops, bytes_ = case(kind, n, shape, cout, stride, rng, per_image)
@@ -156,7 +157,7 @@ def bench(n, repeats, peak, per_image=False):
         rows.append((kind, names, shape, cout, stride, median_time(run, repeats), flops, bytes_, err))
     total = sum(len(names) * t for _, names, *_, t, _, _, _ in rows)
     how = f"one image per thread ({n} at once)" if per_image else f"batch {n}"
-    print(f"\nMobileNet 1.0-224, {how}, {THREADS} threads, median of {repeats}; "
+    print(f"\nMobileNet {alpha:g}-{resolution}, {how}, {THREADS} threads, median of {repeats}; "
           f"network (sum of layers) {total * 1e3:.2f} ms = {n / total:.1f} images/s")
     print(f"{'layer':<22} {'input':>15} {'out':>5} {'s':>2} {'ms':>8} {'rate':>14} {'share':>6} {'err':>8}")
     pw_flops = pw_time = 0.0
@@ -182,6 +183,8 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=BATCHES, help="batch sizes to run")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per shape (median reported)")
     p.add_argument("--threads", type=int, default=THREADS, help="threads for every runtime (default: the CPUs)")
+    p.add_argument("--alpha", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--resolution", type=int, default=224, help="input size")
     a = p.parse_args()
     THREADS = a.threads
     import numba
@@ -189,8 +192,8 @@ def main():
     peak = sgemm_peak(a.repeats)
     print(f"sgemm peak (4096^3 NumPy matmul, BLAS threads as configured): {peak:.1f} GFLOP/s")
     for n in a.batch:
-        bench(n, a.repeats, peak)
-    bench(THREADS, a.repeats, peak, per_image=True)
+        bench(n, a.repeats, peak, alpha=a.alpha, resolution=a.resolution)
+    bench(THREADS, a.repeats, peak, per_image=True, alpha=a.alpha, resolution=a.resolution)
 
 
 if __name__ == "__main__":

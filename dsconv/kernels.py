@@ -234,13 +234,13 @@ class _IR:
         return out
 
 
-def gemm_block(mr, nv):
-    """The intrinsic for an mr x (nv LANES) block of y = relu6(a @ w + b).
+def gemm_block(mr, nv, lanes=LANES):
+    """The intrinsic for an mr x (nv lanes) block of y = relu6(a @ w + b).
 
     kernel(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols): the
     block's first element is a[a0] (rows lda apart), row kk of its panel of
     w is w[w0 + kk ldw :], then y[y0] (rows ldy apart) and b[b0]; rows <= mr
-    and cols <= nv LANES of the block are inside y. Per step of K: nv vectors
+    and cols <= nv lanes of the block are inside y. Per step of K: nv vectors
     of the panel, one float of each of the mr rows of a broadcast, mr nv
     fused multiply-adds into registers. Rows past `rows` re-read the last
     row of a and are not stored.
@@ -248,7 +248,7 @@ def gemm_block(mr, nv):
     @intrinsic
     def kernel(typingctx, a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols):
         def codegen(context, builder, signature, args):
-            g = _IR(context, builder, signature, args)
+            g = _IR(context, builder, signature, args, lanes)
             _, a0, lda, _, w0, ldw, k, _, y0, ldy, _, b0, rows, cols = args
             pa, pw, py, pb = g.pointer(0, a0), g.pointer(3, w0), g.pointer(7, y0), g.pointer(10, b0)
             last = builder.sub(rows, ir.Constant(I64, 1))
@@ -257,7 +257,7 @@ def gemm_block(mr, nv):
 
             def step(kk, acc):
                 panel = g.at(pw, builder.mul(kk, ldw))
-                wv = [g.load(g.at(panel, v * LANES)) for v in range(nv)]
+                wv = [g.load(g.at(panel, v * lanes)) for v in range(nv)]
                 new = []
                 for r in range(mr):
                     av = g.splat(builder.load(g.at(row[r], kk)))
@@ -267,19 +267,19 @@ def gemm_block(mr, nv):
             acc = g.loop(ir.Constant(I64, 0), k, [g.zero] * (mr * nv), step)
 
             def store(inside):  # masks per vector, or None: all columns inside (unmasked: faster)
-                bias = [g.load(g.at(pb, v * LANES), inside and inside[v]) for v in range(nv)]
+                bias = [g.load(g.at(pb, v * lanes), inside and inside[v]) for v in range(nv)]
                 for r in range(mr):
                     with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), rows)):
                         out = g.at(py, builder.mul(ir.Constant(I64, r), ldy))
                         for v in range(nv):
-                            g.store_bias_relu6(acc[r * nv + v], bias[v], g.at(out, v * LANES), inside and inside[v])
+                            g.store_bias_relu6(acc[r * nv + v], bias[v], g.at(out, v * lanes), inside and inside[v])
 
-            full = builder.icmp_signed(">=", cols, ir.Constant(I64, nv * LANES))
+            full = builder.icmp_signed(">=", cols, ir.Constant(I64, nv * lanes))
             with builder.if_else(full) as (whole, part):
                 with whole:
                     store(None)
                 with part:
-                    store([g.first(builder.sub(cols, ir.Constant(I64, v * LANES))) for v in range(nv)])
+                    store([g.first(builder.sub(cols, ir.Constant(I64, v * lanes))) for v in range(nv)])
             return context.get_dummy_value()
 
         return types.void(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
@@ -400,6 +400,10 @@ def pack_depthwise(k):
 _wide = gemm_block(MR, NV)  # MR x NV LANES
 _half = gemm_block(max(1, MR // 2), NV)  # for the last rows: a tile costs its full height
 _narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used (NV = 2)
+# 2 MR x LANES / 2, for a last vector of at most LANES / 2 columns (NV = 1): the
+# stem's 8 or 24 channels at alpha 0.25 or 0.75 take half the multiply-adds
+# and, at exactly 8, an unmasked store (AMD's masked stores are slow).
+_halfv = gemm_block(2 * MR, 1, LANES // 2)
 
 # B (K x columns) floats up to which the product goes row block by row block,
 # all panels for each (the block of a stays in L1); above, panel by panel
@@ -420,6 +424,9 @@ def _block(a, k, m, wp, b, y, n, i0, j0, n1):
         if c <= 0:
             break
         j = j0 + v * LANES
+        if NV == 1 and c <= LANES // 2:
+            _halfv(a, i0 * k, k, wp, w0 + v * LANES, NR, k, y, i0 * n + j, n, b, j, rows, c)
+            break
         for r0 in range(i0, i0 + rows, MR):
             r = min(MR, i0 + rows - r0)
             if r <= MR // 2:

@@ -23,7 +23,7 @@ SIZES = [(1, 7, 7), (3, 8, 8), (2, 9, 5), (2, 16, 16), (1, 1, 1), (2, 2, 3)]
 
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("n,h,w", SIZES)
-@pytest.mark.parametrize("c", [1, 5, 16])
+@pytest.mark.parametrize("c", [1, 5, 8, 16, 24])  # 8, 24: the stems of alpha 0.25 and 0.75
 def test_stem(n, h, w, c, stride):
     x, k, b = rand(n, h, w, 3), rand(3, 3, 3, c), rand(c)
     close(kernels.stem(x, k, b, stride), naive.conv3x3(x, k, b, stride))
@@ -63,7 +63,8 @@ MR = kernels.MR
 
 
 @pytest.mark.parametrize("m", [1, MR - 1, MR, MR + 1, MR + MR // 2, 2 * MR + 1, 61])
-@pytest.mark.parametrize("k,n", [(1, 1), (27, 8), (5, 16), (3, 17), (64, 48), (300, 200)])  # 300 x 200: panel by panel
+# 300 x 200: panel by panel; 8, 24, 7 and 33: a last vector of at most half the lanes (unmasked at 8)
+@pytest.mark.parametrize("k,n", [(1, 1), (27, 8), (27, 24), (5, 16), (3, 17), (2, 7), (64, 48), (300, 200)])
 def test_gemm(m, k, n):
     # every row and column remainder of the micro-kernels, both loop orders;
     # a column range leaves the other columns untouched
