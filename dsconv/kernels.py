@@ -28,8 +28,8 @@ function the cached kernels call lives here.
 """
 import os
 import sys
+import threading
 from collections import namedtuple
-from concurrent import futures
 
 import numba
 import numpy as np
@@ -131,6 +131,9 @@ FEW_PIXELS = 64
 # Polls of a counter before a waiting thread gives its core away (sched_yield)
 # between polls: a few microseconds of spinning.
 SPINS = 2000
+# Polls (SPINS with the spin hint, then with sched_yield) a helper thread
+# makes for the next pass before it sleeps until woken.
+IDLE = SPINS + 1000
 
 # ---------------------------------------------------------------------------
 # The two innermost loops in explicit vector code. Numba has no vector types,
@@ -615,12 +618,13 @@ def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, m
 # Sequentially consistent atomics: what a thread wrote before counting a
 # task done is seen by every thread that sees the count. Their layout:
 # stacks claimed and done, then per shared layer (stem and blocks) a done
-# count and TASKS T claim flags, then the pooling's claims.
+# count and TASKS T claim flags, then the pooling's claims, then the helper
+# threads that have finished their part (the last).
 
 
 def _counters(blocks, threads):
     """Zeroed counters of one fused pass of a network with this many blocks, on T threads."""
-    return np.zeros(_pool_claims(blocks, threads) + 1, np.int64)
+    return np.zeros(_pool_claims(blocks, threads) + 2, np.int64)
 
 
 @njit(inline="always", **JIT)
@@ -720,6 +724,33 @@ def _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strid
 
 @njit(**JIT)
 def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters):
+    # Thread t's part of the fused pass (_part); a helper (t > 0) then counts
+    # itself finished in the last counter, which the caller waits for.
+    _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters)
+    if t > 0:
+        _atomic_add(counters, counters.size - 1, 1)
+
+
+@njit(**JIT)
+def _join(counters, helpers):
+    # The caller's wait for the helpers' parts: they may still read the
+    # buffers after the last task is done.
+    _wait(counters, counters.size - 1, helpers)
+
+
+@njit(**JIT)
+def _await(mail, done):
+    # A helper's wait for a pass numbered above `done`: polls mail[0] for
+    # IDLE polls (spin hints, then sched_yield), then returns what it holds.
+    spins = 0
+    while _atomic_load(mail, 0) <= done and spins < IDLE:
+        _relax(spins)
+        spins += 1
+    return _atomic_load(mail, 0)
+
+
+@njit(inline="always", **JIT)
+def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters):
     # Thread t's part of the fused pass, x flat (N, r, r, 3) -> pooled (N, F),
     # T = len(tile) threads in all: first the W = N - N mod T images that go
     # whole, in stacks of up to `stack`, each thread its stack on its own
@@ -838,27 +869,68 @@ def network(x, packed, buffers, pooled, maps=None):
     counters = _counters(len(packed.dw_kernels), threads)
     maps = np.empty(0, np.float32) if maps is None else maps.reshape(-1)
     args = (x.reshape(-1), n, r, buffers.stack, *packed, buffers.act, buffers.tile, pooled, maps, counters)
-    helpers = [_helpers(threads - 1).submit(_network, t, *args) for t in range(1, threads)]
-    try:
+    if threads == 1:
         _network(0, *args)
-    finally:  # the buffers are not free before every helper has returned, even on Ctrl-C
-        futures.wait(helpers)
+    else:
+        _crew(threads - 1).run(args, threads)
 
 
-_pool = (None, 0, 0)  # (executor, its threads, the process it belongs to)
+class _Crew:
+    """The threads besides the caller's that run the fused pass, kept from call to call.
 
-
-def _helpers(n):
-    """The threads (besides the caller's) that run the fused pass: at least n, kept from call to call.
-
-    A forked child gets a pool of its own: it inherits the parent's
-    executor but none of its threads.
+    After a pass each helper polls for the next one for a while (IDLE
+    polls, mostly sched_yield: a fraction of a millisecond) before it
+    sleeps on a condition: back-to-back passes, batch 1 especially, start
+    without an operating-system wake-up (a thread pool's round trip was
+    80 microseconds, a tenth of a small network's pass). Helper t runs its
+    part of every pass of at least t + 1 threads. Daemon threads: idle,
+    they do not keep the process alive.
     """
-    global _pool
-    pool, size, pid = _pool
-    if pool is None or size < n or pid != os.getpid():
-        _pool = pool, size, pid = futures.ThreadPoolExecutor(max(1, n), "dsconv-network"), max(1, n), os.getpid()
-    return pool
+
+    def __init__(self, n):
+        self.n = n
+        self.mail = np.zeros(1, np.int64)  # the number of the last pass posted, for the helpers to poll
+        self.job = (0, None)  # (that number, the pass's arguments to _network)
+        self.posted = threading.Condition()
+        self.lock = threading.Lock()  # one pass at a time: callers in several threads take turns
+        for t in range(1, n + 1):
+            threading.Thread(target=self._serve, args=(t,), name=f"dsconv-network-{t}", daemon=True).start()
+
+    def run(self, args, threads):
+        """One fused pass on the caller's thread and helpers 1 .. threads - 1."""
+        with self.lock:
+            number = self.job[0] + 1
+            try:
+                self.job = (number, args)  # before the number: a helper that sees it finds the pass
+                with self.posted:
+                    self.mail[0] = number
+                    self.posted.notify_all()
+                _network(0, *args)
+            finally:  # the buffers are not free before every helper has finished, even on Ctrl-C
+                if self.mail[0] == number:  # (the helpers complete the pass: any thread takes any task)
+                    _join(args[-1], threads - 1)
+
+    def _serve(self, t):
+        done = 0  # the number of the last pass this helper saw
+        while True:
+            if _await(self.mail, done) <= done:
+                with self.posted:
+                    while self.mail[0] <= done:
+                        self.posted.wait()
+            done, args = self.job  # the latest pass: one this helper skipped ran without it
+            if t < args[-4].shape[0]:  # the pass's threads: its tile buffers' first axis
+                _network(t, *args)
+
+
+_crews = {}  # per process: a forked child inherits the parent's crew but none of its threads
+
+
+def _crew(n):
+    """A crew of at least n helpers for this process."""
+    crew = _crews.get(os.getpid())
+    if crew is None or crew.n < n:
+        crew = _crews[os.getpid()] = _Crew(n)
+    return crew
 
 
 @njit(parallel=True, **JIT)

@@ -1,4 +1,6 @@
 """The network against Keras' own outputs, and the paper's Table 3."""
+import threading
+
 import h5py
 import numba
 import numpy as np
@@ -152,3 +154,37 @@ def test_fused_pass_completes_on_one_thread_of_several(converted):
     kernels._network(0, x.reshape(-1), 5, 128, b.stack, *packed, b.act, b.tile, pooled, np.empty(0, np.float32),
                      counters)
     np.testing.assert_array_equal(pooled, net.forward(x)[0])
+
+
+def test_fused_passes_from_several_threads_take_turns(converted):
+    # The helper threads serve one pass at a time: networks called from
+    # several Python threads at once (the page, a script's own threads), with
+    # 2 and 3 threads per pass in turn, each get what they get alone.
+    nets = [weights.load(0.25, 128, quiet=True), weights.load(0.25, 160, quiet=True)]
+    xs = [np.random.default_rng(i).uniform(-1, 1, (n, net.resolution, net.resolution, 3)).astype(np.float32)
+          for i, (net, n) in enumerate(zip(nets, (1, 3)))]
+    want = [net.forward(x)[0] for net, x in zip(nets, xs)]
+    got, errors = [[] for _ in nets], []
+
+    def work(i):
+        try:
+            net, x = nets[i], xs[i]
+            pooled = np.empty((len(x), net.pooled_width), np.float32)
+            for k in range(30):
+                buffers = kernels.network_buffers(net.packed, net.resolution, 2 + (k + i) % 2)
+                kernels.network(x, net.packed, buffers, pooled)
+                got[i].append(pooled.copy())
+        except Exception as e:  # reported below: an assertion in a thread would be lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(nets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a pass did not finish"
+    assert not errors
+    for g, w in zip(got, want):
+        assert len(g) == 30
+        for pooled in g:
+            np.testing.assert_array_equal(pooled, w)
