@@ -51,24 +51,27 @@ def _read_dicom(source, name):
 
 
 def open_image(source, size=None, name=None):
-    """An image file (path or bytes) as a Pillow image, mode L or RGB.
+    """An image file (path or bytes) as a Pillow image, mode L or RGB, decoded.
 
     With ``size``, large JPEGs are decoded at reduced scale (never below
     size x size). DICOM files (.dcm, or any file Pillow does not know that
-    carries the DICOM marker) go through dsconv.dicom.
+    carries the DICOM marker) go through dsconv.dicom. A file is read whole
+    first: Pillow then decodes from memory, faster than from the file.
     """
     name = name or source
     if not isinstance(source, bytes) and str(source).lower().endswith((".dcm", ".dicom")):
         return _read_dicom(source, name)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            if size:
-                im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
-            if im.mode in SIXTEEN_BIT or im.mode == "F":
-                scale16 = 257.0 if im.mode != "F" else 1.0
-                x = np.asarray(im, np.float64) / scale16
-                return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
-            return im.convert("L" if im.mode in ("L", "1") else "RGB")
+        data = source if isinstance(source, bytes) else _read(source)
+        im = Image.open(io.BytesIO(data))
+        if size:
+            im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
+        if im.mode in SIXTEEN_BIT or im.mode == "F":
+            scale16 = 257.0 if im.mode != "F" else 1.0
+            x = np.asarray(im, np.float64) / scale16
+            return Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "L")
+        im.load()
+        return im if im.mode in ("L", "RGB") else im.convert("L" if im.mode == "1" else "RGB")
     except UnidentifiedImageError as e:
         if _has_dicom_marker(source):
             return _read_dicom(source, name)
@@ -77,24 +80,39 @@ def open_image(source, size=None, name=None):
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
 
 
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def decode(source, size, name=None):
     """An image file (path or bytes) as (size, size, 3) uint8 RGB."""
-    im = open_image(source, size, name)
-    return np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+    return _resized(open_image(source, size, name), size)
+
+
+def _resized(im, size):
+    im = im if im.mode == "RGB" else im.convert("RGB")
+    return np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR))
 
 
 def decode_sizes(source, sizes, name=None):
-    """{size: decode(source, size)} for several sizes, decoding the file once where that gives the same pixels.
+    """{size: decode(source, size)} for several sizes: the file read once, decoded once where that gives the same pixels.
 
     Pillow's JPEG draft decodes at a reduced scale only for images at least
     twice the requested size on both sides; below twice the smallest size
     (and for formats without draft) every size is resized from one decode.
     """
     sizes = sorted(set(sizes))
+    name = name or source
+    if not isinstance(source, bytes) and not str(source).lower().endswith((".dcm", ".dicom")):
+        try:
+            source = _read(source)
+        except OSError as e:
+            raise ImageError(f"{name}: cannot be read as an image ({e})") from None
     if _header_side(source) >= 2 * sizes[0]:
         return {r: decode(source, r, name) for r in sizes}
-    im = open_image(source, None, name).convert("RGB")
-    return {r: np.asarray(im.resize((r, r), Image.BILINEAR)) for r in sizes}
+    im = open_image(source, None, name)
+    return {r: _resized(im, r) for r in sizes}
 
 
 def _header_side(source):
@@ -112,5 +130,8 @@ def load(path, size):
 
 
 def scale(pixels):
-    """uint8 pixels -> float32 in [-1, 1]: x / 127.5 - 1."""
-    return pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    """uint8 pixels -> float32 in [-1, 1]: x / 127.5 - 1 (in place: one array, not three, to fault in)."""
+    x = pixels.astype(np.float32)
+    x /= np.float32(127.5)
+    x -= np.float32(1)
+    return x
