@@ -310,7 +310,7 @@ def depthwise_row(stride):
             g = _IR(context, builder, signature, args, DW_LANES)
             _, h, w, c, _, _, iy, ix, lo, hi, wo, _ = args
             zero64, nine = ir.Constant(I64, 0), ir.Constant(I64, 9)
-            none, all_ = ir.Constant(g.mask, [0] * DW_LANES), ir.Constant(g.mask, [1] * DW_LANES)
+            none = ir.Constant(g.mask, [0] * DW_LANES)
             px, pk, pb, py = (g.pointer(i, zero64) for i in (0, 4, 5, 11))
             line = [g.at(px, builder.mul(builder.add(iy, ir.Constant(I64, ky)), builder.mul(w, c))) for ky in range(3)]
             blocks = builder.sdiv(builder.add(c, ir.Constant(I64, DW_LANES - 1)), ir.Constant(I64, DW_LANES))
@@ -334,8 +334,8 @@ def depthwise_row(stride):
                     # without a mask are the fast ones, AMD's masked stores especially)
                     c0 = builder.mul(i, ir.Constant(I64, DW_LANES))
                     channels = g.first(builder.sub(c, c0)) if tail else None
-                    taps = [g.load(g.at(pk, builder.add(builder.mul(c0, nine), ir.Constant(I64, t * DW_LANES))))
-                            for t in range(9)]  # packed with zeros to whole blocks
+                    taps_at = g.at(pk, builder.mul(c0, nine))
+                    taps = [g.load(g.at(taps_at, t * DW_LANES)) for t in range(9)]  # packed with zeros to whole blocks
                     inputs = {}
                     for p in range(n):
                         acc = g.zero
@@ -343,11 +343,16 @@ def depthwise_row(stride):
                             for kx in range(3):
                                 j = p * stride + kx
                                 if (ky, j) not in inputs:
-                                    mask = channels
-                                    if border:
-                                        mask = builder.select(valid[ky][j], all_ if channels is None else channels,
-                                                              none)
-                                    inputs[ky, j] = g.load(g.at(src[ky][j], c0), mask)
+                                    if border and channels is None:
+                                        # a tap outside the image: zero, from an unmasked load of the
+                                        # kernel instead (masked loads are slow on AMD)
+                                        where = builder.select(valid[ky][j], g.at(src[ky][j], c0), taps_at)
+                                        inputs[ky, j] = builder.select(valid[ky][j], g.load(where), g.zero)
+                                    else:
+                                        mask = channels
+                                        if border:
+                                            mask = builder.select(valid[ky][j], channels, none)
+                                        inputs[ky, j] = g.load(g.at(src[ky][j], c0), mask)
                                 acc = builder.call(g.fma, [inputs[ky, j], taps[3 * ky + kx], acc])
                         g.store_bias_relu6(acc, g.load(g.at(pb, c0), channels),
                                            g.at(out, builder.add(builder.mul(ir.Constant(I64, p), c), c0)), channels)
