@@ -240,34 +240,40 @@ class _IR:
 def gemm_block(mr, nv, lanes=LANES):
     """The intrinsic for an mr x (nv lanes) block of y = relu6(a @ w + b).
 
-    kernel(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols): the
-    block's first element is a[a0] (rows lda apart), row kk of its panel of
-    w is w[w0 + kk ldw :], then y[y0] (rows ldy apart) and b[b0]; rows <= mr
-    and cols <= nv lanes of the block are inside y. Per step of K: nv vectors
-    of the panel, one float of each of the mr rows of a broadcast, mr nv
-    fused multiply-adds into registers. Rows past `rows` re-read the last
-    row of a and are not stored.
+    kernel(a, a0, lda, seg, gap, w, w0, ldw, k, y, y0, ldy, b, b0, rows,
+    cols): the block's first element is a[a0] (rows lda apart; a row's K
+    elements in runs of seg, each gap after the previous one's start: a
+    matrix product has seg = K, the stem's direct product the 3 rows of a
+    3x3 window), row kk of its panel of w is w[w0 + kk ldw :], then y[y0]
+    (rows ldy apart) and b[b0]; rows <= mr and cols <= nv lanes of the
+    block are inside y. Per step of K: nv vectors of the panel, one float of
+    each of the mr rows of a broadcast, mr nv fused multiply-adds into
+    registers. Rows past `rows` re-read the last row of a and are not stored.
     """
     @intrinsic
-    def kernel(typingctx, a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols):
+    def kernel(typingctx, a, a0, lda, seg, gap, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols):
         def codegen(context, builder, signature, args):
             g = _IR(context, builder, signature, args, lanes)
-            _, a0, lda, _, w0, ldw, k, _, y0, ldy, _, b0, rows, cols = args
-            pa, pw, py, pb = g.pointer(0, a0), g.pointer(3, w0), g.pointer(7, y0), g.pointer(10, b0)
+            _, a0, lda, seg, gap, _, w0, ldw, k, _, y0, ldy, _, b0, rows, cols = args
+            pa, pw, py, pb = g.pointer(0, a0), g.pointer(5, w0), g.pointer(9, y0), g.pointer(12, b0)
             last = builder.sub(rows, ir.Constant(I64, 1))
             row = [g.at(pa, builder.mul(builder.select(builder.icmp_signed("<", ir.Constant(I64, r), rows),
                                                        ir.Constant(I64, r), last), lda)) for r in range(mr)]
 
-            def step(kk, acc):
-                panel = g.at(pw, builder.mul(kk, ldw))
-                wv = [g.load(g.at(panel, v * lanes)) for v in range(nv)]
-                new = []
-                for r in range(mr):
-                    av = g.splat(builder.load(g.at(row[r], kk)))
-                    new += [builder.call(g.fma, [av, wv[v], acc[r * nv + v]]) for v in range(nv)]
-                return new
+            def run(s, acc):  # the K steps [s seg, (s + 1) seg), at s gap in a's rows
+                first, at = builder.mul(s, seg), builder.mul(s, gap)
 
-            acc = g.loop(ir.Constant(I64, 0), k, [g.zero] * (mr * nv), step)
+                def step(q, acc):
+                    panel = g.at(pw, builder.mul(builder.add(first, q), ldw))
+                    wv = [g.load(g.at(panel, v * lanes)) for v in range(nv)]
+                    new = []
+                    for r in range(mr):
+                        av = g.splat(builder.load(g.at(row[r], builder.add(at, q))))
+                        new += [builder.call(g.fma, [av, wv[v], acc[r * nv + v]]) for v in range(nv)]
+                    return new
+                return g.loop(ir.Constant(I64, 0), seg, acc, step)
+
+            acc = g.loop(ir.Constant(I64, 0), builder.sdiv(k, seg), [g.zero] * (mr * nv), run)
 
             def store(inside):  # masks per vector, or None: all columns inside (unmasked: faster)
                 bias = [g.load(g.at(pb, v * lanes), inside and inside[v]) for v in range(nv)]
@@ -285,7 +291,7 @@ def gemm_block(mr, nv, lanes=LANES):
                     store([g.first(builder.sub(cols, ir.Constant(I64, v * lanes))) for v in range(nv)])
             return context.get_dummy_value()
 
-        return types.void(a, a0, lda, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
+        return types.void(a, a0, lda, seg, gap, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
 
     return kernel
 
@@ -420,12 +426,13 @@ SMALL_B = 1 << 15
 
 
 @njit(inline="always")
-def _block(a, k, m, wp, b, y, n, i0, j0, n1):
+def _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1):
     # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y: tiles of MR rows x NV vectors
+    k = wp.shape[1]
     rows, cols = min(2 * MR, m - i0), min(NR, n1 - j0)
     w0 = j0 // NR * k * NR
     if NV == 2 and cols <= LANES:
-        _narrow(a, i0 * k, k, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
+        _narrow(a, i0 * lda, lda, seg, gap, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
         return
     for v in range(0, NR // LANES, NV):  # the panel's column vectors, NV at a time
         c = min(NV * LANES, cols - v * LANES)
@@ -433,14 +440,28 @@ def _block(a, k, m, wp, b, y, n, i0, j0, n1):
             break
         j = j0 + v * LANES
         if NV == 1 and c <= LANES // 2:
-            _halfv(a, i0 * k, k, wp, w0 + v * LANES, NR, k, y, i0 * n + j, n, b, j, rows, c)
+            _halfv(a, i0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, i0 * n + j, n, b, j, rows, c)
             break
         for r0 in range(i0, i0 + rows, MR):
             r = min(MR, i0 + rows - r0)
             if r <= MR // 2:
-                _half(a, r0 * k, k, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
+                _half(a, r0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
             else:
-                _wide(a, r0 * k, k, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
+                _wide(a, r0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
+
+
+@njit(inline="always")
+def _product(a, lda, seg, gap, m, wp, b, y, n0, n1):
+    # columns [n0, n1) of y = relu6(a @ w + b), the rows of a as _block takes them
+    k, n = wp.shape[1], b.shape[0]
+    if k * (n1 - n0) <= SMALL_B:
+        for i0 in range(0, m, 2 * MR):
+            for j0 in range(n0, n1, NR):
+                _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1)
+    else:
+        for j0 in range(n0, n1, NR):
+            for i0 in range(0, m, 2 * MR):
+                _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1)
 
 
 @njit(**JIT)
@@ -449,15 +470,8 @@ def gemm(a, m, wp, b, y, n0, n1):
 
     a flat (m, K), wp = pack(w) (panels, K, NR), b (N,), y flat (m, N).
     """
-    k, n = wp.shape[1], b.shape[0]
-    if k * (n1 - n0) <= SMALL_B:
-        for i0 in range(0, m, 2 * MR):
-            for j0 in range(n0, n1, NR):
-                _block(a, k, m, wp, b, y, n, i0, j0, n1)
-    else:
-        for j0 in range(n0, n1, NR):
-            for i0 in range(0, m, 2 * MR):
-                _block(a, k, m, wp, b, y, n, i0, j0, n1)
+    k = wp.shape[1]
+    _product(a, k, k, np.int64(0), m, wp, b, y, n0, n1)
 
 
 def _check(x, name, ndim):
@@ -469,32 +483,52 @@ def _check(x, name, ndim):
 @njit(**JIT)
 def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
-    # product: the 3x3 patches of a few rows, (pixels, 9 Cin), gathered in
-    # tile, times the kernel (9 Cin, C) packed in k.
+    # product with the kernel (9 Cin, C) packed in k. A pixel whose 3x3
+    # window is inside the image takes its window straight from the image
+    # (three runs of 3 Cin floats, a row apart); the others (the SAME
+    # padding's, at the bottom and right of an even size) have their patches
+    # gathered in tile, zeros for the padding, their outputs computed after
+    # the patches and copied into place.
     # x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
     taps, c = k.shape[1], b.shape[0]
     cin = taps // 9
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
-    for r0 in range(t0, t1, max(1, tile.shape[0] // (wo * taps))):  # as many rows as tile holds
-        r1 = min(t1, r0 + max(1, tile.shape[0] // (wo * taps)))
+    lo = min(wo, -(-left // stride))  # output columns [lo, hi) have their window inside the image's columns
+    hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
+    band = max(1, tile.shape[0] // (wo * (taps + c)))  # rows whose patches and outputs all fit in tile
+    for r0 in range(t0, t1, band):
+        r1 = min(t1, r0 + band)
+        m = 0  # patches gathered
         for t in range(r0, r1):
             img, oy = x[t // ho * h * w * cin:], t % ho
-            for ky in range(3):
-                iy = oy * stride + ky - top
-                for ox in range(wo):
-                    # 3 pixels x Cin of the patch, contiguous in the image unless at its border
-                    p, ix = ((t - r0) * wo + ox) * taps + ky * 3 * cin, ox * stride - left
-                    if iy >= 0 and iy < h and ix >= 0 and ix + 2 < w:
-                        s = (iy * w + ix) * cin
-                        for j in range(3 * cin):  # unsigned indices: no negative-index wraparound test
-                            tile[np.uint64(p + j)] = img[np.uint64(s + j)]
-                    else:
-                        for j in range(3 * cin):
-                            jx = ix + j // cin
-                            inside = iy >= 0 and iy < h and jx >= 0 and jx < w
-                            tile[p + j] = img[(iy * w + jx) * cin + j % cin] if inside else np.float32(0)
-        gemm(tile, (r1 - r0) * wo, k, b, y[r0 * wo * c:], np.int64(0), b.shape[0])
+            iy = oy * stride - top
+            inside = iy >= 0 and iy + 2 < h
+            if inside and hi > lo:
+                _product(img[((iy * w) + lo * stride - left) * cin:], stride * cin, 3 * cin, w * cin, hi - lo, k, b,
+                         y[(t * wo + lo) * c:], np.int64(0), c)
+            for ox in range(wo):
+                if inside and ox >= lo and ox < hi:
+                    continue
+                for ky in range(3):
+                    jy = iy + ky
+                    for j in range(3 * cin):
+                        jx = ox * stride - left + j // cin
+                        within = jy >= 0 and jy < h and jx >= 0 and jx < w
+                        tile[m * taps + ky * 3 * cin + j] = img[(jy * w + jx) * cin + j % cin] if within else np.float32(0)
+                m += 1
+        if m == 0:
+            continue
+        out = tile[m * taps:]
+        _product(tile, taps, taps, np.int64(0), m, k, b, out, np.int64(0), c)
+        m = 0
+        for t in range(r0, r1):
+            iy = t % ho * stride - top
+            inside = iy >= 0 and iy + 2 < h
+            for ox in range(wo):
+                if not (inside and ox >= lo and ox < hi):
+                    y[(t * wo + ox) * c:(t * wo + ox + 1) * c] = out[m * c:(m + 1) * c]
+                    m += 1
 
 
 @njit(**JIT)
@@ -521,7 +555,7 @@ def _stem(x, k, b, y, stride):
     bands = -(-ho // STEM_BAND)
     for t in prange(n_img * bands):
         n, r0 = t // bands, t % bands * STEM_BAND
-        tile = np.empty(STEM_BAND * wo * 9 * cin, np.float32)
+        tile = np.empty(STEM_BAND * wo * (9 * cin + c), np.float32)  # patches and their outputs
         _stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + STEM_BAND), tile)
 
 
@@ -844,7 +878,7 @@ def network_buffers(packed, resolution, threads):
     the shared pass (fewer than the threads).
     """
     side, c = resolution // 2, packed.stem_bias.shape[0]
-    largest, row = side * side * c, side * 27
+    largest, row = side * side * c, side * (27 + c)  # a row of the stem's patches and their outputs
     for stride, bias in zip(packed.strides, packed.pw_biases):
         row = max(row, -(-side // stride) * c)
         side, c = -(-side // stride), bias.shape[0]

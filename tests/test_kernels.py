@@ -109,3 +109,17 @@ def test_shape_errors_are_clear():
         kernels.depthwise(rand(1, 4, 4, 3), rand(3, 3, 4), rand(4), 1)
     with pytest.raises(ValueError, match="float32"):
         kernels.pointwise(np.zeros((1, 2, 2, 3)), rand(3, 3), rand(3))
+
+
+@pytest.mark.parametrize("h,w,stride", [(9, 10, 2), (7, 7, 1), (2, 3, 2)])
+def test_stem_rows_in_the_smallest_tile(h, w, stride):
+    # A tile of one output row's patches and outputs: bands of one row, the
+    # pixels on the padding's side gathered, nothing written past the tile.
+    x, k, b = rand(2, h, w, 3), rand(3, 3, 3, 8), rand(8)
+    want = naive.conv3x3(x, k, b, stride)
+    ho, wo = want.shape[1:3]
+    y = np.full(want.size, np.nan, np.float32)
+    room = np.full(wo * (27 + 8) + 64, np.nan, np.float32)
+    kernels._stem_rows(x.ravel(), h, w, kernels.pack(k.reshape(27, 8)), b, stride, y, 0, 2 * ho, room[:wo * 35])
+    close(y.reshape(want.shape), want)
+    assert np.isnan(room[wo * 35:]).all()
