@@ -426,13 +426,14 @@ SMALL_B = 1 << 15
 
 
 @njit(inline="always")
-def _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1):
+def _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1):
     # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y: tiles of MR rows x NV vectors
     k = wp.shape[1]
     rows, cols = min(2 * MR, m - i0), min(NR, n1 - j0)
     w0 = j0 // NR * k * NR
+    a0, y0 = a0 + i0 * lda, y0 + i0 * n
     if NV == 2 and cols <= LANES:
-        _narrow(a, i0 * lda, lda, seg, gap, wp, w0, NR, k, y, i0 * n + j0, n, b, j0, rows, cols)
+        _narrow(a, a0, lda, seg, gap, wp, w0, NR, k, y, y0 + j0, n, b, j0, rows, cols)
         return
     for v in range(0, NR // LANES, NV):  # the panel's column vectors, NV at a time
         c = min(NV * LANES, cols - v * LANES)
@@ -440,28 +441,31 @@ def _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1):
             break
         j = j0 + v * LANES
         if NV == 1 and c <= LANES // 2:
-            _halfv(a, i0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, i0 * n + j, n, b, j, rows, c)
+            _halfv(a, a0, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, y0 + j, n, b, j, rows, c)
             break
-        for r0 in range(i0, i0 + rows, MR):
-            r = min(MR, i0 + rows - r0)
-            if r <= MR // 2:
-                _half(a, r0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
+        for r in range(0, rows, MR):
+            if rows - r <= MR // 2:
+                _half(a, a0 + r * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, y0 + r * n + j, n, b, j,
+                      rows - r, c)
             else:
-                _wide(a, r0 * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, r0 * n + j, n, b, j, r, c)
+                _wide(a, a0 + r * lda, lda, seg, gap, wp, w0 + v * LANES, NR, k, y, y0 + r * n + j, n, b, j,
+                      min(MR, rows - r), c)
 
 
-@njit(inline="always")
-def _product(a, lda, seg, gap, m, wp, b, y, n0, n1):
-    # columns [n0, n1) of y = relu6(a @ w + b), the rows of a as _block takes them
+@njit(**JIT)
+def _product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
+    # Columns [n0, n1) of m rows of y (from y[y0], N apart) = relu6(a @ w + b), row i of a from a[a0 + i lda]
+    # as the micro-kernel takes it (seg, gap: see gemm_block). One compiled function for every product: the
+    # micro-kernels inlined once, not once per caller (they are most of the compile time).
     k, n = wp.shape[1], b.shape[0]
     if k * (n1 - n0) <= SMALL_B:
         for i0 in range(0, m, 2 * MR):
             for j0 in range(n0, n1, NR):
-                _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1)
+                _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
     else:
         for j0 in range(n0, n1, NR):
             for i0 in range(0, m, 2 * MR):
-                _block(a, lda, seg, gap, m, wp, b, y, n, i0, j0, n1)
+                _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
 
 
 @njit(**JIT)
@@ -471,7 +475,7 @@ def gemm(a, m, wp, b, y, n0, n1):
     a flat (m, K), wp = pack(w) (panels, K, NR), b (N,), y flat (m, N).
     """
     k = wp.shape[1]
-    _product(a, k, k, np.int64(0), m, wp, b, y, n0, n1)
+    _product(a, np.int64(0), k, k, np.int64(0), m, wp, b, y, np.int64(0), n0, n1)
 
 
 def _check(x, name, ndim):
@@ -499,14 +503,14 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     band = max(1, tile.shape[0] // (wo * (taps + c)))  # rows whose patches and outputs all fit in tile
     for r0 in range(t0, t1, band):
         r1 = min(t1, r0 + band)
-        m = 0  # patches gathered
+        m = np.int64(0)  # patches gathered
         for t in range(r0, r1):
             img, oy = x[t // ho * h * w * cin:], t % ho
             iy = oy * stride - top
             inside = iy >= 0 and iy + 2 < h
             if inside and hi > lo:
-                _product(img[((iy * w) + lo * stride - left) * cin:], stride * cin, 3 * cin, w * cin, hi - lo, k, b,
-                         y[(t * wo + lo) * c:], np.int64(0), c)
+                _product(x, (t // ho * h * w + iy * w + lo * stride - left) * cin, stride * cin, 3 * cin, w * cin,
+                         hi - lo, k, b, y, (t * wo + lo) * c, np.int64(0), c)
             for ox in range(wo):
                 if inside and ox >= lo and ox < hi:
                     continue
@@ -519,16 +523,17 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
                 m += 1
         if m == 0:
             continue
+        _product(tile, np.int64(0), taps, taps, np.int64(0), m, k, b, tile, m * taps, np.int64(0), c)
         out = tile[m * taps:]
-        _product(tile, taps, taps, np.int64(0), m, k, b, out, np.int64(0), c)
-        m = 0
+        i = 0
         for t in range(r0, r1):
             iy = t % ho * stride - top
             inside = iy >= 0 and iy + 2 < h
             for ox in range(wo):
                 if not (inside and ox >= lo and ox < hi):
-                    y[(t * wo + ox) * c:(t * wo + ox + 1) * c] = out[m * c:(m + 1) * c]
-                    m += 1
+                    for j in range(c):  # not a slice assignment: that took 3 s to compile
+                        y[(t * wo + ox) * c + j] = out[i * c + j]
+                    i += 1
 
 
 @njit(**JIT)
@@ -646,7 +651,8 @@ def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, m
         side, src, dst = out, dst, src
     c = pooled.shape[1]
     if maps.size:
-        maps[:g * side * side * c] = src[:g * side * side * c]
+        for i in range(g * side * side * c):  # loops, not slice assignments: those are slow to compile
+            maps[i] = src[i]
     for n in range(g):
         _pool_flat(src[n * side * side * c:], side * side, pooled[n])
 
@@ -843,7 +849,8 @@ def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, poo
             break
         m = side * side * c
         if per_map:
-            maps[(whole + n) * m:(whole + n + 1) * m] = last[n * m:(n + 1) * m]
+            for i in range(m):
+                maps[(whole + n) * m + i] = last[n * m + i]
         _pool_flat(last[n * m:], side * side, pooled[whole + n])
 
 
