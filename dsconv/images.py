@@ -29,15 +29,20 @@ class ImageError(DsconvError):
     """An image that cannot be decoded, naming the file."""
 
 
-def _has_dicom_marker(source):
-    """DICOM's "DICM" at byte 128 (a DICOM file whatever its name)."""
+def _dicom_name(source):
+    """A path named .dcm or .dicom: read as DICOM without asking Pillow."""
+    return not isinstance(source, bytes) and str(source).lower().endswith((".dcm", ".dicom"))
+
+
+def _read(source, name):
+    """The bytes of an image file (path or bytes)."""
     if isinstance(source, bytes):
-        return source[128:132] == b"DICM"
+        return source
     try:
         with open(source, "rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
+            return f.read()
+    except OSError as e:
+        raise ImageError(f"{name}: cannot be read as an image ({e})") from None
 
 
 def _read_dicom(source, name):
@@ -59,10 +64,10 @@ def open_image(source, size=None, name=None):
     first: Pillow then decodes from memory, faster than from the file.
     """
     name = name or source
-    if not isinstance(source, bytes) and str(source).lower().endswith((".dcm", ".dicom")):
+    if _dicom_name(source):
         return _read_dicom(source, name)
+    data = _read(source, name)
     try:
-        data = source if isinstance(source, bytes) else _read(source)
         im = Image.open(io.BytesIO(data))
         if size:
             im.draft(im.mode if im.mode in ("RGB", "L") else None, (size, size))
@@ -73,16 +78,11 @@ def open_image(source, size=None, name=None):
         im.load()
         return im if im.mode in ("L", "RGB") else im.convert("L" if im.mode == "1" else "RGB")
     except UnidentifiedImageError as e:
-        if _has_dicom_marker(source):
-            return _read_dicom(source, name)
+        if data[128:132] == b"DICM":  # DICOM's marker: a DICOM file whatever its name
+            return _read_dicom(data, name)
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
     except (OSError, ValueError, SyntaxError, AttributeError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def decode(source, size, name=None):
@@ -104,11 +104,8 @@ def decode_sizes(source, sizes, name=None):
     """
     sizes = sorted(set(sizes))
     name = name or source
-    if not isinstance(source, bytes) and not str(source).lower().endswith((".dcm", ".dicom")):
-        try:
-            source = _read(source)
-        except OSError as e:
-            raise ImageError(f"{name}: cannot be read as an image ({e})") from None
+    if not _dicom_name(source):
+        source = _read(source, name)
     if _header_side(source) >= 2 * sizes[0]:
         return {r: decode(source, r, name) for r in sizes}
     im = open_image(source, None, name)

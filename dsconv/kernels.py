@@ -918,7 +918,7 @@ def network(x, packed, buffers, pooled, maps=None):
     if threads == 1:
         _network(0, *args)
     else:
-        _crew(threads - 1).run(args, threads)
+        _crew().run(args, threads)
 
 
 class _Crew:
@@ -929,32 +929,34 @@ class _Crew:
     sleeps on a condition: back-to-back passes, batch 1 especially, start
     without an operating-system wake-up (a thread pool's round trip was
     80 microseconds, a tenth of a small network's pass). Helper t runs its
-    part of every pass of at least t + 1 threads. Daemon threads: idle,
-    they do not keep the process alive.
+    part of every pass of more than t threads. Daemon threads: idle, they
+    do not keep the process alive.
     """
 
-    def __init__(self, n):
-        self.n = n
+    def __init__(self):
+        self.n = 0  # helpers started
         self.mail = np.zeros(1, np.int64)  # the number of the last pass posted, for the helpers to poll
-        self.job = (0, None)  # (that number, the pass's arguments to _network)
+        self.job = (0, None, 1)  # (that number, the pass's arguments to _network, its threads)
         self.posted = threading.Condition()
         self.lock = threading.Lock()  # one pass at a time: callers in several threads take turns
-        for t in range(1, n + 1):
-            threading.Thread(target=self._serve, args=(t,), name=f"dsconv-network-{t}", daemon=True).start()
 
     def run(self, args, threads):
         """One fused pass on the caller's thread and helpers 1 .. threads - 1."""
         with self.lock:
+            while self.n < threads - 1:
+                self.n += 1
+                threading.Thread(target=self._serve, args=(self.n,), name=f"dsconv-network-{self.n}",
+                                 daemon=True).start()
             number = self.job[0] + 1
             try:
-                self.job = (number, args)  # before the number: a helper that sees it finds the pass
+                self.job = (number, args, threads)  # before the number: a helper that sees it finds the pass
                 with self.posted:
                     self.mail[0] = number
                     self.posted.notify_all()
                 _network(0, *args)
             finally:  # the buffers are not free before every helper has finished, even on Ctrl-C
                 if self.mail[0] == number:  # (the helpers complete the pass: any thread takes any task)
-                    _join(args[-1], threads - 1)
+                    _join(args[-1], threads - 1)  # args[-1]: the pass's counters
 
     def _serve(self, t):
         done = 0  # the number of the last pass this helper saw
@@ -963,19 +965,19 @@ class _Crew:
                 with self.posted:
                     while self.mail[0] <= done:
                         self.posted.wait()
-            done, args = self.job  # the latest pass: one this helper skipped ran without it
-            if t < args[-4].shape[0]:  # the pass's threads: its tile buffers' first axis
+            done, args, threads = self.job  # the latest pass: one this helper skipped ran without it
+            if t < threads:
                 _network(t, *args)
 
 
 _crews = {}  # per process: a forked child inherits the parent's crew but none of its threads
 
 
-def _crew(n):
-    """A crew of at least n helpers for this process."""
+def _crew():
+    """This process's crew."""
     crew = _crews.get(os.getpid())
-    if crew is None or crew.n < n:
-        crew = _crews[os.getpid()] = _Crew(n)
+    if crew is None:
+        crew = _crews[os.getpid()] = _Crew()
     return crew
 
 
