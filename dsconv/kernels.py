@@ -4,7 +4,7 @@ Every array is NHWC float32. A public function checks shapes and allocates;
 a private ``@njit`` function does the work in explicit loops. The one-layer
 kernels are Numba parallel loops over the outermost independent axis (batch
 x output rows); the fused pass runs on the caller's and helper threads that
-claim work with atomic counters (see ``_network``). Batch norm is folded
+claim work with atomic counters (see ``_part``). Batch norm is folded
 into the kernels and biases at conversion time (dsconv.weights), so each
 convolution is conv + bias + ReLU6.
 
@@ -37,6 +37,7 @@ from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+from numba.np.ufunc import parallel as _numba_threads
 
 # (For the one-layer kernels; the fused pass does not use OpenMP.) Numba's
 # OpenMP threads wait at the end of every parallel loop. By default
@@ -636,18 +637,47 @@ def _pool_flat(x, m, out):
         out[ci] = acc[ci] / m
 
 
+# Where the fused pass's weights lie in Packed.weights: Packed.table holds
+# the number of blocks, then the stem's kernel offset, panels and K, and
+# bias offset and size (HEAD words in all), then ENTRY words per block:
+# depthwise kernel offset and blocks of DW_LANES channels, bias offset and
+# size, pointwise kernel offset and panels, bias offset and size, stride.
+HEAD, ENTRY, STRIDE = 6, 9, 8
+
+
 @njit(inline="always", **JIT)
-def _stack(x, g, r, k0, b0, kd, bd, wp, bp, strides, act0, act1, tile, pooled, maps):
+def _stem_weights(weights, table):
+    # the stem's packed kernel (panels, 27, NR) and its bias (C,): views of weights
+    o, panels, k = table[1], table[2], table[3]
+    return weights[o:o + panels * k * NR].reshape((panels, k, NR)), weights[table[4]:table[4] + table[5]]
+
+
+@njit(inline="always", **JIT)
+def _block_weights(weights, table, j):
+    # block j's packed depthwise kernel (blocks, 9, DW_LANES), its bias (C,),
+    # packed pointwise kernel (panels, C, NR), its bias (Cout,), and its stride
+    e = HEAD + j * ENTRY
+    kd = weights[table[e]:table[e] + table[e + 1] * 9 * DW_LANES].reshape((table[e + 1], 9, DW_LANES))
+    c = table[e + 3]
+    wp = weights[table[e + 4]:table[e + 4] + table[e + 5] * c * NR].reshape((table[e + 5], c, NR))
+    return (kd, weights[table[e + 2]:table[e + 2] + c], wp, weights[table[e + 6]:table[e + 6] + table[e + 7]],
+            table[e + STRIDE])
+
+
+@njit(inline="always", **JIT)
+def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
     # The whole network on a stack of g images, serially, layer by layer:
     # x flat (g, r, r, 3) -> pooled (g, F), and the last feature maps into
     # maps (flat (g, s, s, F)) unless it is empty. Activations alternate
     # between the flat buffers act0 and act1.
     side = -(-r // 2)
+    k0, b0 = _stem_weights(weights, table)
     _stem_rows(x, r, r, k0, b0, np.int64(2), act0, np.int64(0), g * side, tile)
     src, dst = act0, act1
-    for i in range(len(kd)):
-        out = -(-side // strides[i])
-        _block_rows(src, side, side, kd[i], bd[i], wp[i], bp[i], strides[i], dst, np.int64(0), g * out, tile)
+    for j in range(table[0]):
+        kd, bd, wp, bp, stride = _block_weights(weights, table, j)
+        out = -(-side // stride)
+        _block_rows(src, side, side, kd, bd, wp, bp, stride, dst, np.int64(0), g * out, tile)
         side, src, dst = out, dst, src
     c = pooled.shape[1]
     if maps.size:
@@ -736,66 +766,42 @@ def _by_channels(g, out, c, tile):
 
 
 @njit(inline="always", **JIT)
-def _shared_tasks(i, side, g, r, k0, wp, strides, tile, threads):
+def _shared_tasks(i, side, g, r, weights, table, tile, threads):
     # How many tasks layer i (0: the stem) of the g shared images is split into.
     if i == 0:
+        k0, _ = _stem_weights(weights, table)
         units = g * -(-r // 2)
         macs = units * -(-r // 2) * k0.shape[1] * k0.shape[0] * NR
     else:
-        out = -(-side // strides[i - 1])
-        c = wp[i - 1].shape[1]
-        macs = g * out * out * (9 + wp[i - 1].shape[0] * NR) * c
-        units = wp[i - 1].shape[0] if _by_channels(g, out, c, tile) else g * out
+        _, _, wp, _, stride = _block_weights(weights, table, i - 1)
+        out = -(-side // stride)
+        c = wp.shape[1]
+        macs = g * out * out * (9 + wp.shape[0] * NR) * c
+        units = wp.shape[0] if _by_channels(g, out, c, tile) else g * out
     return max(1, min(units, TASKS * threads, macs // GRAIN))
 
 
 @njit(inline="always", **JIT)
-def _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile, x):
+def _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
     # Task `task` of `tasks` of layer i (0: the stem) of the g shared images.
     if i == 0:
+        k0, b0 = _stem_weights(weights, table)
         rows = g * -(-r // 2)
         _stem_rows(x, r, r, k0, b0, np.int64(2), dst, rows * task // tasks, rows * (task + 1) // tasks, tile)
         return
-    j = i - 1
-    out = -(-side // strides[j])
-    if _by_channels(g, out, wp[j].shape[1], tile):
-        panels, cout = wp[j].shape[0], bp[j].shape[0]
-        _block_cols(src, g, side, kd[j], bd[j], wp[j], bp[j], strides[j], dst, NR * (panels * task // tasks),
+    kd, bd, wp, bp, stride = _block_weights(weights, table, i - 1)
+    out = -(-side // stride)
+    if _by_channels(g, out, wp.shape[1], tile):
+        panels, cout = wp.shape[0], bp.shape[0]
+        _block_cols(src, g, side, kd, bd, wp, bp, stride, dst, NR * (panels * task // tasks),
                     min(cout, NR * (panels * (task + 1) // tasks)), tile)
     else:
-        _block_rows(src, side, side, kd[j], bd[j], wp[j], bp[j], strides[j], dst, g * out * task // tasks,
+        _block_rows(src, side, side, kd, bd, wp, bp, stride, dst, g * out * task // tasks,
                     g * out * (task + 1) // tasks, tile)
 
 
-@njit(**JIT)
-def _network(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters):
-    # Thread t's part of the fused pass (_part); a helper (t > 0) then counts
-    # itself finished in the last counter, which the caller waits for.
-    _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters)
-    if t > 0:
-        _atomic_add(counters, counters.size - 1, 1)
-
-
-@njit(**JIT)
-def _join(counters, helpers):
-    # The caller's wait for the helpers' parts: they may still read the
-    # buffers after the last task is done.
-    _wait(counters, counters.size - 1, helpers)
-
-
-@njit(**JIT)
-def _await(mail, done):
-    # A helper's wait for a pass numbered above `done`: polls mail[0] for
-    # IDLE polls (spin hints, then sched_yield), then returns what it holds.
-    spins = 0
-    while _atomic_load(mail, 0) <= done and spins < IDLE:
-        _relax(spins)
-        spins += 1
-    return _atomic_load(mail, 0)
-
-
 @njit(inline="always", **JIT)
-def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, pooled, maps, counters):
+def _part(t, x, n_img, r, stack, weights, table, act, tile, pooled, maps, counters):
     # Thread t's part of the fused pass, x flat (N, r, r, 3) -> pooled (N, F),
     # T = len(tile) threads in all: first the W = N - N mod T images that go
     # whole, in stacks of up to `stack`, each thread its stack on its own
@@ -805,7 +811,7 @@ def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, poo
     # claims any task and a layer waits only for the previous one's tasks to
     # be done, so the pass completes however the threads are scheduled, even
     # one after another. maps: the last feature maps, flat (N, s, s, F), or
-    # empty. counters: _counters(len(kd), T).
+    # empty. counters: _counters(blocks, T).
     threads = tile.shape[0]
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
@@ -820,31 +826,31 @@ def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, poo
         if s >= stacks:
             break
         n0, n1 = whole * s // stacks, whole * (s + 1) // stacks
-        _stack(x[n0 * size:n1 * size], n1 - n0, r, k0, b0, kd, bd, wp, bp, strides, act[t, 0], act[t, 1],
-               tile[t], pooled[n0:n1], maps[n0 * per_map:n1 * per_map])
+        _stack(x[n0 * size:n1 * size], n1 - n0, r, weights, table, act[t, 0], act[t, 1], tile[t], pooled[n0:n1],
+               maps[n0 * per_map:n1 * per_map])
         _atomic_add(counters, 1, 1)
     if g == 0:
         return
     _wait(counters, np.int64(1), stacks)  # act[0] is free
     a, b = act[0, 0], act[0, 1]
     side = r
-    for i in range(len(kd) + 1):
+    blocks = table[0]
+    for i in range(blocks + 1):
         src, dst = (a, b) if i % 2 else (b, a)
-        tasks = _shared_tasks(i, side, g, r, k0, wp, strides, tile[t], threads)
+        tasks = _shared_tasks(i, side, g, r, weights, table, tile[t], threads)
         base = _layer_counters(i, threads)
         first = t * tasks // threads
         for j in range(tasks):
             task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
             if _atomic_add(counters, base + 1 + task, 1) == 0:
-                _shared_layer(i, task, tasks, src, side, g, r, k0, b0, kd, bd, wp, bp, strides, dst, tile[t],
-                              x[whole * size:])
+                _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile[t], x[whole * size:])
                 _atomic_add(counters, base, 1)
         _wait(counters, base, tasks)
-        side = -(-side // 2) if i == 0 else -(-side // strides[i - 1])
-    last = a if len(kd) % 2 == 0 else b
+        side = -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
+    last = a if blocks % 2 == 0 else b
     c = pooled.shape[1]
     while True:
-        n = _atomic_add(counters, _pool_claims(len(kd), threads), 1)
+        n = _atomic_add(counters, _pool_claims(blocks, threads), 1)
         if n >= g:
             break
         m = side * side * c
@@ -856,43 +862,57 @@ def _part(t, x, n_img, r, stack, k0, b0, kd, bd, wp, bp, strides, act, tile, poo
 
 # The fused forward pass: its packed weights, its buffers, and the one entry.
 
-Packed = namedtuple("Packed", "stem_kernel stem_bias dw_kernels dw_biases pw_kernels pw_biases strides")
-Buffers = namedtuple("Buffers", "stack act tile")
+Packed = namedtuple("Packed", "weights table")
+Buffers = namedtuple("Buffers", "stack act tile counters")
 
 
 def pack_network(stem, blocks):
-    """A network's weights in the layouts network() takes, packed once.
+    """A network's weights packed once for network(): Packed(weights, table).
 
     stem (kernel (3, 3, 3, C), bias (C,)); blocks: per depthwise-separable
     block (depthwise kernel (3, 3, C), its bias (C,), pointwise kernel
-    (C, Cout), its bias (Cout,), depthwise stride), in order.
+    (C, Cout), its bias (Cout,), depthwise stride), in order. weights: every
+    layer's packed kernel and bias in one float32 array, each starting on a
+    64-byte boundary; table: where they lie (see _stem_weights), int64.
     """
     kernel, bias = stem
-    return Packed(pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)),
-                  np.ascontiguousarray(bias, np.float32),
-                  tuple(pack_depthwise(np.asarray(kd, np.float32)) for kd, _, _, _, _ in blocks),
-                  tuple(np.ascontiguousarray(bd, np.float32) for _, bd, _, _, _ in blocks),
-                  tuple(pack(np.asarray(wp, np.float32)) for _, _, wp, _, _ in blocks),
-                  tuple(np.ascontiguousarray(bp, np.float32) for _, _, _, bp, _ in blocks),
-                  np.array([s for *_, s in blocks], np.int64))
+    parts = [pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)), np.ascontiguousarray(bias, np.float32)]
+    for kd, bd, wp, bp, _ in blocks:
+        parts += [pack_depthwise(np.asarray(kd, np.float32)), np.ascontiguousarray(bd, np.float32),
+                  pack(np.asarray(wp, np.float32)), np.ascontiguousarray(bp, np.float32)]
+    offsets = np.cumsum([0] + [-(-p.size // 16) * 16 for p in parts])
+    space = np.zeros(offsets[-1] + 16, np.float32)
+    weights = space[(-space.ctypes.data // 4) % 16:][:offsets[-1]]  # 64-byte aligned
+    for p, o in zip(parts, offsets):
+        weights[o:o + p.size] = p.ravel()
+    table = [len(blocks), offsets[0], *parts[0].shape[:2], offsets[1], parts[1].size]
+    for j, (*_, stride) in enumerate(blocks):
+        kd, bd, wp, bp = parts[2 + 4 * j:6 + 4 * j]
+        o = offsets[2 + 4 * j:6 + 4 * j]
+        table += [o[0], kd.shape[0], o[1], bd.size, o[2], wp.shape[0], o[3], bp.size, stride]
+    return Packed(weights, np.array(table, np.int64))
 
 
 def network_buffers(packed, resolution, threads):
-    """Buffers(stack, act (T, 2, S), tile (T, tile)) for network() at this resolution on T threads.
+    """Buffers(stack, act (T, 2, S), tile (T, tile), counters) for network() at this resolution on T threads.
 
     A stack is as many images as fit STACK floats of their largest
     activation (at least one); S holds a stack, or the images left over for
-    the shared pass (fewer than the threads).
+    the shared pass (fewer than the threads). counters: those of a pass,
+    zeroed when it is posted.
     """
-    side, c = resolution // 2, packed.stem_bias.shape[0]
+    table = packed.table
+    side, c = resolution // 2, table[5]
     largest, row = side * side * c, side * (27 + c)  # a row of the stem's patches and their outputs
-    for stride, bias in zip(packed.strides, packed.pw_biases):
+    for j in range(table[0]):
+        e = HEAD + j * ENTRY
+        stride, cout = table[e + STRIDE], table[e + 7]
         row = max(row, -(-side // stride) * c)
-        side, c = -(-side // stride), bias.shape[0]
+        side, c = -(-side // stride), cout
         largest = max(largest, side * side * c)
     stack = max(1, STACK // largest)
     return Buffers(stack, np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32),
-                   np.empty((threads, max(TILE, row)), np.float32))
+                   np.empty((threads, max(TILE, row)), np.float32), _counters(table[0], threads))
 
 
 def network(x, packed, buffers, pooled, maps=None):
@@ -900,74 +920,186 @@ def network(x, packed, buffers, pooled, maps=None):
 
     With ``maps`` (N, s, s, F) float32, the last feature maps (s = r / 32)
     are written there too: what a class activation map needs, from the same
-    pass.
+    pass. Every array C-contiguous.
 
     Whole images per thread, in stacks of up to ``buffers.stack`` images
     (so that the late layers' matrix products have enough rows), while there
     are at least as many images as threads: no synchronisation between
     layers. Then the images left over (a single image, mostly) shared by all
-    the threads, layer by layer, in one parallel region: a thread that
-    finishes its part of a layer polls a counter for the others, no
-    operating-system wake-up in between. One call at a time per ``buffers``.
+    the threads, layer by layer: a thread that finishes its part of a layer
+    polls a counter for the others, no operating-system wake-up in between.
+    One call at a time per ``buffers``.
     """
-    n, r = x.shape[0], x.shape[1]
     threads = buffers.tile.shape[0]
-    counters = _counters(len(packed.dw_kernels), threads)
-    maps = np.empty(0, np.float32) if maps is None else maps.reshape(-1)
-    args = (x.reshape(-1), n, r, buffers.stack, *packed, buffers.act, buffers.tile, pooled, maps, counters)
+    args = (x, x.shape[0], x.shape[1], buffers.stack, *packed, buffers.act, buffers.tile, pooled,
+            _NO_MAPS if maps is None else maps, buffers.counters)
     if threads == 1:
-        _network(0, *args)
+        mail = np.zeros(MAIL, np.int64)
+        _post(mail, 1, *args)
+        _passes(0, mail, 0)
     else:
-        _crew().run(args, threads)
+        _crew().run(threads, args)
+
+
+_NO_MAPS = np.empty((0, 1, 1, 1), np.float32)
+
+
+def threads():
+    """numba.get_num_threads(): the thread count numba.set_num_threads() set for the calling thread.
+
+    Numba's function takes two locks on every call, one of them shared
+    between processes: 6 to 25 microseconds, a few percent of a small
+    network's pass. Once Numba has started its threading layer, this reads
+    the count from the layer directly.
+    """
+    if getattr(_numba_threads, "_is_initialized", False):
+        read = getattr(_numba_threads, "_get_num_threads", None)
+        if read is not None:
+            return read()
+    return numba.get_num_threads()
+
+
+# A pass as the threads take it: mail[0] is its number, counted up by
+# _post after it wrote the pass's thread count and sizes and its arrays'
+# addresses in the words after. Every thread, the caller's included, makes
+# its views of the arrays from there (_run, in _passes): a call unboxes one array, not
+# sixty, and a helper runs pass after pass without leaving compiled code
+# (no GIL to take back between passes). The arrays stay alive because the
+# caller holds them until every helper has finished.
+MAIL = 21
+
+
+def _pointer(dtype):
+    """An intrinsic: an address (int64) -> a pointer to dtype, as numba.carray takes it."""
+    @intrinsic
+    def at(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return types.CPointer(dtype)(types.int64), codegen
+
+    return at
+
+
+_floats_at, _ints_at = _pointer(types.float32), _pointer(types.int64)
+
+
+@njit(**JIT)
+def _post(mail, threads, x, n_img, r, stack, weights, table, act, tile, pooled, maps, counters):
+    # Describes a pass in mail, then counts up its number: a thread that sees the number sees the rest.
+    for i in range(counters.size):
+        counters[i] = 0
+    mail[1], mail[2], mail[3], mail[4] = threads, n_img, r, stack
+    mail[5], mail[6] = x.ctypes.data, x.size
+    mail[7], mail[8] = weights.ctypes.data, weights.size
+    mail[9], mail[10] = table.ctypes.data, table.size
+    mail[11], mail[12] = act.ctypes.data, act.shape[2]
+    mail[13], mail[14] = tile.ctypes.data, tile.shape[1]
+    mail[15], mail[16] = pooled.ctypes.data, pooled.shape[1]
+    mail[17], mail[18] = maps.ctypes.data, maps.size
+    mail[19], mail[20] = counters.ctypes.data, counters.size
+    _atomic_add(mail, 0, 1)
+
+
+@njit(inline="always", **JIT)
+def _run(t, mail):
+    # Thread t's part of the pass posted in mail (_part); a helper (t > 0)
+    # then counts itself finished in the last counter, which the caller
+    # waits for (_join).
+    threads, n_img = mail[1], mail[2]
+    counters = numba.carray(_ints_at(mail[19]), mail[20])
+    _part(t, numba.carray(_floats_at(mail[5]), mail[6]), n_img, mail[3], mail[4],
+          numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10]),
+          numba.carray(_floats_at(mail[11]), (threads, 2, mail[12])),
+          numba.carray(_floats_at(mail[13]), (threads, mail[14])),
+          numba.carray(_floats_at(mail[15]), (n_img, mail[16])), numba.carray(_floats_at(mail[17]), mail[18]),
+          counters)
+    if t > 0:
+        _atomic_add(counters, counters.size - 1, 1)
+
+
+@njit(**JIT)
+def _join(mail):
+    # The caller's wait for the helpers' parts of the pass in mail: they may
+    # still read the buffers after the last task is done.
+    counters = numba.carray(_ints_at(mail[19]), mail[20])
+    _wait(counters, counters.size - 1, mail[1] - 1)
+
+
+@njit(**JIT)
+def _passes(t, mail, done):
+    # Thread t's parts of fused passes: the one compiled entry of the pass,
+    # for both roles, so that its code is compiled once (a compiled function
+    # calling another is compiled with it). The caller's thread (t = 0) runs
+    # its part of the pass posted in mail and returns. A helper runs its part
+    # of each pass as soon as it is posted, until none comes for IDLE polls
+    # (spin hints, then sched_yield), and returns the number of the last pass
+    # it saw. It takes part in a pass of more than t threads; a pass whose
+    # number moved on while it read the thread count was not one (the caller
+    # waits for every helper of its pass).
+    while True:
+        if t > 0:
+            spins = 0
+            while _atomic_load(mail, 0) <= done and spins < IDLE:
+                _relax(spins)
+                spins += 1
+            number = _atomic_load(mail, 0)
+            if number <= done:
+                return done
+            threads = _atomic_load(mail, 1)
+            if _atomic_load(mail, 0) != number:
+                continue
+            done = number
+            if t >= threads:
+                continue
+        _run(t, mail)
+        if t == 0:
+            return done
 
 
 class _Crew:
     """The threads besides the caller's that run the fused pass, kept from call to call.
 
-    After a pass each helper polls for the next one for a while (IDLE
-    polls, mostly sched_yield: a fraction of a millisecond) before it
-    sleeps on a condition: back-to-back passes, batch 1 especially, start
-    without an operating-system wake-up (a thread pool's round trip was
-    80 microseconds, a tenth of a small network's pass). Helper t runs its
-    part of every pass of more than t threads. Daemon threads: idle, they
-    do not keep the process alive.
+    A helper runs passes in compiled code as they are posted, and after a
+    pass polls for the next one for a while (IDLE polls, mostly
+    sched_yield: a fraction of a millisecond) before it sleeps on a
+    condition: back-to-back passes, batch 1 especially, start without an
+    operating-system wake-up (a thread pool's round trip was 80
+    microseconds, a tenth of a small network's pass). Helper t runs its part
+    of every pass of more than t threads. Daemon threads: idle, they do not
+    keep the process alive.
     """
 
     def __init__(self):
         self.n = 0  # helpers started
-        self.mail = np.zeros(1, np.int64)  # the number of the last pass posted, for the helpers to poll
-        self.job = (0, None, 1)  # (that number, the pass's arguments to _network, its threads)
+        self.mail = np.zeros(MAIL, np.int64)  # the pass posted last (_post)
         self.posted = threading.Condition()
         self.lock = threading.Lock()  # one pass at a time: callers in several threads take turns
 
-    def run(self, args, threads):
-        """One fused pass on the caller's thread and helpers 1 .. threads - 1."""
+    def run(self, threads, args):
+        """One fused pass (args: _post's after the thread count) on the caller's thread and helpers 1 .. threads - 1."""
         with self.lock:
             while self.n < threads - 1:
                 self.n += 1
-                threading.Thread(target=self._serve, args=(self.n,), name=f"dsconv-network-{self.n}",
+                threading.Thread(target=self._helper, args=(self.n,), name=f"dsconv-network-{self.n}",
                                  daemon=True).start()
-            number = self.job[0] + 1
+            number = self.mail[0] + 1
             try:
-                self.job = (number, args, threads)  # before the number: a helper that sees it finds the pass
                 with self.posted:
-                    self.mail[0] = number
+                    _post(self.mail, threads, *args)
                     self.posted.notify_all()
-                _network(0, *args)
+                _passes(0, self.mail, 0)
             finally:  # the buffers are not free before every helper has finished, even on Ctrl-C
                 if self.mail[0] == number:  # (the helpers complete the pass: any thread takes any task)
-                    _join(args[-1], threads - 1)  # args[-1]: the pass's counters
+                    _join(self.mail)
 
-    def _serve(self, t):
+    def _helper(self, t):
         done = 0  # the number of the last pass this helper saw
         while True:
-            if _await(self.mail, done) <= done:
-                with self.posted:
-                    while self.mail[0] <= done:
-                        self.posted.wait()
-            done, args, threads = self.job  # the latest pass: one this helper skipped ran without it
-            if t < threads:
-                _network(t, *args)
+            done = _passes(t, self.mail, done)
+            with self.posted:
+                while self.mail[0] <= done:
+                    self.posted.wait()
 
 
 _crews = {}  # per process: a forked child inherits the parent's crew but none of its threads

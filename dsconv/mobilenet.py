@@ -15,7 +15,6 @@ layers disagrees with it) are in dsconv.paper; tests/test_mobilenet.py checks
 import hashlib
 import threading
 
-import numba
 import numpy as np
 
 from dsconv import DsconvError, kernels
@@ -170,7 +169,7 @@ class MobileNet:
 
     def _pooled(self, x, maps=None):
         """The fused forward pass (kernels.network) with this network's packed weights and buffers."""
-        threads = numba.get_num_threads()
+        threads = kernels.threads()
         if getattr(self, "_fused", None) is None or self._fused[0] != threads:
             self._fused = (threads, threading.Lock(), kernels.network_buffers(self.packed, self.resolution, threads))
         _, lock, buffers = self._fused

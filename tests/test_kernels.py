@@ -123,3 +123,40 @@ def test_stem_rows_in_the_smallest_tile(h, w, stride):
     kernels._stem_rows(x.ravel(), h, w, kernels.pack(k.reshape(27, 8)), b, stride, y, 0, 2 * ho, room[:wo * 35])
     close(y.reshape(want.shape), want)
     assert np.isnan(room[wo * 35:]).all()
+
+
+def test_threads_is_numba_count_for_the_calling_thread():
+    import threading
+
+    import numba
+    before = numba.get_num_threads()
+    seen = []
+    try:
+        for n in range(1, numba.config.NUMBA_NUM_THREADS + 1):
+            numba.set_num_threads(n)
+            seen.append((kernels.threads(), numba.get_num_threads()))
+        numba.set_num_threads(1)
+        other = threading.Thread(target=lambda: seen.append((kernels.threads(), numba.get_num_threads())))
+        other.start()
+        other.join()  # a thread's own count: the default, whatever this one set
+    finally:
+        numba.set_num_threads(before)
+    assert seen == [(n, n) for n in range(1, numba.config.NUMBA_NUM_THREADS + 1)] + [
+        (numba.config.NUMBA_NUM_THREADS,) * 2]
+
+
+def test_packed_network_holds_each_layer_packed_and_aligned():
+    # The views the fused pass takes of the one weight array are the layers' own packed arrays.
+    c, blocks = 8, [(rand(3, 3, 8), rand(8), rand(8, 16), rand(16), 2),
+                    (rand(3, 3, 16), rand(16), rand(16, 40), rand(40), 1)]
+    stem = (rand(3, 3, 3, c), rand(c))
+    packed = kernels.pack_network(stem, blocks)
+    assert packed.weights.ctypes.data % 64 == 0 and packed.table[0] == 2
+    k0, b0 = kernels._stem_weights(packed.weights, packed.table)
+    np.testing.assert_array_equal(k0, kernels.pack(stem[0].reshape(27, c)))
+    np.testing.assert_array_equal(b0, stem[1])
+    for j, (kd, bd, wp, bp, stride) in enumerate(blocks):
+        got = kernels._block_weights(packed.weights, packed.table, j)
+        for g, want in zip(got, (kernels.pack_depthwise(kd), bd, kernels.pack(wp), bp)):
+            np.testing.assert_array_equal(g, want)
+        assert got[4] == stride

@@ -150,9 +150,9 @@ def test_fused_pass_completes_on_one_thread_of_several(converted):
     packed = net.packed
     b = kernels.network_buffers(packed, 128, 3)
     pooled = np.full((5, net.pooled_width), np.nan, np.float32)
-    counters = kernels._counters(len(packed.dw_kernels), 3)
-    kernels._network(0, x.reshape(-1), 5, 128, b.stack, *packed, b.act, b.tile, pooled, np.empty(0, np.float32),
-                     counters)
+    mail = np.zeros(kernels.MAIL, np.int64)
+    kernels._post(mail, 3, x, 5, 128, b.stack, *packed, b.act, b.tile, pooled, kernels._NO_MAPS, b.counters)
+    kernels._passes(0, mail, 0)
     np.testing.assert_array_equal(pooled, net.forward(x)[0])
 
 
