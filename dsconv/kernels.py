@@ -870,7 +870,7 @@ def _part(t, x, n_img, r, stack, weights, table, act, tile, pooled, maps, counte
 # The fused forward pass: its packed weights, its buffers, and the one entry.
 
 Packed = namedtuple("Packed", "weights table")
-Buffers = namedtuple("Buffers", "stack act tile counters")
+Buffers = namedtuple("Buffers", "stack act tile counters table shapes")
 
 
 def pack_network(stem, blocks):
@@ -902,12 +902,13 @@ def pack_network(stem, blocks):
 
 
 def network_buffers(packed, resolution, threads):
-    """Buffers(stack, act (T, 2, S), tile (T, tile), counters) for network() at this resolution on T threads.
+    """Buffers(stack, act (T, 2, S), tile (T, tile), counters, table, shapes): network()'s at this size on T threads.
 
     A stack is as many images as fit STACK floats of their largest
     activation (at least one); S holds a stack, or the images left over for
     the shared pass (fewer than the threads). counters: those of a pass,
-    zeroed when it is posted.
+    zeroed when it is posted. table: packed.table, the weights they are
+    for; shapes: of one image's input, pooled features and last maps.
     """
     table = packed.table
     side, c = resolution // 2, table[5]
@@ -920,7 +921,8 @@ def network_buffers(packed, resolution, threads):
         largest = max(largest, side * side * c)
     stack = max(1, STACK // largest)
     return Buffers(stack, np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32),
-                   np.empty((threads, max(TILE, row)), np.float32), _counters(table[0], threads))
+                   np.empty((threads, max(TILE, row)), np.float32), _counters(table[0], threads), table,
+                   ((resolution, resolution, 3), (c,), (side, side, c)))
 
 
 def network(x, packed, buffers, pooled, maps=None):
@@ -936,8 +938,19 @@ def network(x, packed, buffers, pooled, maps=None):
     layers. Then the images left over (a single image, mostly) shared by all
     the threads, layer by layer: a thread that finishes its part of a layer
     polls a counter for the others, no operating-system wake-up in between.
-    One call at a time per ``buffers``.
+    One call at a time per ``buffers``. The threads take the arrays by
+    address, so their shapes are checked here (ValueError).
     """
+    if buffers.table is not packed.table:
+        raise ValueError("network: these buffers were made for other weights (network_buffers(packed, ...))")
+    n = len(x)
+    checks = [("images", x, buffers.shapes[0]), ("pooled", pooled, buffers.shapes[1])]
+    if maps is not None:
+        checks.append(("maps", maps, buffers.shapes[2]))
+    for name, a, shape in checks:
+        if a.dtype != np.float32 or a.shape != (n, *shape) or not a.flags.c_contiguous:
+            raise ValueError(f"network: {name} should be a C-contiguous float32 array of shape {(n, *shape)}, "
+                             f"got {a.dtype} {a.shape}")
     threads = buffers.tile.shape[0]
     args = (x, x.shape[0], x.shape[1], buffers.stack, *packed, buffers.act, buffers.tile, pooled,
             _NO_MAPS if maps is None else maps, buffers.counters)

@@ -188,3 +188,23 @@ def test_fused_passes_from_several_threads_take_turns(converted):
         assert len(g) == 30
         for pooled in g:
             np.testing.assert_array_equal(pooled, w)
+
+
+def test_fused_pass_refuses_arrays_it_would_misread(converted):
+    # The threads read the arrays by address: a wrong shape, dtype or layout, or buffers made for other
+    # weights, is a clear error before the pass, not memory read or written out of bounds.
+    net, other = weights.load(0.25, 128, quiet=True), weights.load(0.25, 160, quiet=True)
+    b = kernels.network_buffers(net.packed, 128, 2)
+    x = np.zeros((2, 128, 128, 3), np.float32)
+    pooled = np.empty((2, net.pooled_width), np.float32)
+    bad = [(np.zeros((2, 160, 160, 3), np.float32), net.packed, b, pooled, None, "images"),
+           (x.astype(np.float64), net.packed, b, pooled, None, "images"),
+           (np.zeros((2, 128, 128, 6), np.float32)[..., :3], net.packed, b, pooled, None, "images"),
+           (x, net.packed, b, pooled[:1], None, "pooled"),
+           (x, net.packed, b, pooled, np.empty((2, 5, 5, net.pooled_width), np.float32), "maps"),
+           (x, other.packed, b, pooled, None, "other weights")]
+    for args in bad:
+        with pytest.raises(ValueError, match=args[-1]):
+            kernels.network(*args[:-1])
+    kernels.network(x, net.packed, b, pooled, np.empty((2, 4, 4, net.pooled_width), np.float32))
+    np.testing.assert_array_equal(pooled, net.forward(x)[0])
