@@ -649,7 +649,7 @@ def _pool_flat(x, m, out):
 # bias offset and size (HEAD words in all), then ENTRY words per block:
 # depthwise kernel offset and blocks of DW_LANES channels, bias offset and
 # size, pointwise kernel offset and panels, bias offset and size, stride.
-HEAD, ENTRY, STRIDE = 6, 9, 8
+HEAD, ENTRY, COUT, STRIDE = 6, 9, 7, 8  # COUT, STRIDE: where in a block's entry
 
 
 @njit(inline="always", **JIT)
@@ -667,7 +667,7 @@ def _block_weights(weights, table, j):
     kd = weights[table[e]:table[e] + table[e + 1] * 9 * DW_LANES].reshape((table[e + 1], 9, DW_LANES))
     c = table[e + 3]
     wp = weights[table[e + 4]:table[e + 4] + table[e + 5] * c * NR].reshape((table[e + 5], c, NR))
-    return (kd, weights[table[e + 2]:table[e + 2] + c], wp, weights[table[e + 6]:table[e + 6] + table[e + 7]],
+    return (kd, weights[table[e + 2]:table[e + 2] + c], wp, weights[table[e + 6]:table[e + 6] + table[e + COUT]],
             table[e + STRIDE])
 
 
@@ -915,7 +915,7 @@ def network_buffers(packed, resolution, threads):
     largest, row = side * side * c, side * (27 + c)  # a row of the stem's patches and their outputs
     for j in range(table[0]):
         e = HEAD + j * ENTRY
-        stride, cout = table[e + STRIDE], table[e + 7]
+        stride, cout = table[e + STRIDE], table[e + COUT]
         row = max(row, -(-side // stride) * c)
         side, c = -(-side // stride), cout
         largest = max(largest, side * side * c)
