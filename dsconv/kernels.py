@@ -34,7 +34,7 @@ from collections import namedtuple
 import numba
 import numpy as np
 from llvmlite import binding, ir
-from numba import njit, prange, types
+from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.ufunc import parallel as _numba_threads
@@ -460,11 +460,11 @@ def _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1):
                       min(MR, rows - r), c)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
     # Columns [n0, n1) of m rows of y (from y[y0], N apart) = relu6(a @ w + b), row i of a from a[a0 + i lda]
-    # as the micro-kernel takes it (seg, gap: see gemm_block). One compiled function for every product: the
-    # micro-kernels inlined once, not once per caller (they are most of the compile time).
+    # as the micro-kernel takes it (seg, gap: see gemm_block). Compiled once, as the C function
+    # _product_entry that every product calls (_call_product).
     k, n = wp.shape[1], b.shape[0]
     if k * (n1 - n0) <= SMALL_B:
         for i0 in range(0, m, 2 * MR):
@@ -483,7 +483,7 @@ def gemm(a, m, wp, b, y, n0, n1):
     a flat (m, K), wp = pack(w) (panels, K, NR), b (N,), y flat (m, N).
     """
     k = wp.shape[1]
-    _product(a, np.int64(0), k, k, np.int64(0), m, wp, b, y, np.int64(0), n0, n1)
+    _call_product(a, np.int64(0), k, k, np.int64(0), m, wp, b, y, np.int64(0), n0, n1)
 
 
 def _check(x, name, ndim):
@@ -517,8 +517,8 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
             iy = oy * stride - top
             inside = iy >= 0 and iy + 2 < h
             if inside and hi > lo:
-                _product(x, (t // ho * h * w + iy * w + lo * stride - left) * cin, stride * cin, 3 * cin, w * cin,
-                         hi - lo, k, b, y, (t * wo + lo) * c, np.int64(0), c)
+                _call_product(x, (t // ho * h * w + iy * w + lo * stride - left) * cin, stride * cin, 3 * cin,
+                              w * cin, hi - lo, k, b, y, (t * wo + lo) * c, np.int64(0), c)
             for ox in range(wo):
                 if inside and ox >= lo and ox < hi:
                     continue
@@ -531,7 +531,7 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
                 m += 1
         if m == 0:
             continue
-        _product(tile, np.int64(0), taps, taps, np.int64(0), m, k, b, tile, m * taps, np.int64(0), c)
+        _call_product(tile, np.int64(0), taps, taps, np.int64(0), m, k, b, tile, m * taps, np.int64(0), c)
         out = tile[m * taps:]
         i = 0
         for t in range(r0, r1):
@@ -544,11 +544,11 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
                     i += 1
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
     # Output row oy: x flat (H, W, C), k packed (3, 3, C), b (C,), y flat (Wo, C),
     # see depthwise_row. Output pixels [lo, hi) have their whole window
-    # inside the image.
+    # inside the image. Compiled once, as _depthwise_row_entry (_call_depthwise_row).
     iy = oy * stride - top
     lo = min(wo, -(-left // stride))
     hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
@@ -558,6 +558,83 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
         _depthwise_s1(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
     else:
         _depthwise_s2(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
+
+
+
+# The two leaves, each compiled once as a C function that the others call by
+# its name. A Numba function that calls another links a copy of the callee's
+# code into its own and optimises and compiles it again: the products' and
+# depthwise rows' vector code was compiled six and four times over (gemm,
+# _stem_rows, _block_rows, _block_cols, the fused pass), a third of the
+# first process's compile time. Called by name instead, it is compiled once;
+# a call costs a few nanoseconds, once per band of a product or row of a
+# depthwise layer. Their names are registered with LLVM as this module is
+# imported, before anything that calls them is compiled or read from the
+# cache. Arrays go as their data pointer and sizes (_call_entry).
+
+_FLOATS, _INT = types.CPointer(types.float32), types.int64
+_ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
+
+
+@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _FLOATS, _INT,
+                  _INT, _INT, _INT), **_ENTRY)
+def _product_entry(a, na, a0, lda, seg, gap, m, wp, panels, k, b, n, y, ny, y0, n0, n1):
+    _product(carray(a, na), a0, lda, seg, gap, m, carray(wp, (panels, k, NR)), carray(b, n), carray(y, ny), y0, n0,
+             n1)
+
+
+@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _INT, _FLOATS,
+                  _INT, _INT), **_ENTRY)
+def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, left, y, ny, wo):
+    _depthwise_row(carray(x, nx), h, w, carray(k, (blocks, taps, DW_LANES)), carray(b, c), oy, stride, top, left,
+                   carray(y, ny), wo)
+
+
+def _call_entry(symbol):
+    """The code of a call to the C function registered as `symbol`.
+
+    A float32 array argument goes as its data pointer and its size (1-d) or
+    its first two sizes (3-d, the packed weights), any other as an int64.
+    """
+    def codegen(context, builder, signature, args):
+        values = []
+        for ty, value in zip(signature.args, args):
+            if isinstance(ty, types.Array):
+                a = context.make_array(ty)(context, builder, value)
+                values += [a.data, a.nitems] if ty.ndim == 1 else [a.data, *cgutils.unpack_tuple(builder, a.shape)[:2]]
+            else:
+                values.append(context.cast(builder, value, ty, types.int64))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [v.type for v in values]),
+                                            symbol)
+        builder.call(fn, values)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _entry_signature(name, args):
+    for ty in args:
+        if isinstance(ty, types.Array) and (ty.dtype != types.float32 or ty.layout != "C" or ty.ndim not in (1, 3)):
+            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32, 1-d or 3-d; got {ty}")
+    return types.void(*args)
+
+
+_PRODUCT, _DEPTHWISE_ROW = f"{__name__}.product", f"{__name__}.depthwise_row"
+binding.add_symbol(_PRODUCT, _product_entry.address)
+binding.add_symbol(_DEPTHWISE_ROW, _depthwise_row_entry.address)
+
+
+@intrinsic
+def _call_product(typingctx, a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
+    # _product, compiled once (_product_entry)
+    return _entry_signature("_product", (a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1)), _call_entry(_PRODUCT)
+
+
+@intrinsic
+def _call_depthwise_row(typingctx, x, h, w, k, b, oy, stride, top, left, y, wo):
+    # _depthwise_row, compiled once (_depthwise_row_entry)
+    return _entry_signature("_depthwise_row", (x, h, w, k, b, oy, stride, top, left, y, wo)), \
+        _call_entry(_DEPTHWISE_ROW)
 
 
 @njit(parallel=True, **JIT)
@@ -579,7 +656,7 @@ def _depthwise(x, k, b, y, stride, pad):
     _, ho, wo, _ = y.shape
     for t in prange(n_img * ho):
         n, oy = t // ho, t % ho
-        _depthwise_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
+        _call_depthwise_row(x[n].ravel(), h, w, k, b, oy, stride, pad[0], pad[1], y[n, oy].ravel(), wo)
 
 
 @njit(parallel=True, **JIT)
@@ -613,7 +690,7 @@ def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
     for r0 in range(t0, t1, rows):
         r1 = min(t1, r0 + rows)
         for t in range(r0, r1):
-            _depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
+            _call_depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
                            tile[(t - r0) * wo * c:], wo)
         gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:], np.int64(0), cout)
 
@@ -626,7 +703,7 @@ def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
     c = wp.shape[1]
     ho, top = same_padding(side, stride)
     for t in range(g * ho):
-        _depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
+        _call_depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
                        tile[t * ho * c:], ho)
     gemm(tile, g * ho * ho, wp, bp, y, n0, n1)
 
@@ -635,13 +712,11 @@ def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
 def _pool_flat(x, m, out):
     # out (C,) = mean of the m pixels of x flat (m, C)
     c = out.shape[0]
-    acc = np.zeros(c, np.float64)  # 49 to 196 terms: the sum is exact enough in float64 only
-    for i in range(m):
-        px = x[i * c:i * c + c]
-        for ci in range(c):
-            acc[ci] += px[ci]
-    for ci in range(c):
-        out[ci] = acc[ci] / m
+    for ci in range(c):  # (no float64 array to sum in: typing np.zeros took a third of a second to compile)
+        acc = 0.0  # 16 to 196 terms: the sum is exact enough in float64 only
+        for i in range(m):
+            acc += x[i * c + ci]
+        out[ci] = acc / m
 
 
 # Where the fused pass's weights lie in Packed.weights: Packed.table holds
@@ -808,8 +883,9 @@ def _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x)
 
 
 @njit(inline="always", **JIT)
-def _part(t, x, n_img, r, stack, weights, table, act, tile, pooled, maps, counters):
-    # Thread t's part of the fused pass, x flat (N, r, r, 3) -> pooled (N, F),
+def _part(t, mail):
+    # Thread t's part of the fused pass posted in mail (_post), whose arrays
+    # it makes its views of: x flat (N, r, r, 3) -> pooled (N, F),
     # T = len(tile) threads in all: first the W = N - N mod T images that go
     # whole, in stacks of up to `stack`, each thread its stack on its own
     # buffers act[t] and tile[t] (no synchronisation between layers); then
@@ -819,7 +895,14 @@ def _part(t, x, n_img, r, stack, weights, table, act, tile, pooled, maps, counte
     # be done, so the pass completes however the threads are scheduled, even
     # one after another. maps: the last feature maps, flat (N, s, s, F), or
     # empty. counters: _counters(blocks, T).
-    threads = tile.shape[0]
+    threads, n_img, r, stack = mail[1], mail[2], mail[3], mail[4]
+    x = numba.carray(_floats_at(mail[5]), mail[6])
+    weights, table = numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10])
+    act = numba.carray(_floats_at(mail[11]), (threads, 2, mail[12]))
+    tile = numba.carray(_floats_at(mail[13]), (threads, mail[14]))
+    pooled = numba.carray(_floats_at(mail[15]), (n_img, mail[16]))
+    maps = numba.carray(_floats_at(mail[17]), mail[18])
+    counters = _pass_counters(mail)
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
     whole = n_img - n_img % threads
@@ -983,7 +1066,7 @@ def threads():
 # A pass as the threads take it: mail[0] is its number, counted up by
 # _post after it wrote the pass's thread count and sizes and its arrays'
 # addresses in the words after. Every thread, the caller's included, makes
-# its views of the arrays from there (_run, in _passes): a call unboxes one array, not
+# its views of the arrays from there (_part, in _passes): a call unboxes one array, not
 # sixty, and a helper runs pass after pass without leaving compiled code
 # (no GIL to take back between passes). The arrays stay alive because the
 # caller holds them until every helper has finished.
@@ -1023,27 +1106,16 @@ def _post(mail, threads, x, n_img, r, stack, weights, table, act, tile, pooled, 
 
 
 @njit(inline="always", **JIT)
-def _run(t, mail):
-    # Thread t's part of the pass posted in mail (_part); a helper (t > 0)
-    # then counts itself finished in the last counter, which the caller
-    # waits for (_join).
-    threads, n_img = mail[1], mail[2]
-    counters = numba.carray(_ints_at(mail[19]), mail[20])
-    _part(t, numba.carray(_floats_at(mail[5]), mail[6]), n_img, mail[3], mail[4],
-          numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10]),
-          numba.carray(_floats_at(mail[11]), (threads, 2, mail[12])),
-          numba.carray(_floats_at(mail[13]), (threads, mail[14])),
-          numba.carray(_floats_at(mail[15]), (n_img, mail[16])), numba.carray(_floats_at(mail[17]), mail[18]),
-          counters)
-    if t > 0:
-        _atomic_add(counters, counters.size - 1, 1)
+def _pass_counters(mail):
+    # the counters of the pass posted in mail: the last one counts the helpers that have finished their part
+    return numba.carray(_ints_at(mail[19]), mail[20])
 
 
 @njit(**JIT)
 def _join(mail):
     # The caller's wait for the helpers' parts of the pass in mail: they may
     # still read the buffers after the last task is done.
-    counters = numba.carray(_ints_at(mail[19]), mail[20])
+    counters = _pass_counters(mail)
     _wait(counters, counters.size - 1, mail[1] - 1)
 
 
@@ -1073,9 +1145,11 @@ def _passes(t, mail, done):
             done = number
             if t >= threads:
                 continue
-        _run(t, mail)
+        _part(t, mail)
         if t == 0:
             return done
+        counters = _pass_counters(mail)
+        _atomic_add(counters, counters.size - 1, 1)  # this helper's part is finished (_join)
 
 
 class _Crew:
