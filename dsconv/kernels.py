@@ -752,15 +752,10 @@ def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
     # x flat (g, r, r, 3) -> pooled (g, F), and the last feature maps into
     # maps (flat (g, s, s, F)) unless it is empty. Activations alternate
     # between the flat buffers act0 and act1.
-    side = -(-r // 2)
-    k0, b0 = _stem_weights(weights, table)
-    _stem_rows(x, r, r, k0, b0, np.int64(2), act0, np.int64(0), g * side, tile)
-    src, dst = act0, act1
-    for j in range(table[0]):
-        kd, bd, wp, bp, stride = _block_weights(weights, table, j)
-        out = -(-side // stride)
-        _block_rows(src, side, side, kd, bd, wp, bp, stride, dst, np.int64(0), g * out, tile)
-        side, src, dst = out, dst, src
+    side, src, dst = r, act1, act0
+    for i in range(table[0] + 1):
+        _layer(i, np.int64(0), np.int64(1), src, side, g, r, weights, table, dst, tile, x)
+        side, src, dst = _out_side(i, side, table), dst, src
     c = pooled.shape[1]
     if maps.size:
         for i in range(g * side * side * c):  # loops, not slice assignments: those are slow to compile
@@ -848,24 +843,32 @@ def _by_channels(g, out, c, tile):
 
 
 @njit(inline="always", **JIT)
-def _shared_tasks(i, side, g, r, weights, table, tile, threads):
+def _shared_tasks(i, side, g, r, table, tile, threads):
     # How many tasks layer i (0: the stem) of the g shared images is split into.
     if i == 0:
-        k0, _ = _stem_weights(weights, table)
         units = g * -(-r // 2)
-        macs = units * -(-r // 2) * k0.shape[1] * k0.shape[0] * NR
+        macs = units * -(-r // 2) * table[3] * table[2] * NR
     else:
-        _, _, wp, _, stride = _block_weights(weights, table, i - 1)
-        out = -(-side // stride)
-        c = wp.shape[1]
-        macs = g * out * out * (9 + wp.shape[0] * NR) * c
-        units = wp.shape[0] if _by_channels(g, out, c, tile) else g * out
+        e = HEAD + (i - 1) * ENTRY
+        out, panels, c = -(-side // table[e + STRIDE]), table[e + 5], table[e + 3]
+        macs = g * out * out * (9 + panels * NR) * c
+        units = panels if _by_channels(g, out, c, tile) else g * out
     return max(1, min(units, TASKS * threads, macs // GRAIN))
 
 
 @njit(inline="always", **JIT)
-def _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
-    # Task `task` of `tasks` of layer i (0: the stem) of the g shared images.
+def _out_side(i, side, table):
+    # the side of layer i's output maps (0: the stem), from its input's
+    return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
+
+
+@njit(**JIT)
+def _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
+    # Task `task` of `tasks` of layer i (0: the stem, from x) on a stack of g
+    # images, side x side pixels each, src -> dst (flat): a band of output
+    # rows, or a range of output channels where a layer split into several
+    # tasks has few pixels (_by_channels). One compiled function for the
+    # layers of whole stacks and of the shared images.
     if i == 0:
         k0, b0 = _stem_weights(weights, table)
         rows = g * -(-r // 2)
@@ -873,7 +876,7 @@ def _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x)
         return
     kd, bd, wp, bp, stride = _block_weights(weights, table, i - 1)
     out = -(-side // stride)
-    if _by_channels(g, out, wp.shape[1], tile):
+    if tasks > 1 and _by_channels(g, out, wp.shape[1], tile):
         panels, cout = wp.shape[0], bp.shape[0]
         _block_cols(src, g, side, kd, bd, wp, bp, stride, dst, NR * (panels * task // tasks),
                     min(cout, NR * (panels * (task + 1) // tasks)), tile)
@@ -927,16 +930,16 @@ def _part(t, mail):
     blocks = table[0]
     for i in range(blocks + 1):
         src, dst = (a, b) if i % 2 else (b, a)
-        tasks = _shared_tasks(i, side, g, r, weights, table, tile[t], threads)
+        tasks = _shared_tasks(i, side, g, r, table, tile[t], threads)
         base = _layer_counters(i, threads)
         first = t * tasks // threads
         for j in range(tasks):
             task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
             if _atomic_add(counters, base + 1 + task, 1) == 0:
-                _shared_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile[t], x[whole * size:])
+                _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile[t], x[whole * size:])
                 _atomic_add(counters, base, 1)
         _wait(counters, base, tasks)
-        side = -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
+        side = _out_side(i, side, table)
     last = a if blocks % 2 == 0 else b
     c = pooled.shape[1]
     while True:
