@@ -36,7 +36,7 @@ import numpy as np
 from llvmlite import binding, ir
 from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, register_jitable
 from numba.np.ufunc import parallel as _numba_threads
 
 # (For the one-layer kernels; the fused pass does not use OpenMP.) Numba's
@@ -92,7 +92,7 @@ JIT = dict(cache=not os.environ.get("DSCONV_MR"), nogil=True, fastmath=False)
 # uses it, so that it is compiled once, not once alone and once inside.
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def same_padding(size, stride):
     """TensorFlow "SAME" for a 3x3 window: (output size, padding before).
 
@@ -476,7 +476,7 @@ def _product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
                 _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def gemm(a, m, wp, b, y, n0, n1):
     """Columns [n0, n1) of y[:m * N] = relu6(a[:m * K] @ w + b); n0 a multiple of NR.
 
@@ -572,7 +572,7 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
 # imported, before anything that calls them is compiled or read from the
 # cache. Arrays go as their data pointer and sizes (_call_entry).
 
-_FLOATS, _INT = types.CPointer(types.float32), types.int64
+_FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
 _ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
 
 
@@ -593,8 +593,8 @@ def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, le
 def _call_entry(symbol):
     """The code of a call to the C function registered as `symbol`.
 
-    A float32 array argument goes as its data pointer and its size (1-d) or
-    its first two sizes (3-d, the packed weights), any other as an int64.
+    An array argument goes as its data pointer and its size (1-d) or its
+    first two sizes (3-d, the packed weights), any other as an int64.
     """
     def codegen(context, builder, signature, args):
         values = []
@@ -614,8 +614,10 @@ def _call_entry(symbol):
 
 def _entry_signature(name, args):
     for ty in args:
-        if isinstance(ty, types.Array) and (ty.dtype != types.float32 or ty.layout != "C" or ty.ndim not in (1, 3)):
-            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32, 1-d or 3-d; got {ty}")
+        if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
+                                            or ty.ndim not in (1, 3)):
+            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32 or int64, 1-d or 3-d;"
+                                                f" got {ty}")
     return types.void(*args)
 
 
@@ -676,7 +678,7 @@ def _pointwise(x, w, b, y, threads):
              min(cout, NR * (panels * (j + 1) // groups)))
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
     # One depthwise-separable block on output rows [t0, t1) of a stack of
     # images (G * Ho rows), the depthwise output a few rows at a time in tile,
@@ -695,7 +697,7 @@ def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
         gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:], np.int64(0), cout)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
     # One block on a stack of g images, output channels [n0, n1) only (n0 a
     # multiple of NR): the whole depthwise output in tile, then its
@@ -708,7 +710,7 @@ def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
     gemm(tile, g * ho * ho, wp, bp, y, n0, n1)
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _pool_flat(x, m, out):
     # out (C,) = mean of the m pixels of x flat (m, C)
     c = out.shape[0]
@@ -754,7 +756,7 @@ def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
     # between the flat buffers act0 and act1.
     side, src, dst = r, act1, act0
     for i in range(table[0] + 1):
-        _layer(i, np.int64(0), np.int64(1), src, side, g, r, weights, table, dst, tile, x)
+        _call_layer(i, np.int64(0), np.int64(1), src, side, g, r, weights, table, dst, tile, x)
         side, src, dst = _out_side(i, side, table), dst, src
     c = pooled.shape[1]
     if maps.size:
@@ -779,13 +781,13 @@ def _counters(blocks, threads):
     return np.zeros(_pool_claims(blocks, threads) + 2, np.int64)
 
 
-@njit(inline="always", **JIT)
+@register_jitable(inline="always")  # plain Python where network_buffers calls it: nothing to compile
 def _layer_counters(i, threads):
     # index of shared layer i's done count; its claim flags follow
     return 2 + i * (TASKS * threads + 1)
 
 
-@njit(inline="always", **JIT)
+@register_jitable(inline="always")
 def _pool_claims(blocks, threads):
     return _layer_counters(blocks + 1, threads)
 
@@ -862,13 +864,13 @@ def _out_side(i, side, table):
     return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
 
 
-@njit(**JIT)
+@njit(inline="always", **JIT)
 def _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
     # Task `task` of `tasks` of layer i (0: the stem, from x) on a stack of g
     # images, side x side pixels each, src -> dst (flat): a band of output
     # rows, or a range of output channels where a layer split into several
-    # tasks has few pixels (_by_channels). One compiled function for the
-    # layers of whole stacks and of the shared images.
+    # tasks has few pixels (_by_channels). Compiled once (_layer_entry) for
+    # the layers of whole stacks and of the shared images.
     if i == 0:
         k0, b0 = _stem_weights(weights, table)
         rows = g * -(-r // 2)
@@ -885,72 +887,22 @@ def _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
                     g * out * (task + 1) // tasks, tile)
 
 
-@njit(inline="always", **JIT)
-def _part(t, mail):
-    # Thread t's part of the fused pass posted in mail (_post), whose arrays
-    # it makes its views of: x flat (N, r, r, 3) -> pooled (N, F),
-    # T = len(tile) threads in all: first the W = N - N mod T images that go
-    # whole, in stacks of up to `stack`, each thread its stack on its own
-    # buffers act[t] and tile[t] (no synchronisation between layers); then
-    # the images left over, layer by layer, every layer split into tasks
-    # (bands of rows, or ranges of output channels) on act[0]. Any thread
-    # claims any task and a layer waits only for the previous one's tasks to
-    # be done, so the pass completes however the threads are scheduled, even
-    # one after another. maps: the last feature maps, flat (N, s, s, F), or
-    # empty. counters: _counters(blocks, T).
-    threads, n_img, r, stack = mail[1], mail[2], mail[3], mail[4]
-    x = numba.carray(_floats_at(mail[5]), mail[6])
-    weights, table = numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10])
-    act = numba.carray(_floats_at(mail[11]), (threads, 2, mail[12]))
-    tile = numba.carray(_floats_at(mail[13]), (threads, mail[14]))
-    pooled = numba.carray(_floats_at(mail[15]), (n_img, mail[16]))
-    maps = numba.carray(_floats_at(mail[17]), mail[18])
-    counters = _pass_counters(mail)
-    size = r * r * 3
-    per_map = maps.size // max(n_img, 1)  # s s F, or 0
-    whole = n_img - n_img % threads
-    # At most `stack` images each, at least STACKS per thread where there are images enough (a thread
-    # that another process slows takes fewer), a multiple of T of them: equal shares.
-    stacks = max(-(-whole // stack), min(whole, STACKS * threads))
-    stacks = -(-stacks // threads) * threads
-    g = n_img - whole
-    while True:
-        s = _atomic_add(counters, 0, 1)
-        if s >= stacks:
-            break
-        n0, n1 = whole * s // stacks, whole * (s + 1) // stacks
-        _stack(x[n0 * size:n1 * size], n1 - n0, r, weights, table, act[t, 0], act[t, 1], tile[t], pooled[n0:n1],
-               maps[n0 * per_map:n1 * per_map])
-        _atomic_add(counters, 1, 1)
-    if g == 0:
-        return
-    _wait(counters, np.int64(1), stacks)  # act[0] is free
-    a, b = act[0, 0], act[0, 1]
-    side = r
-    blocks = table[0]
-    for i in range(blocks + 1):
-        src, dst = (a, b) if i % 2 else (b, a)
-        tasks = _shared_tasks(i, side, g, r, table, tile[t], threads)
-        base = _layer_counters(i, threads)
-        first = t * tasks // threads
-        for j in range(tasks):
-            task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
-            if _atomic_add(counters, base + 1 + task, 1) == 0:
-                _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile[t], x[whole * size:])
-                _atomic_add(counters, base, 1)
-        _wait(counters, base, tasks)
-        side = _out_side(i, side, table)
-    last = a if blocks % 2 == 0 else b
-    c = pooled.shape[1]
-    while True:
-        n = _atomic_add(counters, _pool_claims(blocks, threads), 1)
-        if n >= g:
-            break
-        m = side * side * c
-        if per_map:
-            for i in range(m):
-                maps[(whole + n) * m + i] = last[n * m + i]
-        _pool_flat(last[n * m:], side * side, pooled[whole + n])
+@cfunc(types.void(_INT, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INTS, _INT, _FLOATS, _INT,
+                  _FLOATS, _INT, _FLOATS, _INT), **_ENTRY)
+def _layer_entry(i, task, tasks, src, nsrc, side, g, r, weights, nw, table, nt, dst, nd, tile, ntile, x, nx):
+    _layer(i, task, tasks, carray(src, nsrc), side, g, r, carray(weights, nw), carray(table, nt), carray(dst, nd),
+           carray(tile, ntile), carray(x, nx))
+
+
+_LAYER = f"{__name__}.layer"
+binding.add_symbol(_LAYER, _layer_entry.address)
+
+
+@intrinsic
+def _call_layer(typingctx, i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
+    # _layer, compiled once (_layer_entry)
+    return _entry_signature("_layer", (i, task, tasks, src, side, g, r, weights, table, dst, tile, x)), \
+        _call_entry(_LAYER)
 
 
 # The fused forward pass: its packed weights, its buffers, and the one entry.
@@ -1122,6 +1074,85 @@ def _join(mail):
     _wait(counters, counters.size - 1, mail[1] - 1)
 
 
+@cfunc(types.void(_INT, _INTS, _INT), **_ENTRY)
+def _part(t, words, size):
+    # Thread t's part of the fused pass posted in the mail array at words
+    # (_post), whose arrays it makes its views of: x flat (N, r, r, 3) -> pooled (N, F),
+    # T = len(tile) threads in all: first the W = N - N mod T images that go
+    # whole, in stacks of up to `stack`, each thread its stack on its own
+    # buffers act[t] and tile[t] (no synchronisation between layers); then
+    # the images left over, layer by layer, every layer split into tasks
+    # (bands of rows, or ranges of output channels) on act[0]. Any thread
+    # claims any task and a layer waits only for the previous one's tasks to
+    # be done, so the pass completes however the threads are scheduled, even
+    # one after another. maps: the last feature maps, flat (N, s, s, F), or
+    # empty. counters: _counters(blocks, T).
+    mail = carray(words, size)
+    threads, n_img, r, stack = mail[1], mail[2], mail[3], mail[4]
+    x = numba.carray(_floats_at(mail[5]), mail[6])
+    weights, table = numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10])
+    act = numba.carray(_floats_at(mail[11]), (threads, 2, mail[12]))
+    tile = numba.carray(_floats_at(mail[13]), (threads, mail[14]))
+    pooled = numba.carray(_floats_at(mail[15]), (n_img, mail[16]))
+    maps = numba.carray(_floats_at(mail[17]), mail[18])
+    counters = _pass_counters(mail)
+    size = r * r * 3
+    per_map = maps.size // max(n_img, 1)  # s s F, or 0
+    whole = n_img - n_img % threads
+    # At most `stack` images each, at least STACKS per thread where there are images enough (a thread
+    # that another process slows takes fewer), a multiple of T of them: equal shares.
+    stacks = max(-(-whole // stack), min(whole, STACKS * threads))
+    stacks = -(-stacks // threads) * threads
+    g = n_img - whole
+    while True:
+        s = _atomic_add(counters, 0, 1)
+        if s >= stacks:
+            break
+        n0, n1 = whole * s // stacks, whole * (s + 1) // stacks
+        _stack(x[n0 * size:n1 * size], n1 - n0, r, weights, table, act[t, 0], act[t, 1], tile[t], pooled[n0:n1],
+               maps[n0 * per_map:n1 * per_map])
+        _atomic_add(counters, 1, 1)
+    if g == 0:
+        return
+    _wait(counters, np.int64(1), stacks)  # act[0] is free
+    a, b = act[0, 0], act[0, 1]
+    side = r
+    blocks = table[0]
+    for i in range(blocks + 1):
+        src, dst = (a, b) if i % 2 else (b, a)
+        tasks = _shared_tasks(i, side, g, r, table, tile[t], threads)
+        base = _layer_counters(i, threads)
+        first = t * tasks // threads
+        for j in range(tasks):
+            task = (first + j) % tasks  # its own share first (the rows it made last layer), then the others'
+            if _atomic_add(counters, base + 1 + task, 1) == 0:
+                _call_layer(i, task, tasks, src, side, g, r, weights, table, dst, tile[t], x[whole * size:])
+                _atomic_add(counters, base, 1)
+        _wait(counters, base, tasks)
+        side = _out_side(i, side, table)
+    last = a if blocks % 2 == 0 else b
+    c = pooled.shape[1]
+    while True:
+        n = _atomic_add(counters, _pool_claims(blocks, threads), 1)
+        if n >= g:
+            break
+        m = side * side * c
+        if per_map:
+            for i in range(m):
+                maps[(whole + n) * m + i] = last[n * m + i]
+        _pool_flat(last[n * m:], side * side, pooled[whole + n])
+
+
+_PART = f"{__name__}.part"
+binding.add_symbol(_PART, _part.address)
+
+
+@intrinsic
+def _call_part(typingctx, t, mail):
+    # _part(t, mail), a C function: no copy of its code inlined here
+    return _entry_signature("_part", (t, mail)), _call_entry(_PART)
+
+
 @njit(**JIT)
 def _passes(t, mail, done):
     # Thread t's parts of fused passes: the one compiled entry of the pass,
@@ -1148,7 +1179,7 @@ def _passes(t, mail, done):
             done = number
             if t >= threads:
                 continue
-        _part(t, mail)
+        _call_part(t, mail)
         if t == 0:
             return done
         counters = _pass_counters(mail)
