@@ -20,6 +20,15 @@ forward pass: ``pack_network`` packs a network's weights once,
 ``network`` runs the whole network, whole images per thread or one image
 shared by the threads layer by layer.
 
+Compiled once each: a Numba function that calls another links a copy of
+the callee's code into its own and optimises and compiles it again, and
+Numba's inliner copies every variable of the callee once per block. So the
+product (``_product``), the depthwise row, a layer of the fused pass
+(``_layer``) and a thread's part of it (``_part``) are C functions
+(``numba.cfunc``, cached, compiled as this module is imported) that the
+others call by a name registered with LLVM (``_call_entry``); small helpers
+with one caller are inlined into it.
+
 Why one file: Numba's cache (``cache=True``) is keyed by the source file
 of each cached function and is invalidated only when that file changes.
 A cached kernel that inlined an intrinsic or a helper from another file
@@ -36,7 +45,7 @@ import numpy as np
 from llvmlite import binding, ir
 from numba import carray, cfunc, njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, register_jitable
+from numba.extending import intrinsic
 from numba.np.ufunc import parallel as _numba_threads
 
 # (For the one-layer kernels; the fused pass does not use OpenMP.) Numba's
@@ -87,9 +96,9 @@ JIT = dict(cache=not os.environ.get("DSCONV_MR"), nogil=True, fastmath=False)
 
 
 # Constant arguments to the functions below are passed as np.int64(...): a
-# Python literal would compile a version of the callee of its own. The glue
-# of the fused pass is inlined (inline="always") into the one function that
-# uses it, so that it is compiled once, not once alone and once inside.
+# Python literal would compile a version of the callee of its own. A small
+# helper is inlined (inline="always") into the function that uses it, so
+# that it is compiled once, not once alone and once inside.
 
 
 @njit(inline="always", **JIT)
@@ -561,16 +570,16 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
 
 
 
-# The two leaves, each compiled once as a C function that the others call by
-# its name. A Numba function that calls another links a copy of the callee's
-# code into its own and optimises and compiles it again: the products' and
-# depthwise rows' vector code was compiled six and four times over (gemm,
-# _stem_rows, _block_rows, _block_cols, the fused pass), a third of the
-# first process's compile time. Called by name instead, it is compiled once;
-# a call costs a few nanoseconds, once per band of a product or row of a
-# depthwise layer. Their names are registered with LLVM as this module is
-# imported, before anything that calls them is compiled or read from the
-# cache. Arrays go as their data pointer and sizes (_call_entry).
+# Functions compiled once, as C functions that the others call by name.
+# A Numba function that calls another links a copy of the callee's code into
+# its own and optimises and compiles it again: the products' and depthwise
+# rows' vector code was compiled six and four times over (gemm, _stem_rows,
+# _block_rows, _block_cols, the fused pass), and the first process took
+# 20 s. Called by name, each is compiled once; a call costs nanoseconds, once
+# per band of a product, row of a depthwise layer, or task of a layer. Their
+# names (this module's name + their own) are registered with LLVM as this
+# module is imported, before anything that calls them is compiled or read
+# from the cache. Arrays go as their data pointer and sizes (_call_entry).
 
 _FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
 _ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
@@ -778,18 +787,14 @@ def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
 
 def _counters(blocks, threads):
     """Zeroed counters of one fused pass of a network with this many blocks, on T threads."""
-    return np.zeros(_pool_claims(blocks, threads) + 2, np.int64)
+    return np.zeros(_layer_counters.py_func(blocks + 1, threads) + 2, np.int64)  # (plain Python: nothing to compile)
 
 
-@register_jitable(inline="always")  # plain Python where network_buffers calls it: nothing to compile
+@njit(inline="always", **JIT)
 def _layer_counters(i, threads):
-    # index of shared layer i's done count; its claim flags follow
+    # index of shared layer i's done count, its claim flags following; "layer" blocks + 1: the pooling's claims
     return 2 + i * (TASKS * threads + 1)
 
-
-@register_jitable(inline="always")
-def _pool_claims(blocks, threads):
-    return _layer_counters(blocks + 1, threads)
 
 @intrinsic
 def _atomic_add(typingctx, counters, index, value):
@@ -1133,7 +1138,7 @@ def _part(t, words, size):
     last = a if blocks % 2 == 0 else b
     c = pooled.shape[1]
     while True:
-        n = _atomic_add(counters, _pool_claims(blocks, threads), 1)
+        n = _atomic_add(counters, _layer_counters(blocks + 1, threads), 1)  # the pooling's claims
         if n >= g:
             break
         m = side * side * c
