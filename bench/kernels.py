@@ -78,7 +78,7 @@ def network_layers(alpha=1.0, resolution=224):
 @njit(parallel=True, **dict(kernels.JIT, cache=False))
 def _per_image_stem(x, h, k, b, stride, y, tile):
     for t in prange(x.shape[0]):
-        kernels._stem_rows(x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
+        kernels.stem_rows(x[t], h, h, k, b, stride, y[t], 0, -(-h // stride), tile[t])
 
 
 @njit(parallel=True, **dict(kernels.JIT, cache=False))

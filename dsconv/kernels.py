@@ -442,6 +442,53 @@ _halfv = gemm_block(2 * MR, 1, LANES // 2)
 SMALL_B = 1 << 15
 
 
+# Functions compiled once, as C functions that the others call by name.
+# A Numba function that calls another links a copy of the callee's code into
+# its own and optimises and compiles it again: the products' and depthwise
+# rows' vector code was compiled six and four times over (gemm, _stem_rows,
+# _block_rows, _block_cols, the fused pass), and the first process took
+# 20 s. Called by name, each is compiled once; a call costs nanoseconds, once
+# per band of a product, row of a depthwise layer, or task of a layer. Their
+# names (this module's name + their own) are registered with LLVM as this
+# module is imported, before anything that calls them is compiled or read
+# from the cache. Arrays go as their data pointer and sizes (_call_entry):
+# the C function makes its views of them (carray).
+
+_FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
+_ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
+
+
+def _call_entry(symbol):
+    """The code of a call to the C function registered as `symbol`.
+
+    An array argument goes as its data pointer and its size (1-d) or its
+    first two sizes (3-d, the packed weights), any other as an int64.
+    """
+    def codegen(context, builder, signature, args):
+        values = []
+        for ty, value in zip(signature.args, args):
+            if isinstance(ty, types.Array):
+                a = context.make_array(ty)(context, builder, value)
+                values += [a.data, a.nitems] if ty.ndim == 1 else [a.data, *cgutils.unpack_tuple(builder, a.shape)[:2]]
+            else:
+                values.append(context.cast(builder, value, ty, types.int64))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [v.type for v in values]),
+                                            symbol)
+        builder.call(fn, values)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _entry_signature(name, args):
+    for ty in args:
+        if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
+                                            or ty.ndim not in (1, 3)):
+            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32 or int64, 1-d or 3-d;"
+                                                f" got {ty}")
+    return types.void(*args)
+
+
 @njit(inline="always")
 def _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1):
     # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y: tiles of MR rows x NV vectors
@@ -469,12 +516,13 @@ def _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1):
                       min(MR, rows - r), c)
 
 
-@njit(inline="always", **JIT)
-def _product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
+@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _FLOATS, _INT,
+                  _INT, _INT, _INT), **_ENTRY)
+def _product(pa, na, a0, lda, seg, gap, m, pw, panels, k, pb, n, py, ny, y0, n0, n1):
     # Columns [n0, n1) of m rows of y (from y[y0], N apart) = relu6(a @ w + b), row i of a from a[a0 + i lda]
-    # as the micro-kernel takes it (seg, gap: see gemm_block). Compiled once, as the C function
-    # _product_entry that every product calls (_call_product).
-    k, n = wp.shape[1], b.shape[0]
+    # as the micro-kernel takes it (seg, gap: see gemm_block); wp (panels, K, NR), b (N,). Called as
+    # _call_product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1).
+    a, wp, b, y = carray(pa, na), carray(pw, (panels, k, NR)), carray(pb, n), carray(py, ny)
     if k * (n1 - n0) <= SMALL_B:
         for i0 in range(0, m, 2 * MR):
             for j0 in range(n0, n1, NR):
@@ -483,6 +531,15 @@ def _product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
         for j0 in range(n0, n1, NR):
             for i0 in range(0, m, 2 * MR):
                 _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
+
+
+_PRODUCT = f"{__name__}.product"
+binding.add_symbol(_PRODUCT, _product.address)
+
+
+@intrinsic
+def _call_product(typingctx, a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
+    return _entry_signature("_product", (a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1)), _call_entry(_PRODUCT)
 
 
 @njit(inline="always", **JIT)
@@ -501,8 +558,9 @@ def _check(x, name, ndim):
     return np.ascontiguousarray(x)
 
 
-@njit(**JIT)
-def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
+@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _INT,
+                  _FLOATS, _INT), **_ENTRY)
+def _stem_rows(px, nx, h, w, pk, panels, taps, pb, c, stride, py, ny, t0, t1, ptile, ntile):
     # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
     # product with the kernel (9 Cin, C) packed in k. A pixel whose 3x3
     # window is inside the image takes its window straight from the image
@@ -510,8 +568,10 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     # padding's, at the bottom and right of an even size) have their patches
     # gathered in tile, zeros for the padding, their outputs computed after
     # the patches and copied into place.
-    # x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C)
-    taps, c = k.shape[1], b.shape[0]
+    # x flat (G, H, W, Cin), b (C,), y flat (G, Ho, Wo, C). Called as
+    # _call_stem_rows(x, h, w, k, b, stride, y, t0, t1, tile) (or stem_rows).
+    x, k, b = carray(px, nx), carray(pk, (panels, taps, NR)), carray(pb, c)
+    y, tile = carray(py, ny), carray(ptile, ntile)
     cin = taps // 9
     ho, top = same_padding(h, stride)
     wo, left = same_padding(w, stride)
@@ -553,11 +613,31 @@ def _stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
                     i += 1
 
 
+_STEM_ROWS = f"{__name__}.stem_rows"
+binding.add_symbol(_STEM_ROWS, _stem_rows.address)
+
+
+@intrinsic
+def _call_stem_rows(typingctx, x, h, w, k, b, stride, y, t0, t1, tile):
+    return _entry_signature("_stem_rows", (x, h, w, k, b, stride, y, t0, t1, tile)), _call_entry(_STEM_ROWS)
+
+
+@njit(**JIT)
+def stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
+    """Output rows [t0, t1) of the stem on a stack of images, as the fused pass makes them (_stem_rows).
+
+    x flat (G, H, W, Cin), k = pack(kernel (9 Cin, C)), b (C,), y flat
+    (G, Ho, Wo, C), tile: room for the patches of the padding's pixels.
+    """
+    _call_stem_rows(x, h, w, k, b, stride, y, t0, t1, tile)
+
+
 @njit(inline="always", **JIT)
 def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
     # Output row oy: x flat (H, W, C), k packed (3, 3, C), b (C,), y flat (Wo, C),
     # see depthwise_row. Output pixels [lo, hi) have their whole window
-    # inside the image. Compiled once, as _depthwise_row_entry (_call_depthwise_row).
+    # inside the image. Compiled code calls it as _call_depthwise_row: compiled
+    # once, inlined into the C function _depthwise_row_entry.
     iy = oy * stride - top
     lo = min(wo, -(-left // stride))
     hi = max(lo, min(wo, (w - 3 + left) // stride + 1))
@@ -569,29 +649,6 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
         _depthwise_s2(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
 
 
-
-# Functions compiled once, as C functions that the others call by name.
-# A Numba function that calls another links a copy of the callee's code into
-# its own and optimises and compiles it again: the products' and depthwise
-# rows' vector code was compiled six and four times over (gemm, _stem_rows,
-# _block_rows, _block_cols, the fused pass), and the first process took
-# 20 s. Called by name, each is compiled once; a call costs nanoseconds, once
-# per band of a product, row of a depthwise layer, or task of a layer. Their
-# names (this module's name + their own) are registered with LLVM as this
-# module is imported, before anything that calls them is compiled or read
-# from the cache. Arrays go as their data pointer and sizes (_call_entry).
-
-_FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
-_ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
-
-
-@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _FLOATS, _INT,
-                  _INT, _INT, _INT), **_ENTRY)
-def _product_entry(a, na, a0, lda, seg, gap, m, wp, panels, k, b, n, y, ny, y0, n0, n1):
-    _product(carray(a, na), a0, lda, seg, gap, m, carray(wp, (panels, k, NR)), carray(b, n), carray(y, ny), y0, n0,
-             n1)
-
-
 @cfunc(types.void(_FLOATS, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _INT, _FLOATS,
                   _INT, _INT), **_ENTRY)
 def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, left, y, ny, wo):
@@ -599,53 +656,15 @@ def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, le
                    carray(y, ny), wo)
 
 
-def _call_entry(symbol):
-    """The code of a call to the C function registered as `symbol`.
-
-    An array argument goes as its data pointer and its size (1-d) or its
-    first two sizes (3-d, the packed weights), any other as an int64.
-    """
-    def codegen(context, builder, signature, args):
-        values = []
-        for ty, value in zip(signature.args, args):
-            if isinstance(ty, types.Array):
-                a = context.make_array(ty)(context, builder, value)
-                values += [a.data, a.nitems] if ty.ndim == 1 else [a.data, *cgutils.unpack_tuple(builder, a.shape)[:2]]
-            else:
-                values.append(context.cast(builder, value, ty, types.int64))
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [v.type for v in values]),
-                                            symbol)
-        builder.call(fn, values)
-        return context.get_dummy_value()
-
-    return codegen
-
-
-def _entry_signature(name, args):
-    for ty in args:
-        if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
-                                            or ty.ndim not in (1, 3)):
-            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32 or int64, 1-d or 3-d;"
-                                                f" got {ty}")
-    return types.void(*args)
-
-
-_PRODUCT, _DEPTHWISE_ROW = f"{__name__}.product", f"{__name__}.depthwise_row"
-binding.add_symbol(_PRODUCT, _product_entry.address)
+_DEPTHWISE_ROW = f"{__name__}.depthwise_row"
 binding.add_symbol(_DEPTHWISE_ROW, _depthwise_row_entry.address)
 
 
 @intrinsic
-def _call_product(typingctx, a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
-    # _product, compiled once (_product_entry)
-    return _entry_signature("_product", (a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1)), _call_entry(_PRODUCT)
-
-
-@intrinsic
 def _call_depthwise_row(typingctx, x, h, w, k, b, oy, stride, top, left, y, wo):
-    # _depthwise_row, compiled once (_depthwise_row_entry)
     return _entry_signature("_depthwise_row", (x, h, w, k, b, oy, stride, top, left, y, wo)), \
         _call_entry(_DEPTHWISE_ROW)
+
 
 
 @njit(parallel=True, **JIT)
@@ -657,7 +676,7 @@ def _stem(x, k, b, y, stride):
     for t in prange(n_img * bands):
         n, r0 = t // bands, t % bands * STEM_BAND
         tile = np.empty(STEM_BAND * wo * (9 * cin + c), np.float32)  # patches and their outputs
-        _stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + STEM_BAND), tile)
+        _call_stem_rows(x[n].ravel(), h, w, k, b, stride, y[n].ravel(), r0, min(ho, r0 + STEM_BAND), tile)
 
 
 @njit(parallel=True, **JIT)
@@ -869,17 +888,21 @@ def _out_side(i, side, table):
     return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
 
 
-@njit(inline="always", **JIT)
-def _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
+@cfunc(types.void(_INT, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INTS, _INT, _FLOATS, _INT,
+                  _FLOATS, _INT, _FLOATS, _INT), **_ENTRY)
+def _layer(i, task, tasks, psrc, nsrc, side, g, r, pw, nw, ptable, nt, pdst, nd, ptile, ntile, px, nx):
     # Task `task` of `tasks` of layer i (0: the stem, from x) on a stack of g
     # images, side x side pixels each, src -> dst (flat): a band of output
     # rows, or a range of output channels where a layer split into several
-    # tasks has few pixels (_by_channels). Compiled once (_layer_entry) for
-    # the layers of whole stacks and of the shared images.
+    # tasks has few pixels (_by_channels). For the layers of whole stacks and
+    # of the shared images alike: _call_layer(i, task, tasks, src, side, g, r,
+    # weights, table, dst, tile, x).
+    src, weights, table, dst = carray(psrc, nsrc), carray(pw, nw), carray(ptable, nt), carray(pdst, nd)
+    tile, x = carray(ptile, ntile), carray(px, nx)
     if i == 0:
         k0, b0 = _stem_weights(weights, table)
         rows = g * -(-r // 2)
-        _stem_rows(x, r, r, k0, b0, np.int64(2), dst, rows * task // tasks, rows * (task + 1) // tasks, tile)
+        _call_stem_rows(x, r, r, k0, b0, np.int64(2), dst, rows * task // tasks, rows * (task + 1) // tasks, tile)
         return
     kd, bd, wp, bp, stride = _block_weights(weights, table, i - 1)
     out = -(-side // stride)
@@ -892,20 +915,12 @@ def _layer(i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
                     g * out * (task + 1) // tasks, tile)
 
 
-@cfunc(types.void(_INT, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INTS, _INT, _FLOATS, _INT,
-                  _FLOATS, _INT, _FLOATS, _INT), **_ENTRY)
-def _layer_entry(i, task, tasks, src, nsrc, side, g, r, weights, nw, table, nt, dst, nd, tile, ntile, x, nx):
-    _layer(i, task, tasks, carray(src, nsrc), side, g, r, carray(weights, nw), carray(table, nt), carray(dst, nd),
-           carray(tile, ntile), carray(x, nx))
-
-
 _LAYER = f"{__name__}.layer"
-binding.add_symbol(_LAYER, _layer_entry.address)
+binding.add_symbol(_LAYER, _layer.address)
 
 
 @intrinsic
 def _call_layer(typingctx, i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
-    # _layer, compiled once (_layer_entry)
     return _entry_signature("_layer", (i, task, tasks, src, side, g, r, weights, table, dst, tile, x)), \
         _call_entry(_LAYER)
 

@@ -120,7 +120,7 @@ def test_stem_rows_in_the_smallest_tile(h, w, stride):
     ho, wo = want.shape[1:3]
     y = np.full(want.size, np.nan, np.float32)
     room = np.full(wo * (27 + 8) + 64, np.nan, np.float32)
-    kernels._stem_rows(x.ravel(), h, w, kernels.pack(k.reshape(27, 8)), b, stride, y, 0, 2 * ho, room[:wo * 35])
+    kernels.stem_rows(x.ravel(), h, w, kernels.pack(k.reshape(27, 8)), b, stride, y, 0, 2 * ho, room[:wo * 35])
     close(y.reshape(want.shape), want)
     assert np.isnan(room[wo * 35:]).all()
 
