@@ -480,6 +480,16 @@ def _call_entry(symbol):
     return codegen
 
 
+@intrinsic
+def _address_of(typingctx, array, index):
+    # &array[index], as numba.carray takes it: views without slicing and reshaping, which compile to more code
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.int64)])
+
+    return types.CPointer(array.dtype)(array, index), codegen
+
+
 def _entry_signature(name, args):
     for ty in args:
         if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
@@ -760,8 +770,8 @@ HEAD, ENTRY, COUT, STRIDE = 6, 9, 7, 8  # COUT, STRIDE: where in a block's entry
 @njit(inline="always", **JIT)
 def _stem_weights(weights, table):
     # the stem's packed kernel (panels, 27, NR) and its bias (C,): views of weights
-    o, panels, k = table[1], table[2], table[3]
-    return weights[o:o + panels * k * NR].reshape((panels, k, NR)), weights[table[4]:table[4] + table[5]]
+    return carray(_address_of(weights, table[1]), (table[2], table[3], NR)), carray(_address_of(weights, table[4]),
+                                                                                   table[5])
 
 
 @njit(inline="always", **JIT)
@@ -769,11 +779,11 @@ def _block_weights(weights, table, j):
     # block j's packed depthwise kernel (blocks, 9, DW_LANES), its bias (C,),
     # packed pointwise kernel (panels, C, NR), its bias (Cout,), and its stride
     e = HEAD + j * ENTRY
-    kd = weights[table[e]:table[e] + table[e + 1] * 9 * DW_LANES].reshape((table[e + 1], 9, DW_LANES))
     c = table[e + 3]
-    wp = weights[table[e + 4]:table[e + 4] + table[e + 5] * c * NR].reshape((table[e + 5], c, NR))
-    return (kd, weights[table[e + 2]:table[e + 2] + c], wp, weights[table[e + 6]:table[e + 6] + table[e + COUT]],
-            table[e + STRIDE])
+    return (carray(_address_of(weights, table[e]), (table[e + 1], 9, DW_LANES)),
+            carray(_address_of(weights, table[e + 2]), c),
+            carray(_address_of(weights, table[e + 4]), (table[e + 5], c, NR)),
+            carray(_address_of(weights, table[e + 6]), table[e + COUT]), table[e + STRIDE])
 
 
 @njit(inline="always", **JIT)
