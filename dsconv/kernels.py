@@ -533,14 +533,11 @@ def _product(pa, na, a0, lda, seg, gap, m, pw, panels, k, pb, n, py, ny, y0, n0,
     # as the micro-kernel takes it (seg, gap: see gemm_block); wp (panels, K, NR), b (N,). Called as
     # _call_product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1).
     a, wp, b, y = carray(pa, na), carray(pw, (panels, k, NR)), carray(pb, n), carray(py, ny)
-    if k * (n1 - n0) <= SMALL_B:
-        for i0 in range(0, m, 2 * MR):
-            for j0 in range(n0, n1, NR):
-                _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
-    else:
-        for j0 in range(n0, n1, NR):
-            for i0 in range(0, m, 2 * MR):
-                _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1)
+    rows, cols = -(-m // (2 * MR)), -(-(n1 - n0) // NR)  # blocks of 2 MR rows, panels
+    by_rows = k * (n1 - n0) <= SMALL_B
+    for t in range(rows * cols):  # one loop, so that the micro-kernels are compiled into it once, not twice
+        r, p = (t // cols, t % cols) if by_rows else (t % rows, t // rows)
+        _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, r * 2 * MR, n0 + p * NR, n1)
 
 
 _PRODUCT = f"{__name__}.product"
