@@ -323,9 +323,9 @@ def depthwise_row(stride):
     one of the kernel (the nine taps of DW_LANES channels contiguous in k, in
     L1). Pixels [lo, hi) have their window inside the image: they go two at
     a time, sharing the kernel's loads and the input columns their windows
-    have in common. The others take the taps outside the image (the SAME
-    padding) as masked loads of zero, which leaves the sum as if they were
-    skipped. Channels past C are masked.
+    have in common. The others (and one left over inside) go one at a time
+    and take the taps outside the image (the SAME padding) as zeros, which
+    leaves the sum as if they were skipped. Channels past C are masked.
     """
     @intrinsic
     def kernel(typingctx, x, h, w, c, k, b, iy, ix, lo, hi, wo, y):
@@ -386,13 +386,14 @@ def depthwise_row(stride):
                     block(full, True)
                 return []
 
-            pairs = builder.sdiv(builder.sub(hi, lo), ir.Constant(I64, 2))
-            g.loop(zero64, lo, [], lambda ox, _: pixels(ox, 1, True))
-            g.loop(zero64, pairs, [], lambda i, _: pixels(builder.add(lo, builder.mul(i, ir.Constant(I64, 2))), 2,
-                                                          False))
-            g.loop(builder.add(lo, builder.mul(pairs, ir.Constant(I64, 2))), hi, [],
-                   lambda ox, _: pixels(ox, 1, False))
-            g.loop(hi, wo, [], lambda ox, _: pixels(ox, 1, True))
+            two = ir.Constant(I64, 2)
+            pairs = builder.sdiv(builder.sub(hi, lo), two)
+            skip = builder.mul(pairs, two)  # the pairs are [lo, lo + skip)
+            g.loop(zero64, pairs, [], lambda i, _: pixels(builder.add(lo, builder.mul(i, two)), 2, False))
+            # The others, [0, lo) and [lo + skip, wo) (at most one left over inside, then the right border),
+            # one at a time in one loop: its code is compiled once.
+            g.loop(zero64, builder.sub(wo, skip), [], lambda i, _: pixels(
+                builder.select(builder.icmp_signed("<", i, lo), i, builder.add(i, skip)), 1, True))
             return context.get_dummy_value()
 
         return types.void(x, h, w, c, k, b, iy, ix, lo, hi, wo, y), codegen
