@@ -23,10 +23,10 @@ shared by the threads layer by layer.
 Compiled once each: a Numba function that calls another links a copy of
 the callee's code into its own and optimises and compiles it again, and
 Numba's inliner copies every variable of the callee once per block. So the
-product (``_product``), the depthwise row, a layer of the fused pass
-(``_layer``) and a thread's part of it (``_part``) are C functions
+product (``_product``), the stem's rows, the depthwise row, a layer of the
+fused pass (``_layer``) and a thread's part of it (``_part``) are C functions
 (``numba.cfunc``, cached, compiled as this module is imported) that the
-others call by a name registered with LLVM (``_call_entry``); small helpers
+others call by a name registered with LLVM (``_by_name``, ``_call_entry``); small helpers
 with one caller are inlined into it.
 
 Why one file: Numba's cache (``cache=True``) is keyed by the source file
@@ -452,19 +452,30 @@ SMALL_B = 1 << 15
 # per band of a product, row of a depthwise layer, or task of a layer. Their
 # names (this module's name + their own) are registered with LLVM as this
 # module is imported, before anything that calls them is compiled or read
-# from the cache. Arrays go as their data pointer and sizes (_call_entry):
+# from the cache (_by_name). Arrays go as their data pointer and sizes (_call_entry):
 # the C function makes its views of them (carray).
 
 _FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
 _ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
 
 
-def _call_entry(symbol):
-    """The code of a call to the C function registered as `symbol`.
+def _by_name(name, function):
+    """Registers the C function (a numba.cfunc) with LLVM as this module's name + name, for _call_entry."""
+    binding.add_symbol(f"{__name__}.{name}", function.address)
+
+
+def _call_entry(name, args):
+    """An intrinsic's signature and code: a call of the C function registered as `name` (_by_name).
 
     An array argument goes as its data pointer and its size (1-d) or its
     first two sizes (3-d, the packed weights), any other as an int64.
     """
+    for ty in args:
+        if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
+                                            or ty.ndim not in (1, 3)):
+            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32 or int64, 1-d or 3-d;"
+                                                f" got {ty}")
+
     def codegen(context, builder, signature, args):
         values = []
         for ty, value in zip(signature.args, args):
@@ -474,11 +485,11 @@ def _call_entry(symbol):
             else:
                 values.append(context.cast(builder, value, ty, types.int64))
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [v.type for v in values]),
-                                            symbol)
+                                            f"{__name__}.{name}")
         builder.call(fn, values)
         return context.get_dummy_value()
 
-    return codegen
+    return types.void(*args), codegen
 
 
 @intrinsic
@@ -489,15 +500,6 @@ def _address_of(typingctx, array, index):
         return builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.int64)])
 
     return types.CPointer(array.dtype)(array, index), codegen
-
-
-def _entry_signature(name, args):
-    for ty in args:
-        if isinstance(ty, types.Array) and (ty.dtype not in (types.float32, types.int64) or ty.layout != "C"
-                                            or ty.ndim not in (1, 3)):
-            raise numba.core.errors.TypingError(f"{name}: arrays must be C-contiguous float32 or int64, 1-d or 3-d;"
-                                                f" got {ty}")
-    return types.void(*args)
 
 
 @njit(inline="always")
@@ -541,13 +543,12 @@ def _product(pa, na, a0, lda, seg, gap, m, pw, panels, k, pb, n, py, ny, y0, n0,
         _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, r * 2 * MR, n0 + p * NR, n1)
 
 
-_PRODUCT = f"{__name__}.product"
-binding.add_symbol(_PRODUCT, _product.address)
+_by_name("product", _product)
 
 
 @intrinsic
 def _call_product(typingctx, a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1):
-    return _entry_signature("_product", (a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1)), _call_entry(_PRODUCT)
+    return _call_entry("product", (a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1))
 
 
 @njit(inline="always", **JIT)
@@ -621,13 +622,12 @@ def _stem_rows(px, nx, h, w, pk, panels, taps, pb, c, stride, py, ny, t0, t1, pt
                     i += 1
 
 
-_STEM_ROWS = f"{__name__}.stem_rows"
-binding.add_symbol(_STEM_ROWS, _stem_rows.address)
+_by_name("stem_rows", _stem_rows)
 
 
 @intrinsic
 def _call_stem_rows(typingctx, x, h, w, k, b, stride, y, t0, t1, tile):
-    return _entry_signature("_stem_rows", (x, h, w, k, b, stride, y, t0, t1, tile)), _call_entry(_STEM_ROWS)
+    return _call_entry("stem_rows", (x, h, w, k, b, stride, y, t0, t1, tile))
 
 
 @njit(**JIT)
@@ -664,15 +664,12 @@ def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, le
                    carray(y, ny), wo)
 
 
-_DEPTHWISE_ROW = f"{__name__}.depthwise_row"
-binding.add_symbol(_DEPTHWISE_ROW, _depthwise_row_entry.address)
+_by_name("depthwise_row", _depthwise_row_entry)
 
 
 @intrinsic
 def _call_depthwise_row(typingctx, x, h, w, k, b, oy, stride, top, left, y, wo):
-    return _entry_signature("_depthwise_row", (x, h, w, k, b, oy, stride, top, left, y, wo)), \
-        _call_entry(_DEPTHWISE_ROW)
-
+    return _call_entry("depthwise_row", (x, h, w, k, b, oy, stride, top, left, y, wo))
 
 
 @njit(parallel=True, **JIT)
@@ -729,7 +726,7 @@ def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
         r1 = min(t1, r0 + rows)
         for t in range(r0, r1):
             _call_depthwise_row(x[t // ho * h * w * c:], h, w, kd, bd, t % ho, stride, top, left,
-                           tile[(t - r0) * wo * c:], wo)
+                                tile[(t - r0) * wo * c:], wo)
         gemm(tile, (r1 - r0) * wo, wp, bp, y[r0 * wo * cout:], np.int64(0), cout)
 
 
@@ -742,7 +739,7 @@ def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
     ho, top = same_padding(side, stride)
     for t in range(g * ho):
         _call_depthwise_row(x[t // ho * side * side * c:], side, side, kd, bd, t % ho, stride, top, top,
-                       tile[t * ho * c:], ho)
+                            tile[t * ho * c:], ho)
     gemm(tile, g * ho * ho, wp, bp, y, n0, n1)
 
 
@@ -923,14 +920,12 @@ def _layer(i, task, tasks, psrc, nsrc, side, g, r, pw, nw, ptable, nt, pdst, nd,
                     g * out * (task + 1) // tasks, tile)
 
 
-_LAYER = f"{__name__}.layer"
-binding.add_symbol(_LAYER, _layer.address)
+_by_name("layer", _layer)
 
 
 @intrinsic
 def _call_layer(typingctx, i, task, tasks, src, side, g, r, weights, table, dst, tile, x):
-    return _entry_signature("_layer", (i, task, tasks, src, side, g, r, weights, table, dst, tile, x)), \
-        _call_entry(_LAYER)
+    return _call_entry("layer", (i, task, tasks, src, side, g, r, weights, table, dst, tile, x))
 
 
 # The fused forward pass: its packed weights, its buffers, and the one entry.
@@ -1091,7 +1086,7 @@ def _post(mail, threads, x, n_img, r, stack, weights, table, act, tile, pooled, 
 @njit(inline="always", **JIT)
 def _pass_counters(mail):
     # the counters of the pass posted in mail: the last one counts the helpers that have finished their part
-    return numba.carray(_ints_at(mail[19]), mail[20])
+    return carray(_ints_at(mail[19]), mail[20])
 
 
 @njit(**JIT)
@@ -1117,12 +1112,12 @@ def _part(t, words, size):
     # empty. counters: _counters(blocks, T).
     mail = carray(words, size)
     threads, n_img, r, stack = mail[1], mail[2], mail[3], mail[4]
-    x = numba.carray(_floats_at(mail[5]), mail[6])
-    weights, table = numba.carray(_floats_at(mail[7]), mail[8]), numba.carray(_ints_at(mail[9]), mail[10])
-    act = numba.carray(_floats_at(mail[11]), (threads, 2, mail[12]))
-    tile = numba.carray(_floats_at(mail[13]), (threads, mail[14]))
-    pooled = numba.carray(_floats_at(mail[15]), (n_img, mail[16]))
-    maps = numba.carray(_floats_at(mail[17]), mail[18])
+    x = carray(_floats_at(mail[5]), mail[6])
+    weights, table = carray(_floats_at(mail[7]), mail[8]), carray(_ints_at(mail[9]), mail[10])
+    act = carray(_floats_at(mail[11]), (threads, 2, mail[12]))
+    tile = carray(_floats_at(mail[13]), (threads, mail[14]))
+    pooled = carray(_floats_at(mail[15]), (n_img, mail[16]))
+    maps = carray(_floats_at(mail[17]), mail[18])
     counters = _pass_counters(mail)
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
@@ -1171,21 +1166,17 @@ def _part(t, words, size):
         _pool_flat(last[n * m:], side * side, pooled[whole + n])
 
 
-_PART = f"{__name__}.part"
-binding.add_symbol(_PART, _part.address)
+_by_name("part", _part)
 
 
 @intrinsic
 def _call_part(typingctx, t, mail):
-    # _part(t, mail), a C function: no copy of its code inlined here
-    return _entry_signature("_part", (t, mail)), _call_entry(_PART)
+    return _call_entry("part", (t, mail))
 
 
 @njit(**JIT)
 def _passes(t, mail, done):
-    # Thread t's parts of fused passes: the one compiled entry of the pass,
-    # for both roles, so that its code is compiled once (a compiled function
-    # calling another is compiled with it). The caller's thread (t = 0) runs
+    # Thread t's parts of fused passes (_part), for both roles. The caller's thread (t = 0) runs
     # its part of the pass posted in mail and returns. A helper runs its part
     # of each pass as soon as it is posted, until none comes for IDLE polls
     # (spin hints, then sched_yield), and returns the number of the last pass
