@@ -40,8 +40,9 @@ import h5py
 import numpy as np
 from numba import njit
 
-from dsconv import DsconvError, files, kernels
+from dsconv import DsconvError, files
 
+# dsconv.kernels is imported in the functions that run it, as in dsconv.mobilenet.
 FORMAT = "dsconv-classifier-v1"
 LR = 0.01
 STEPS = 4000
@@ -97,7 +98,7 @@ def batches(labels, steps, batch, sampling, rng):
 # multiply-adds: the sums are then taken in another (still fixed) order than
 # the formula's, which changes the last bits of the weights, not the
 # determinism: the same data and seed give the same bits on one machine.
-SGD_JIT = dict(kernels.JIT, fastmath={"reassoc", "contract"})
+SGD_JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 
 
 @njit(**SGD_JIT)
@@ -205,6 +206,7 @@ class Classifier:
         x = np.asarray(bottlenecks)
         if x.ndim != 2 or x.shape[1] != self.weights.shape[0]:
             raise ValueError(f"expected bottlenecks of shape (N, {self.weights.shape[0]}), got {x.shape}")
+        from dsconv import kernels
         return kernels.softmax(kernels.dense(self.prepare(x), self.weights, self.bias))
 
     def scores(self, bottlenecks):
@@ -294,6 +296,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     step do not depend on ``steps``, each copy is bitwise the model that a
     run of that many steps gives.
     """
+    from dsconv import kernels
     x = np.asarray(x)
     x = x if x.dtype == np.float32 else x.astype(np.float64)  # float32 rows are widened as they are read
     y = np.asarray(y, np.int64)

@@ -17,7 +17,10 @@ import threading
 
 import numpy as np
 
-from dsconv import DsconvError, kernels
+from dsconv import DsconvError
+
+# dsconv.kernels is imported in the methods that run it: importing it loads
+# its compiled code (0.4 s), which --help and the table need not wait for.
 
 ALPHAS = (1.0, 0.75, 0.5, 0.25)
 RESOLUTIONS = (224, 192, 160, 128)
@@ -135,6 +138,7 @@ class MobileNet:
         images (N, r, r, 3) float32 scaled to [-1, 1]. One kernel call per
         layer: the simple path, for inspection (forward() is the fast one).
         """
+        from dsconv import kernels
         x = self._images(images)
         p = self.params
         x = kernels.stem(x, p["conv1"]["kernel"], p["conv1"]["bias"])
@@ -157,6 +161,7 @@ class MobileNet:
         return pooled, self.logits(pooled) if self.has_head else None
 
     def logits(self, pooled):
+        from dsconv import kernels
         head = self.params["conv_preds"]
         return kernels.dense(pooled, head["kernel"], head["bias"]).astype(np.float32)
 
@@ -169,6 +174,7 @@ class MobileNet:
 
     def _pooled(self, x, maps=None):
         """The fused forward pass (kernels.network) with this network's packed weights and buffers."""
+        from dsconv import kernels
         threads = kernels.threads()
         if getattr(self, "_fused", None) is None or self._fused[0] != threads:
             self._fused = (threads, threading.Lock(), kernels.network_buffers(self.packed, self.resolution, threads))
@@ -182,6 +188,7 @@ class MobileNet:
     def packed(self):
         """The backbone's weights packed for kernels.network, once."""
         if getattr(self, "_packed", None) is None:
+            from dsconv import kernels
             p = self.params
             self._packed = kernels.pack_network(
                 (p["conv1"]["kernel"], p["conv1"]["bias"]),
