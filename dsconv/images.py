@@ -91,8 +91,9 @@ def decode(source, size, name=None):
 
 
 def _resized(im, size):
-    im = im if im.mode == "RGB" else im.convert("RGB")
-    return np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR))
+    """Resized, then copied to RGB: Pillow resizes each channel alike, so a grey image is resized once, not thrice."""
+    im = im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def decode_sizes(source, sizes, name=None):

@@ -29,6 +29,18 @@ def test_modes_agree_with_rgb():
         assert np.array_equal(images.decode(data, 32), want)
 
 
+@pytest.mark.parametrize("size", [224, 160, 128, 48])
+def test_grey_resized_once_same_pixels(size):
+    """A grey image is resized as one channel: the same pixels as its RGB copy resized (down and up)."""
+    rng = np.random.default_rng(size)
+    sources = [png(rng.integers(0, 256, (40, 30), dtype=np.uint8))] + sorted(ORIGINALS.rglob("*.jpeg"))[:6]
+    for source in sources:
+        im = images.open_image(source, size)
+        assert im.mode == "L"
+        want = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR))
+        assert np.array_equal(images.decode(source, size), want)
+
+
 def test_scale_range():
     x = images.scale(np.array([0, 255], np.uint8))
     assert x.dtype == np.float32 and x[0] == -1 and x[1] == 1
