@@ -741,14 +741,24 @@ def _block_cols(x, g, side, kd, bd, wp, bp, stride, y, n0, n1, tile):
 
 
 @njit(inline="always", **JIT)
-def _pool_flat(x, m, out):
-    # out (C,) = mean of the m pixels of x flat (m, C)
+def _pool_flat(x, m, out, acc):
+    # out (C,) = mean of the m pixels of x flat (m, C), summed in acc (C,) float64 (16 to 196 terms: exact
+    # enough in float64 only) pixel after pixel: whole vectors of channels at a time, each channel's sum in
+    # the pixels' order. (Channel after channel, a sum's adds wait for each other: 0.16 ms for 7 x 7 x 1024.)
     c = out.shape[0]
-    for ci in range(c):  # (no float64 array to sum in: typing np.zeros took a third of a second to compile)
-        acc = 0.0  # 16 to 196 terms: the sum is exact enough in float64 only
-        for i in range(m):
-            acc += x[i * c + ci]
-        out[ci] = acc / m
+    for ci in range(c):
+        acc[ci] = 0.0
+    for i in range(m):
+        for ci in range(c):
+            acc[ci] += x[i * c + ci]
+    for ci in range(c):
+        out[ci] = acc[ci] / m
+
+
+@njit(inline="always", **JIT)
+def _sums(tile, c):
+    # C float64 sums for _pool_flat in a thread's tile (float32), free once the last layer is done
+    return carray(_doubles_at(tile.ctypes.data), c)
 
 
 # Where the fused pass's weights lie in Packed.weights: Packed.table holds
@@ -793,7 +803,7 @@ def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
         for i in range(g * side * side * c):  # loops, not slice assignments: those are slow to compile
             maps[i] = src[i]
     for n in range(g):
-        _pool_flat(src[n * side * side * c:], side * side, pooled[n])
+        _pool_flat(src[n * side * side * c:], side * side, pooled[n], _sums(tile, c))
 
 
 # Counters the threads of the fused pass share: a task is claimed by adding 1
@@ -1060,7 +1070,7 @@ def _pointer(dtype):
     return at
 
 
-_floats_at, _ints_at = _pointer(types.float32), _pointer(types.int64)
+_floats_at, _ints_at, _doubles_at = _pointer(types.float32), _pointer(types.int64), _pointer(types.float64)
 
 
 @njit(**JIT)
@@ -1160,7 +1170,7 @@ def _part(t, words, size):
         if per_map:
             for i in range(m):
                 maps[(whole + n) * m + i] = last[n * m + i]
-        _pool_flat(last[n * m:], side * side, pooled[whole + n])
+        _pool_flat(last[n * m:], side * side, pooled[whole + n], _sums(tile[t], c))
 
 
 _by_name("part", _part)
@@ -1259,11 +1269,11 @@ def _crew():
 
 
 @njit(parallel=True, **JIT)
-def _global_avg_pool(x, y):
-    # x (N, H, W, C), y (N, C): the fused pass's pooling, image by image
+def _global_avg_pool(x, y, sums):
+    # x (N, H, W, C), y (N, C): the fused pass's pooling, image by image, summing in sums (N, C) float64
     n_img, h, w, c = x.shape
     for n in prange(n_img):
-        _pool_flat(x[n].ravel(), h * w, y[n])
+        _pool_flat(x[n].ravel(), h * w, y[n], sums[n])
 
 
 @njit(**JIT)
@@ -1340,7 +1350,7 @@ def global_avg_pool(x):
     """Mean over height and width: x (N, H, W, C) -> (N, C)."""
     x = _check(x, "x", 4)
     y = np.empty((x.shape[0], x.shape[3]), np.float32)
-    _global_avg_pool(x, y)
+    _global_avg_pool(x, y, np.empty(y.shape))
     return y
 
 
