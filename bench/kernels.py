@@ -14,8 +14,12 @@ Two ways to run a layer: "batch N", the public kernels (dsconv.kernels.stem,
 depthwise, pointwise) on N images, parallel over rows on all the threads;
 and "one image per thread", the serial kernels forward() runs, every thread
 on its own image at the same time, which is how forward() spends its time on
-batches. The single-precision matrix-multiply peak is measured in the same
-run with a large NumPy matmul on all the threads.
+batches. Two limits are measured in the same run, on all the threads: the
+cores' multiply-add peak (independent fused multiply-adds in registers, no
+memory: what no matrix product can pass) and a large NumPy matmul's (the
+BLAS's sgemm). After each batch, the whole fused pass (MobileNet.forward) on
+random weights: images/s, GFLOP/s (the network's mult-adds without the head)
+and its fraction of both.
 """
 import argparse
 import os
@@ -41,6 +45,66 @@ def median_time(f, repeats):
         f()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _fma_chains_intrinsic(lanes, chains=12, unroll=4):
+    """An intrinsic (n, seed) -> float64: n x unroll rounds of `chains` independent fused multiply-adds on
+    vectors of `lanes` floats, in registers (no memory traffic): the cores' multiply-add limit."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vec = ir.VectorType(f32, lanes)
+
+    @intrinsic
+    def chains_of(typingctx, n, seed):
+        def codegen(context, builder, signature, args):
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{lanes}f32")
+            undef = ir.Constant(vec, ir.Undefined)
+            v = builder.shuffle_vector(builder.insert_element(undef, builder.fptrunc(args[1], f32), ir.Constant(i32, 0)),
+                                       undef, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+            a, b = builder.fmul(v, ir.Constant(vec, [0.999] * lanes)), builder.fmul(v, ir.Constant(vec, [0.001] * lanes))
+            start = [builder.fadd(v, ir.Constant(vec, [float(i)] * lanes)) for i in range(chains)]
+            entry = builder.block
+            loop, done = builder.append_basic_block("loop"), builder.append_basic_block("done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i, acc = builder.phi(i64), [builder.phi(vec) for _ in start]
+            new = acc
+            for _ in range(unroll):
+                new = [builder.call(fma, [x, a, b]) for x in new]
+            nxt = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            i.add_incoming(nxt, loop)
+            for phi, s, x in zip(acc, start, new):
+                phi.add_incoming(s, entry)
+                phi.add_incoming(x, loop)
+            builder.cbranch(builder.icmp_signed("<", nxt, args[0]), loop, done)
+            builder.position_at_end(done)
+            total = new[0]
+            for x in new[1:]:
+                total = builder.fadd(total, x)
+            return builder.fpext(builder.extract_element(total, ir.Constant(i32, 0)), ir.DoubleType())
+
+        return types.float64(types.int64, types.float64), codegen
+
+    return chains_of, 2 * lanes * chains * unroll  # flops per trip
+
+
+def fma_peak(repeats, trips=2_000_000):
+    """GFLOP/s of fused multiply-adds in registers on all the threads: what no matrix product can pass."""
+    chains_of, flops = _fma_chains_intrinsic(kernels.DW_LANES)  # one native vector: 8 floats AVX2, 16 AVX-512
+
+    @njit(parallel=True, cache=False)
+    def run(n, threads):
+        out = np.zeros(threads)
+        for t in prange(threads):
+            out[t] = chains_of(n, 1.0 + t)
+        return out.sum()
+
+    run(10, THREADS)
+    return lambda: flops * trips * THREADS / median_time(lambda: run(trips, THREADS), repeats) / 1e9
 
 
 def sgemm_peak(repeats, size=4096):
@@ -143,6 +207,25 @@ def case(kind, n, shape, cout, stride, rng, per_image=False):
     return run, check, flops, bytes_
 
 
+def fused(n, repeats, fma, sgemm, alpha=1.0, resolution=224, rounds=5):
+    """The whole fused pass (MobileNet.forward, random weights) at batch n: images/s, GFLOP/s (the network's
+    mult-adds without the head) and its fraction of the multiply-add peak, measured in turn with it
+    (fma() measures the peak again; median of the rounds' ratios), and of the sgemm peak measured before."""
+    from bench.forward import random_net
+    net = random_net(alpha, resolution)
+    x = np.random.default_rng(1).uniform(-1, 1, (n, resolution, resolution, 3)).astype(np.float32)
+    net.forward(x)
+    madds = mobilenet.count(alpha, resolution)[0] - net.pooled_width * mobilenet.CLASSES
+    rates, ratios = [], []
+    for _ in range(rounds):
+        rates.append(2 * madds * n / median_time(lambda: net.forward(x), repeats) / 1e9)
+        ratios.append(rates[-1] / fma())
+    gflops = statistics.median(rates)
+    print(f"  the fused pass (forward) at batch {n}: {gflops / 2 / madds * 1e9:.1f} images/s, {gflops:.1f} GFLOP/s = "
+          f"{statistics.median(ratios):.0%} of the multiply-add peak (in turn with it, {rounds} rounds), "
+          f"{gflops / sgemm:.0%} of the sgemm peak")
+
+
 def bench(n, repeats, peak, per_image=False, alpha=1.0, resolution=224):
     rng = np.random.default_rng(0)
     layers = network_layers(alpha, resolution)
@@ -189,10 +272,15 @@ def main():
     THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)
+    fma = fma_peak(a.repeats)
+    before = fma()
+    print(f"multiply-add peak (fused multiply-adds in registers, {THREADS} threads): {before:.1f} GFLOP/s")
     peak = sgemm_peak(a.repeats)
-    print(f"sgemm peak (4096^3 NumPy matmul, BLAS threads as configured): {peak:.1f} GFLOP/s")
+    print(f"sgemm peak (4096^3 NumPy matmul, BLAS threads as configured): {peak:.1f} GFLOP/s = "
+          f"{peak / statistics.mean([before, fma()]):.0%} of the multiply-add peak (measured before and after it)")
     for n in a.batch:
         bench(n, a.repeats, peak, alpha=a.alpha, resolution=a.resolution)
+        fused(n, a.repeats, fma, peak, a.alpha, a.resolution)
     bench(THREADS, a.repeats, peak, per_image=True, alpha=a.alpha, resolution=a.resolution)
 
 
