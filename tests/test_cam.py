@@ -1,5 +1,6 @@
 """Class activation maps: the identity that makes them honest, and the overlay."""
 import numpy as np
+import pytest
 from PIL import Image
 
 from dsconv import cam, images, weights
@@ -35,3 +36,18 @@ def test_overlay_keeps_the_image_size_and_colours_by_sign():
     assert px[59, 89, 2] > px[59, 89, 0]               # negative corner: blue
     top_left = px[:20, :40]
     assert (top_left == 0).any() and (top_left == 255).any()  # the caption box and text
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (4, 6), (1, 1)])
+def test_overlay_is_pillows_upsampling_and_blend(shape):
+    """The compiled blend against Pillow's bilinear resize of the map and the blend in floats: within a grey level."""
+    rng = np.random.default_rng(sum(shape))
+    grey = rng.integers(0, 256, (83, 121), dtype=np.uint8)
+    m = rng.standard_normal(shape)
+    got = np.asarray(cam.overlay(Image.fromarray(grey, "L"), m, "")).astype(np.float64)
+    up = np.asarray(Image.fromarray(m.astype(np.float32), "F").resize((121, 83), Image.BILINEAR), np.float64)
+    alpha = np.abs(up)[..., None] * cam.OPACITY / np.abs(m).max()
+    colour = np.where(up[..., None] >= 0, np.array(cam.RED, np.float64), np.array(cam.BLUE, np.float64))
+    want = grey[..., None] * (1 - alpha) + colour * alpha
+    below_caption = slice(30, None)
+    assert np.abs(got[below_caption] - want[below_caption]).max() <= 1.0
