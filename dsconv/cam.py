@@ -8,6 +8,9 @@ logits matter, so the map drawn is the contrast of class k against the mean
 of all classes, W_k - mean_j W_j: red where the X-ray pushes towards class k,
 blue where it pushes away.
 """
+import struct
+import zlib
+
 import numpy as np
 from numba import njit, prange
 from PIL import Image, ImageDraw, ImageFont
@@ -52,6 +55,27 @@ def overlay(image, cam, caption):
     draw.rectangle((0, 0, box[2] + 2 * pad, box[3] + 2 * pad), fill=(0, 0, 0))
     draw.text((pad, pad), caption, fill=(255, 255, 255), font=font)
     return out
+
+
+def png(image):
+    """An L or RGB Pillow image as PNG bytes: every row filtered "Up" (less the row above, mod 256), zlib level 1.
+
+    What predict --heatmap writes. Pillow's PNG at level 1 tries its five
+    filters on every row: a 2572 x 2476 heatmap took 0.61 s, and 0.33 s so
+    (6.7 MB against 6.9).
+    """
+    if image.mode not in ("L", "RGB"):
+        raise ValueError(f"png: expected an L or RGB image, got {image.mode}")
+    a = np.asarray(image)
+    rows = a.reshape(a.shape[0], -1)
+    data = np.empty((rows.shape[0], 1 + rows.shape[1]), np.uint8)
+    data[:, 0] = 2  # the filter type of each row: Up
+    data[0, 1:] = rows[0]  # the row above the first is zeros
+    np.subtract(rows[1:], rows[:-1], out=data[1:, 1:])  # uint8: wraps mod 256, as the filter does
+    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 2 if image.mode == "RGB" else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        for kind, body in ((b"IHDR", header), (b"IDAT", zlib.compress(data.tobytes(), 1)), (b"IEND", b"")))
 
 
 def _taps(n, size):

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, bottlenecks, files, images
+from dsconv import DsconvError, HelpFormatter, bottlenecks, cam, files, images
 from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -116,9 +116,7 @@ def _row_with_heatmap(model, path, heatmap_dir, used):
     _decided(model, row, p)
     try:
         out = unique_name(heatmap_dir, path, used)
-        png = io.BytesIO()
-        heat.save(png, format="PNG", compress_level=1)  # light compression: the default took 5x longer than the rest
-        files.write_bytes(out, png.getvalue())
+        files.write_bytes(out, cam.png(heat))
         row["heatmap"] = str(out)
     except OSError as e:
         row["error"] = f"heatmap: {e}"

@@ -51,3 +51,17 @@ def test_overlay_is_pillows_upsampling_and_blend(shape):
     want = grey[..., None] * (1 - alpha) + colour * alpha
     below_caption = slice(30, None)
     assert np.abs(got[below_caption] - want[below_caption]).max() <= 1.0
+
+
+@pytest.mark.parametrize("mode, shape", [("RGB", (83, 121, 3)), ("L", (50, 7)), ("RGB", (1, 5, 3))])
+def test_png_decodes_to_the_same_pixels(mode, shape):
+    """The PNG that predict --heatmap writes, read back by Pillow's decoder: every pixel as given."""
+    import io
+    rng = np.random.default_rng(len(shape))
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[: shape[0] // 2] = 255 - pixels[: shape[0] // 2] // 7  # smooth and noisy rows: both ways of wrapping
+    with Image.open(io.BytesIO(cam.png(Image.fromarray(pixels, mode)))) as back:
+        back.load()
+        assert back.format == "PNG" and back.mode == mode and np.array_equal(np.asarray(back), pixels)
+    with pytest.raises(ValueError, match="RGBA"):
+        cam.png(Image.new("RGBA", (4, 4)))
