@@ -8,8 +8,10 @@ logits matter, so the map drawn is the contrast of class k against the mean
 of all classes, W_k - mean_j W_j: red where the X-ray pushes towards class k,
 blue where it pushes away.
 """
+import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit, prange
@@ -62,7 +64,8 @@ def png(image):
 
     What predict --heatmap writes. Pillow's PNG at level 1 tries its five
     filters on every row: a 2572 x 2476 heatmap took 0.61 s, and 0.33 s so
-    (6.7 MB against 6.9).
+    (6.7 MB against 6.9), 0.21 s with the rows deflated on both cores
+    (_deflate).
     """
     if image.mode not in ("L", "RGB"):
         raise ValueError(f"png: expected an L or RGB image, got {image.mode}")
@@ -75,7 +78,25 @@ def png(image):
     header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 2 if image.mode == "RGB" else 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + b"".join(
         struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        for kind, body in ((b"IHDR", header), (b"IDAT", zlib.compress(data.tobytes(), 1)), (b"IEND", b"")))
+        for kind, body in ((b"IHDR", header), (b"IDAT", _deflate(data.tobytes())), (b"IEND", b"")))
+
+
+def _deflate(data, level=1, part=1 << 20):
+    """zlib.compress(data, level) as pigz makes it: parts of at least `part` bytes deflated on threads (zlib lets
+    go of the GIL), each primed with the 32 KB before it and ending on a byte boundary, in one stream."""
+    parts = max(1, min(os.cpu_count() or 1, len(data) // part))
+    cuts = [len(data) * i // parts for i in range(parts + 1)]
+    view = memoryview(data)
+
+    def deflate(i):
+        start, stop = cuts[i], cuts[i + 1]
+        d = zlib.compressobj(level, zlib.DEFLATED, -15, zdict=view[max(0, start - 32768):start]) if i else \
+            zlib.compressobj(level, zlib.DEFLATED, -15)
+        return d.compress(view[start:stop]) + d.flush(zlib.Z_FINISH if i == parts - 1 else zlib.Z_SYNC_FLUSH)
+
+    with ThreadPoolExecutor(parts) as pool:
+        body = b"".join(pool.map(deflate, range(parts)))
+    return b"\x78\x01" + body + struct.pack(">I", zlib.adler32(data))  # a zlib header, then the checksum
 
 
 def _taps(n, size):

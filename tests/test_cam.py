@@ -65,3 +65,13 @@ def test_png_decodes_to_the_same_pixels(mode, shape):
         assert back.format == "PNG" and back.mode == mode and np.array_equal(np.asarray(back), pixels)
     with pytest.raises(ValueError, match="RGBA"):
         cam.png(Image.new("RGBA", (4, 4)))
+
+
+def test_deflate_in_parts_is_one_zlib_stream():
+    """The PNG's rows deflated in parts on threads: one stream that zlib inflates back, empty data included."""
+    import zlib
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 70_000, dtype=np.uint8).tobytes() + bytes(50_000) + bytes(range(256)) * 300
+    for part in (1 << 20, 10_000, 1):
+        assert zlib.decompress(cam._deflate(data, part=part)) == data
+    assert zlib.decompress(cam._deflate(b"")) == b""
