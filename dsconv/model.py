@@ -8,6 +8,7 @@
 The command line around it is dsconv.predict; the page, dsconv.serve.
 """
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -150,12 +151,14 @@ class Model:
         ``size`` at most size x size pixels (faster on large X-rays); the
         X-ray is returned at that size too.
         """
-        original = images.open_image(source, size)
+        with ThreadPoolExecutor(1) as pool:  # the X-ray at its size decoded beside the network's input and pass
+            decoding = pool.submit(images.open_image, source, size)
+            x = images.scale(images.decode(source, self.resolution))
+            w, _ = cam.contrast(*self.linear(), self.head.positive)
+            feats, m = self._one_pass(x, w)
+            original = decoding.result()
         if size:
             original.thumbnail((size, size))
-        x = images.scale(images.decode(source, self.resolution))
-        w, _ = cam.contrast(*self.linear(), self.head.positive)
-        feats, m = self._one_pass(x, w)
         p = self.head.probabilities(feats[None])[0]
         caption = f"P({self.positive}) = {p[self.head.positive]:.3f}  MobileNet {self.variant}"
         return p, cam.overlay(original, m, caption), original
