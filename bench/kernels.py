@@ -22,15 +22,19 @@ random weights: images/s, GFLOP/s (the network's mult-adds without the head)
 and its fraction of both.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench.forward import random_net  # noqa: E402
 from dsconv import kernels, mobilenet  # noqa: E402
 from tests import naive  # noqa: E402
 
@@ -47,54 +51,34 @@ def median_time(f, repeats):
     return statistics.median(times)
 
 
-def _fma_chains_intrinsic(lanes, chains=12, unroll=4):
-    """An intrinsic (n, seed) -> float64: n x unroll rounds of `chains` independent fused multiply-adds on
-    vectors of `lanes` floats, in registers (no memory traffic): the cores' multiply-add limit."""
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-    vec = ir.VectorType(f32, lanes)
-
+def _fma_chains(lanes, chains=12, unroll=4):
+    """(intrinsic (n, seed) -> float64, flops per trip): n trips of `unroll` rounds of `chains` independent
+    fused multiply-adds on vectors of `lanes` floats, in registers (no memory traffic), with the kernels' own
+    LLVM helpers (kernels._IR)."""
     @intrinsic
     def chains_of(typingctx, n, seed):
         def codegen(context, builder, signature, args):
-            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), f"llvm.fma.v{lanes}f32")
-            undef = ir.Constant(vec, ir.Undefined)
-            v = builder.shuffle_vector(builder.insert_element(undef, builder.fptrunc(args[1], f32), ir.Constant(i32, 0)),
-                                       undef, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-            a, b = builder.fmul(v, ir.Constant(vec, [0.999] * lanes)), builder.fmul(v, ir.Constant(vec, [0.001] * lanes))
-            start = [builder.fadd(v, ir.Constant(vec, [float(i)] * lanes)) for i in range(chains)]
-            entry = builder.block
-            loop, done = builder.append_basic_block("loop"), builder.append_basic_block("done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            i, acc = builder.phi(i64), [builder.phi(vec) for _ in start]
-            new = acc
-            for _ in range(unroll):
-                new = [builder.call(fma, [x, a, b]) for x in new]
-            nxt = builder.add(i, ir.Constant(i64, 1))
-            i.add_incoming(ir.Constant(i64, 0), entry)
-            i.add_incoming(nxt, loop)
-            for phi, s, x in zip(acc, start, new):
-                phi.add_incoming(s, entry)
-                phi.add_incoming(x, loop)
-            builder.cbranch(builder.icmp_signed("<", nxt, args[0]), loop, done)
-            builder.position_at_end(done)
-            total = new[0]
-            for x in new[1:]:
-                total = builder.fadd(total, x)
-            return builder.fpext(builder.extract_element(total, ir.Constant(i32, 0)), ir.DoubleType())
+            g = kernels._IR(context, builder, signature, args, lanes)
+            v = g.splat(builder.fptrunc(args[1], kernels.F32))
+            a, b = (builder.fmul(v, g.splat(ir.Constant(kernels.F32, c))) for c in (0.999, 0.001))
+            start = [builder.fadd(v, g.splat(ir.Constant(kernels.F32, float(i)))) for i in range(chains)]
+
+            def trip(_, acc):
+                for _ in range(unroll):
+                    acc = [builder.call(g.fma, [x, a, b]) for x in acc]
+                return acc
+            total = functools.reduce(builder.fadd, g.loop(ir.Constant(kernels.I64, 0), args[0], start, trip))
+            return builder.fpext(builder.extract_element(total, ir.Constant(kernels.I32, 0)), ir.DoubleType())
 
         return types.float64(types.int64, types.float64), codegen
 
-    return chains_of, 2 * lanes * chains * unroll  # flops per trip
+    return chains_of, 2 * lanes * chains * unroll
 
 
-def fma_peak(repeats, trips=2_000_000):
-    """GFLOP/s of fused multiply-adds in registers on all the threads: what no matrix product can pass."""
-    chains_of, flops = _fma_chains_intrinsic(kernels.DW_LANES)  # one native vector: 8 floats AVX2, 16 AVX-512
+def fma_meter(repeats, trips=2_000_000):
+    """A function that measures the GFLOP/s of fused multiply-adds in registers on all the threads: what no
+    matrix product can pass (a machine's speed moves; call it beside what it is compared with)."""
+    chains_of, flops = _fma_chains(kernels.DW_LANES)  # one native vector: 8 floats AVX2, 16 AVX-512
 
     @njit(parallel=True, cache=False)
     def run(n, threads):
@@ -211,7 +195,6 @@ def fused(n, repeats, fma, sgemm, alpha=1.0, resolution=224, rounds=5):
     """The whole fused pass (MobileNet.forward, random weights) at batch n: images/s, GFLOP/s (the network's
     mult-adds without the head) and its fraction of the multiply-add peak, measured in turn with it
     (fma() measures the peak again; median of the rounds' ratios), and of the sgemm peak measured before."""
-    from bench.forward import random_net
     net = random_net(alpha, resolution)
     x = np.random.default_rng(1).uniform(-1, 1, (n, resolution, resolution, 3)).astype(np.float32)
     net.forward(x)
@@ -272,7 +255,7 @@ def main():
     THREADS = a.threads
     import numba
     numba.set_num_threads(THREADS)
-    fma = fma_peak(a.repeats)
+    fma = fma_meter(a.repeats)
     before = fma()
     print(f"multiply-add peak (fused multiply-adds in registers, {THREADS} threads): {before:.1f} GFLOP/s")
     peak = sgemm_peak(a.repeats)

@@ -12,8 +12,8 @@ and is not counted; the median of --repeats calls is reported.
 """
 import argparse
 import statistics
-import threading
 import sys
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path

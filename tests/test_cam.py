@@ -1,4 +1,7 @@
-"""Class activation maps: the identity that makes them honest, and the overlay."""
+"""Class activation maps: the identity that makes them honest, the overlay and its PNG."""
+import io
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -56,7 +59,6 @@ def test_overlay_is_pillows_upsampling_and_blend(shape):
 @pytest.mark.parametrize("mode, shape", [("RGB", (83, 121, 3)), ("L", (50, 7)), ("RGB", (1, 5, 3))])
 def test_png_decodes_to_the_same_pixels(mode, shape):
     """The PNG that predict --heatmap writes, read back by Pillow's decoder: every pixel as given."""
-    import io
     rng = np.random.default_rng(len(shape))
     pixels = rng.integers(0, 256, shape, dtype=np.uint8)
     pixels[: shape[0] // 2] = 255 - pixels[: shape[0] // 2] // 7  # smooth and noisy rows: both ways of wrapping
@@ -69,7 +71,6 @@ def test_png_decodes_to_the_same_pixels(mode, shape):
 
 def test_deflate_in_parts_is_one_zlib_stream():
     """The PNG's rows deflated in parts on threads: one stream that zlib inflates back, empty data included."""
-    import zlib
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, 70_000, dtype=np.uint8).tobytes() + bytes(50_000) + bytes(range(256)) * 300
     for part in (1 << 20, 10_000, 1):
