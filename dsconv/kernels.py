@@ -435,7 +435,33 @@ def pack_depthwise(k):
 
 
 _wide = gemm_block(MR, NV)  # MR x NV LANES
-_half = gemm_block(max(1, MR // 2), NV)  # for the last rows: a tile costs its full height
+# For the last rows of a product (a tile costs its full height, whatever
+# rows it has): tiles of MR // 2 and MR - 2 rows, so that every count of rows
+# from MR // 2 up is cut into tiles with no row computed for nothing (AVX2's
+# 6, 4 and 3: 49 rows, a 7 x 7 map, are 6 x 7 + 4 + 3, where 6 x 8 + a tile
+# of 3 for the last row took 4% longer).
+_half = gemm_block(max(1, MR // 2), NV)
+THIRD = MR - 2 if MR >= 5 else MR // 2
+_third = gemm_block(THIRD, NV)
+
+
+def tile_plan(mr, third):
+    """plan[R]: the height of the first tile for R rows, cut into tiles of mr, third and mr // 2 rows.
+
+    The fewest rows computed (the last tile may stick out), then the fewest
+    tiles; R < 4 mr (the last block of a product, see _product).
+    """
+    sizes = sorted({mr, third, max(1, mr // 2)}, reverse=True)
+    best, plan = [(0, 0)], [0]
+    for rows in range(1, 4 * mr):
+        options = [((s, 1) if s >= rows else (s + best[rows - s][0], 1 + best[rows - s][1]), s) for s in sizes]
+        cost, size = min(options)
+        best.append(cost)
+        plan.append(size)
+    return np.array(plan, np.int64)
+
+
+PLAN = tile_plan(MR, THIRD)
 _narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used (NV = 2)
 # 2 MR x LANES / 2, for a last vector of at most LANES / 2 columns (NV = 1): the
 # stem's 8 or 24 channels at alpha 0.25 or 0.75 take half the multiply-adds
@@ -508,22 +534,30 @@ def _address_of(typingctx, array, index):
 
 
 @njit(inline="always")
-def _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, i0, j0, n1):
-    # rows [i0, i0 + 2 MR) x columns [j0, j0 + NR) of y (one panel): tiles of MR rows
+def _block(a, a0, lda, seg, gap, wp, b, y, y0, n, i0, i1, j0, n1):
+    # rows [i0, i1) x columns [j0, j0 + NR) of y (one panel): tiles of MR rows, the last ones as PLAN cuts them
     k = wp.shape[1]
-    rows, cols = min(2 * MR, m - i0), min(NR, n1 - j0)
+    cols = min(NR, n1 - j0)
     w0 = j0 // NR * k * NR
-    a0, y0 = a0 + i0 * lda, y0 + i0 * n + j0
-    if NV == 2 and cols <= LANES:
-        _narrow(a, a0, lda, seg, gap, wp, w0, NR, k, y, y0, n, b, j0, rows, cols)
-    elif NV == 1 and cols <= LANES // 2:
-        _halfv(a, a0, lda, seg, gap, wp, w0, NR, k, y, y0, n, b, j0, rows, cols)
-    else:
-        for r in range(0, rows, MR):
-            if rows - r <= MR // 2:
-                _half(a, a0 + r * lda, lda, seg, gap, wp, w0, NR, k, y, y0 + r * n, n, b, j0, rows - r, cols)
+    r = i0
+    while r < i1:
+        rows = i1 - r
+        ar, yr = a0 + r * lda, y0 + r * n + j0
+        if NV == 2 and cols <= LANES:
+            _narrow(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
+            r += 2 * MR
+        elif NV == 1 and cols <= LANES // 2:
+            _halfv(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
+            r += 2 * MR
+        else:
+            size = PLAN[rows]
+            if size == MR:
+                _wide(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(MR, rows), cols)
+            elif size == THIRD:
+                _third(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(THIRD, rows), cols)
             else:
-                _wide(a, a0 + r * lda, lda, seg, gap, wp, w0, NR, k, y, y0 + r * n, n, b, j0, min(MR, rows - r), cols)
+                _half(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(size, rows), cols)
+            r += size
 
 
 @cfunc(types.void(_FLOATS, _INT, _INT, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _FLOATS, _INT,
@@ -533,11 +567,13 @@ def _product(pa, na, a0, lda, seg, gap, m, pw, panels, k, pb, n, py, ny, y0, n0,
     # as the micro-kernel takes it (seg, gap: see gemm_block); wp (panels, K, NR), b (N,). Called as
     # _call_product(a, a0, lda, seg, gap, m, wp, b, y, y0, n0, n1).
     a, wp, b, y = carray(pa, na), carray(pw, (panels, k, NR)), carray(pb, n), carray(py, ny)
-    rows, cols = -(-m // (2 * MR)), -(-(n1 - n0) // NR)  # blocks of 2 MR rows, panels
+    # blocks of 2 MR rows, the last one with the rows left over (2 MR to 4 MR - 1 of them, for PLAN to cut), panels
+    rows, cols = max(1, m // (2 * MR)), -(-(n1 - n0) // NR)
     by_rows = k * (n1 - n0) <= SMALL_B
     for t in range(rows * cols):  # one loop, so that the micro-kernels are compiled into it once, not twice
         r, p = (t // cols, t % cols) if by_rows else (t % rows, t // rows)
-        _block(a, a0, lda, seg, gap, m, wp, b, y, y0, n, r * 2 * MR, n0 + p * NR, n1)
+        _block(a, a0, lda, seg, gap, wp, b, y, y0, n, r * 2 * MR, m if r == rows - 1 else (r + 1) * 2 * MR,
+               n0 + p * NR, n1)
 
 
 _by_name("product", _product)

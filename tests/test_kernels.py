@@ -1,4 +1,6 @@
 """Every kernel against tests/naive.py: odd sizes, C = 1, both strides, batch > 1."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,41 @@ def test_gemm(m, k, n):
     kernels.gemm(a.ravel(), m, kernels.pack(w), b, y.ravel(), n0, n1)
     close(y[:, n0:n1], naive.relu6(a.astype(np.float64) @ w[:, n0:n1] + b[n0:n1]), 1e-4)
     assert np.isnan(y[:, :n0]).all() and np.isnan(y[:, n1:]).all()
+
+
+@pytest.mark.parametrize("k,n", [(19, 2 * kernels.NR + 3), (300, 200), (27, 8)])
+def test_gemm_every_row_count(k, n):
+    # every count of rows of a product's last block (2 MR to 4 MR - 1, cut into tiles by PLAN) and of
+    # products smaller than a block, every row written once: no row left out, none beyond m
+    for m in range(1, 5 * MR):
+        a, w, b = rand(m, k, lo=0, hi=6), rand(k, n), rand(n)
+        y = np.full((m + 1) * n, np.nan, np.float32)
+        kernels.gemm(a.ravel(), m, kernels.pack(w), b, y, 0, n)
+        close(y[:m * n].reshape(m, n), naive.relu6(a.astype(np.float64) @ w + b), 1e-4)
+        assert np.isnan(y[m * n:]).all(), m
+
+
+def test_tile_plan_computes_the_fewest_rows():
+    # the last rows of a product cut as PLAN says, against the fewest rows that any combination of the
+    # tiles' heights covers them with (brute force); on AVX2 (6, 4 and 3) only 1, 2 and 5 rows compute more
+    sizes = sorted({MR, kernels.THIRD, max(1, MR // 2)})
+    for rows in range(1, 4 * MR):
+        cut = _cut(kernels.PLAN, rows)
+        assert set(cut) <= set(sizes), rows
+        fewest = min(sum(c) for t in range(1, rows + 2) for c in itertools.combinations_with_replacement(sizes, t)
+                     if sum(c) >= rows)
+        assert sum(cut) == fewest, (rows, cut)
+    plan = kernels.tile_plan(6, 4)
+    assert [r for r in range(1, 24) if sum(_cut(plan, r)) > r] == [1, 2, 5]
+    assert sorted(_cut(plan, 13)) == [3, 4, 6]  # 49 rows (a 7 x 7 map): blocks of 12, 12, 12 and 13
+
+
+def _cut(plan, rows):
+    cut = []
+    while rows > 0:
+        cut.append(int(plan[rows]))
+        rows -= cut[-1]
+    return cut
 
 
 @pytest.mark.parametrize("n,h,w,c", [(1, 1, 1, 1), (3, 7, 7, 5), (2, 4, 9, 33)])
