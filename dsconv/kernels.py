@@ -436,10 +436,10 @@ def pack_depthwise(k):
 
 _wide = gemm_block(MR, NV)  # MR x NV LANES
 # For the last rows of a product (a tile costs its full height, whatever
-# rows it has): tiles of MR // 2 and MR - 2 rows, so that every count of rows
-# from MR // 2 up is cut into tiles with no row computed for nothing (AVX2's
-# 6, 4 and 3: 49 rows, a 7 x 7 map, are 6 x 7 + 4 + 3, where 6 x 8 + a tile
-# of 3 for the last row took 4% longer).
+# rows it has): tiles of MR // 2 and MR - 2 rows (MR // 2 only below 5), so
+# that as few rows as can be are computed for nothing: on AVX2 (6, 4 and 3)
+# none from 3 rows up but 5; 49 rows, a 7 x 7 map, are 6 x 7 + 4 + 3, where
+# 6 x 8 + a tile of 3 for the last row took 4% longer. (AVX-512: 14, 12, 7.)
 _half = gemm_block(max(1, MR // 2), NV)
 THIRD = MR - 2 if MR >= 5 else MR // 2
 _third = gemm_block(THIRD, NV)
