@@ -40,10 +40,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from dsconv import DsconvError, files, images
+from dsconv import DsconvError, files, hdf5, images
 
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
@@ -111,16 +110,17 @@ def _write(path, a, keys, feats):
 def _read(path, a):
     """{key: row} of one cache file; raises ValueError saying what is wrong."""
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: f.attrs[k] for k in f.attrs}
-            keys, feats = f["keys"][()], f["features"][()]
-    except (OSError, KeyError) as e:
-        raise ValueError(f"cannot be read ({e})") from None
+        file_attrs, tensors = hdf5.read(path)
+        attrs, keys, feats = file_attrs["/"], tensors["keys"], tensors["features"]
+    except (hdf5.Damaged, KeyError) as e:
+        raise ValueError(f"cannot be read ({str(e).removeprefix(f'{path}: ')})") from None
     for k, want in a.items():
         got = attrs.get(k)
         if got is None or (got.item() if hasattr(got, "item") else got) != want:
             raise ValueError(f"holds {k} {got!r}, not {want!r}")
-    if attrs.get("format") != FORMAT or feats.ndim != 2 or len(keys) != len(feats):
+    keys, feats = np.asarray(keys), np.asarray(feats)
+    if (attrs.get("format") != FORMAT or keys.ndim != 1 or keys.dtype.kind != "S" or feats.ndim != 2
+            or feats.dtype.kind != "f" or len(keys) != len(feats)):
         raise ValueError(f"has shapes keys {keys.shape}, features {feats.shape}")
     if attrs.get("checksum") != _checksum(keys, feats):
         raise ValueError("fails its checksum")

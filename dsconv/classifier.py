@@ -35,12 +35,12 @@ the whole validation set (retrain.py samples 100 validation rows instead).
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import h5py
 import numpy as np
 from numba import njit
 
-from dsconv import DsconvError, files
+from dsconv import DsconvError, files, hdf5
 
 # dsconv.kernels is imported in the functions that run it, as in dsconv.mobilenet.
 FORMAT = "dsconv-classifier-v1"
@@ -247,23 +247,27 @@ def load(path):
     verified here; non-finite numbers and a threshold outside [0, 1] are
     refused too.
     """
+    if not Path(path).exists():
+        raise ModelError(f"{path}: no such model file")
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise ModelError(f"{path}: not a dsconv classifier (format {f.attrs.get('format')!r}); "
-                                 "train one with `python -m dsconv.train`")
-            attrs = {k: f.attrs[k] for k in ("format", "classes", "positive", "threshold", "info")}
-            tensors = {k: f[k][()] for k in ("weights", "bias") + OPTIONAL if k in f}
-            stored = f.attrs.get("checksum")
-            attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
-            model = Classifier(tensors["weights"], tensors["bias"], json.loads(attrs["classes"]),
-                               positive=int(attrs["positive"]), threshold=float(attrs["threshold"]),
-                               info=json.loads(attrs["info"]),
-                               **{name: tensors[name] for name in OPTIONAL if name in tensors})
-    except FileNotFoundError:
-        raise ModelError(f"{path}: no such model file") from None
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise ModelError(f"{path}: damaged or incomplete model file ({e}); train it again") from None
+        file_attrs, file_tensors = hdf5.read(path)
+    except hdf5.Damaged as e:
+        raise ModelError(f"{e}; train it again") from None
+    f = file_attrs["/"]
+    if f.get("format") != FORMAT:
+        raise ModelError(f"{path}: not a dsconv classifier (format {f.get('format')!r}); "
+                         "train one with `python -m dsconv.train`")
+    try:
+        attrs = {k: f[k] for k in ("format", "classes", "positive", "threshold", "info")}
+        tensors = {k: file_tensors[k] for k in ("weights", "bias") + OPTIONAL if k in file_tensors}
+        stored = f.get("checksum")
+        attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
+        model = Classifier(tensors["weights"], tensors["bias"], json.loads(attrs["classes"]),
+                           positive=int(attrs["positive"]), threshold=float(attrs["threshold"]),
+                           info=json.loads(attrs["info"]),
+                           **{name: tensors[name] for name in OPTIONAL if name in tensors})
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise ModelError(f"{path}: damaged or incomplete model file ({type(e).__name__}: {e}); train it again") from None
     if stored is None:
         raise ModelError(f"{path}: the model file carries no checksum (written by an older dsconv, or "
                          "altered); train it again")

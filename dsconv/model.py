@@ -192,8 +192,10 @@ def _network(part, resolution, bottleneck):
     want = part.get("weights_sha256")
     d = weights.weights_dir()
     for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        if weights.sha256(path) != want:  # first: a damaged extra file is then never parsed
+            continue
         meta = weights.describe(path)
-        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head) and weights.sha256(path) == want:
+        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head):
             return weights.load_file(path, alpha, resolution)
     net = weights.load(alpha, resolution, head=head, quiet=True)
     if want and net.weights_sha256 != want:

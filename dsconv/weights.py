@@ -22,15 +22,15 @@ import re
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, files
+from dsconv import DsconvError, HelpFormatter, files, hdf5
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
 BN_EPS = 1e-3
 KERAS_NAME = re.compile(r"mobilenet_(1_0|7_5|5_0|2_5)_(\d+)_tf(_no_top)?\.h5$")
+CONVERTED_NAME = re.compile(r"mobilenet_([\d.]+)_(\d+)(_no_top)?\.h5")
 KERAS_ALPHA = {"1_0": 1.0, "7_5": 0.75, "5_0": 0.5, "2_5": 0.25}
 
 
@@ -66,17 +66,17 @@ def sha256(path):
 
 
 def _keras_layer(f, path, name):
-    """{weight name without the layer prefix: array} of one Keras layer."""
-    if name not in f:
+    """{weight name without the layer prefix: array} of one Keras layer; f is hdf5.read's (attrs, tensors)."""
+    attrs, tensors = f
+    if name not in attrs:
         raise WeightsError(f"{path}: layer {name} is missing; this is not a complete "
                            "Keras MobileNet v1 file")
-    group = f[name]
     names = [n.decode() if isinstance(n, bytes) else str(n)
-             for n in group.attrs.get("weight_names", [])]
-    if not names:
+             for n in attrs[name].get("weight_names", [])]
+    if not names or any(f"{name}/{n}" not in tensors for n in names):
         raise WeightsError(f"{path}: layer {name} has no weights; the file is damaged or "
                            "incomplete, download it again from Keras applications")
-    return {n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float64) for n in names}
+    return {n.split("/")[-1].split(":")[0]: np.asarray(tensors[f"{name}/{n}"], np.float64) for n in names}
 
 
 def _fold(kernel, bn):
@@ -90,39 +90,47 @@ def read_keras(path):
     """(alpha, {layer: {kernel, bias}}) from a Keras MobileNet v1 HDF5 file."""
     path = Path(path)
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot be read as HDF5 ({e})") from None
-    with f:
-        stem = _keras_layer(f, path, "conv1")["kernel"]
-        if stem.ndim != 4 or stem.shape[:3] != (3, 3, 3):
-            raise WeightsError(f"{path}: conv1 kernel has shape {stem.shape}, not (3, 3, 3, C)")
-        alpha = stem.shape[3] / STEM
-        if alpha not in ALPHAS:
-            raise WeightsError(f"{path}: conv1 has {stem.shape[3]} filters, which is no "
-                               f"MobileNet v1 width (alphas {ALPHAS})")
-        has_head = "conv_preds" in f and len(f["conv_preds"].attrs.get("weight_names", [])) > 0
-        params = {}
-        for name, shapes in layer_shapes(alpha, has_head).items():
-            w = _keras_layer(f, path, name)
-            kernel = w.get("depthwise_kernel", w.get("kernel"))
-            if kernel is None:
-                raise WeightsError(f"{path}: layer {name} has no kernel")
-            want = shapes["kernel"]
-            if kernel.size != int(np.prod(want)):
-                raise WeightsError(f"{path}: layer {name} has a kernel of shape {kernel.shape}, "
-                                   f"expected {want} for alpha {alpha}")
-            kernel = kernel.reshape(want)
-            if name == "conv_preds":
-                params[name] = {"kernel": kernel.astype(np.float32),
-                                "bias": w["bias"].astype(np.float32)}
-                continue
-            bn = _keras_layer(f, path, name + "_bn")
-            for t in ("gamma", "beta", "moving_mean", "moving_variance"):
-                if t not in bn or bn[t].shape != shapes["bias"]:
-                    raise WeightsError(f"{path}: layer {name}_bn/{t} should have shape "
-                                       f"{shapes['bias']}")
-            params[name] = dict(zip(("kernel", "bias"), _fold(kernel, bn)))
+        f = hdf5.read(path)
+    except hdf5.Damaged as e:
+        raise WeightsError(f"{e}; download it again from Keras applications") from None
+    try:
+        return _from_keras(f, path)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise WeightsError(f"{path}: damaged Keras file ({type(e).__name__}: {e}); download it again from "
+                           "Keras applications") from None
+
+
+def _from_keras(f, path):
+    """read_keras on the file's (attrs, tensors)."""
+    stem = _keras_layer(f, path, "conv1")["kernel"]
+    if stem.ndim != 4 or stem.shape[:3] != (3, 3, 3):
+        raise WeightsError(f"{path}: conv1 kernel has shape {stem.shape}, not (3, 3, 3, C)")
+    alpha = stem.shape[3] / STEM
+    if alpha not in ALPHAS:
+        raise WeightsError(f"{path}: conv1 has {stem.shape[3]} filters, which is no "
+                           f"MobileNet v1 width (alphas {ALPHAS})")
+    has_head = len(f[0].get("conv_preds", {}).get("weight_names", [])) > 0
+    params = {}
+    for name, shapes in layer_shapes(alpha, has_head).items():
+        w = _keras_layer(f, path, name)
+        kernel = w.get("depthwise_kernel", w.get("kernel"))
+        if kernel is None:
+            raise WeightsError(f"{path}: layer {name} has no kernel")
+        want = shapes["kernel"]
+        if kernel.size != int(np.prod(want)):
+            raise WeightsError(f"{path}: layer {name} has a kernel of shape {kernel.shape}, "
+                               f"expected {want} for alpha {alpha}")
+        kernel = kernel.reshape(want)
+        if name == "conv_preds":
+            params[name] = {"kernel": kernel.astype(np.float32),
+                            "bias": w["bias"].astype(np.float32)}
+            continue
+        bn = _keras_layer(f, path, name + "_bn")
+        for t in ("gamma", "beta", "moving_mean", "moving_variance"):
+            if t not in bn or bn[t].shape != shapes["bias"]:
+                raise WeightsError(f"{path}: layer {name}_bn/{t} should have shape "
+                                   f"{shapes['bias']}")
+        params[name] = dict(zip(("kernel", "bias"), _fold(kernel, bn)))
     return alpha, params
 
 
@@ -157,28 +165,30 @@ def convert(path, out_dir=None, resolution=None):
 
 
 def describe(path):
-    """The attributes of a dsconv weight file, or None if it is not one."""
-    try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                return None
-            return {k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k]
-                    for k in ("alpha", "trained_resolution", "has_head", "source_file", "source_sha256")
-                    if k in f.attrs or k != "source_sha256"}
-    except OSError:
+    """The attributes of a dsconv weight file, or None if it is not one; hdf5.Damaged if it cannot be read."""
+    f = hdf5.read(path, datasets=False)[0]["/"]
+    if f.get("format") != FORMAT:
         return None
+    try:
+        return {k: f[k].item() if hasattr(f[k], "item") else f[k]
+                for k in ("alpha", "trained_resolution", "has_head", "source_file", "source_sha256")
+                if k in f or k != "source_sha256"}
+    except KeyError as e:
+        raise hdf5.Damaged(f"{path}: damaged weight file (attribute {e} missing)") from None
 
 
 def _verified(path):
     """{layer: {kernel, bias}} of a dsconv weight file; WeightsError if it fails its checksum."""
     try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: f.attrs[k] for k in f.attrs if k != "checksum"}
-            attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
-            stored = f.attrs.get("checksum")
-            params = {name: {t: f[name][t][()] for t in f[name]} for name in f}
-    except (OSError, KeyError, TypeError) as e:
-        raise WeightsError(f"{path}: damaged weight file ({e})") from None
+        file_attrs, file_tensors = hdf5.read(path)
+    except hdf5.Damaged as e:
+        raise WeightsError(str(e)) from None
+    attrs = {k: v.item() if hasattr(v, "item") else v for k, v in file_attrs["/"].items() if k != "checksum"}
+    stored = file_attrs["/"].get("checksum")
+    params = {}
+    for key, a in file_tensors.items():
+        name, _, t = key.rpartition("/")
+        params.setdefault(name, {})[t] = a
     if stored is None:
         raise WeightsError(f"{path}: the weight file carries no checksum (converted by an older dsconv)")
     tensors = {f"{name}/{t}": a for name, ts in params.items() for t, a in ts.items()}
@@ -199,6 +209,20 @@ def _keras_source(info):
     return None
 
 
+def _convert_again(path, error):
+    """A converted file whose header is damaged, converted again from the Keras file its name points to."""
+    m = CONVERTED_NAME.fullmatch(path.name)
+    src = None
+    if m and float(m.group(1)) in ALPHAS:
+        name = keras_file_name(float(m.group(1)), int(m.group(2)), not m.group(3))
+        src = next((k / name for k in keras_dirs() if (k / name).is_file()), None)
+    if src is None:
+        raise WeightsError(f"{error}; convert its Keras file again with "
+                           "`python -m dsconv.weights convert PATH/mobilenet_..._tf.h5`") from None
+    print(f"dsconv: {error}; converting {src} again", file=sys.stderr)
+    return convert(src, path.parent, int(m.group(2)))
+
+
 def load_file(path, alpha=None, resolution=None):
     """A MobileNet from a dsconv weight file; refuses a file of another alpha.
 
@@ -206,7 +230,11 @@ def load_file(path, alpha=None, resolution=None):
     that is at hand (saying so), and refused otherwise.
     """
     path = Path(path)
-    info = describe(path)
+    try:
+        info = describe(path)
+    except hdf5.Damaged as e:
+        path = _convert_again(path, e)
+        info = describe(path)
     if info is None:
         raise WeightsError(f"{path}: not a dsconv weight file; convert Keras files with "
                            f"`python -m dsconv.weights convert {path}`")
@@ -239,7 +267,11 @@ def find(alpha, resolution, head=False):
     found = {}
     d = weights_dir()
     for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
-        info = describe(path)
+        try:
+            info = describe(path)
+        except hdf5.Damaged as e:
+            print(f"dsconv: warning: {e}; skipping it (delete it, or convert its Keras file again)", file=sys.stderr)
+            continue
         if info and info["alpha"] == alpha and (info["has_head"] or not head):
             found.setdefault(info["trained_resolution"], path)
     for res in (resolution, 224):
@@ -270,6 +302,14 @@ def load(alpha, resolution=224, head=False, quiet=False):
     return load_file(path, alpha, resolution)
 
 
+def _described(path):
+    """describe(path), or the error message of a damaged file."""
+    try:
+        return describe(path)
+    except hdf5.Damaged as e:
+        return str(e).removeprefix(f"{path}: ")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m dsconv.weights", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
@@ -293,11 +333,14 @@ def main(argv=None):
                       f"{info['trained_resolution']}, head {'yes' if info['has_head'] else 'no'})")
         else:
             d = Path(args.dir) if args.dir else weights_dir()
-            rows = [(p, describe(p)) for p in sorted(d.glob("*.h5"))] if d.is_dir() else []
+            rows = [(p, _described(p)) for p in sorted(d.glob("*.h5"))] if d.is_dir() else []
             rows = [(p, i) for p, i in rows if i]
             if not rows:
                 print(f"no converted weights in {d}; run `python -m dsconv.weights convert KERAS_H5...`")
             for p, i in rows:
+                if isinstance(i, str):
+                    print(f"{p.name:36s} damaged: {i}; delete it or convert its Keras file again")
+                    continue
                 print(f"{p.name:36s} alpha {i['alpha']:<5g} trained at {i['trained_resolution']}  "
                       f"head {'yes' if i['has_head'] else 'no '}  from {i['source_file']}")
     except (DsconvError, OSError) as e:
