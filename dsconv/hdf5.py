@@ -15,6 +15,7 @@ one ``Damaged`` naming the file. The parent never opens the file itself, so
 nothing it holds (a cache lock) waits on a damaged file beyond the bound.
 A fork costs a few milliseconds; these files are read once per run.
 """
+import faulthandler
 import os
 import pickle
 import select
@@ -70,6 +71,7 @@ def in_child(work, timeout):
         try:
             os.close(r)
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+            faulthandler.disable()  # a crash is reported by the parent, in one line
             try:
                 out = pickle.dumps(("ok", work()), protocol=pickle.HIGHEST_PROTOCOL)
             except BaseException as e:

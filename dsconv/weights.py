@@ -209,18 +209,25 @@ def _keras_source(info):
     return None
 
 
-def _convert_again(path, error):
-    """A converted file whose header is damaged, converted again from the Keras file its name points to."""
+def _keras_by_name(path):
+    """(the Keras file, resolution) that a converted file's name points to, or (None, None)."""
     m = CONVERTED_NAME.fullmatch(path.name)
-    src = None
     if m and float(m.group(1)) in ALPHAS:
         name = keras_file_name(float(m.group(1)), int(m.group(2)), not m.group(3))
-        src = next((k / name for k in keras_dirs() if (k / name).is_file()), None)
+        for k in keras_dirs():
+            if (k / name).is_file():
+                return k / name, int(m.group(2))
+    return None, None
+
+
+def _convert_again(path, error):
+    """A converted file whose attributes are damaged, converted again from the Keras file its name points to."""
+    src, resolution = _keras_by_name(path)
     if src is None:
         raise WeightsError(f"{error}; convert its Keras file again with "
                            "`python -m dsconv.weights convert PATH/mobilenet_..._tf.h5`") from None
     print(f"dsconv: {error}; converting {src} again", file=sys.stderr)
-    return convert(src, path.parent, int(m.group(2)))
+    return convert(src, path.parent, resolution)
 
 
 def load_file(path, alpha=None, resolution=None):
@@ -245,11 +252,15 @@ def load_file(path, alpha=None, resolution=None):
         params = _verified(path)
     except WeightsError as e:
         src = _keras_source(info)
-        if src is None:
+        if src is None and _keras_by_name(path)[0] is None:
             raise WeightsError(f"{e}; convert the Keras file {info['source_file']} again with "
                                f"`python -m dsconv.weights convert PATH/{info['source_file']}`") from None
-        print(f"dsconv: {e}; converting {src} again", file=sys.stderr)
-        path = convert(src, path.parent, info["trained_resolution"])
+        if src is None:  # its record of the source is what was damaged
+            path = _convert_again(path, e)
+            info = describe(path)
+        else:
+            print(f"dsconv: {e}; converting {src} again", file=sys.stderr)
+            path = convert(src, path.parent, info["trained_resolution"])
         params = _verified(path)
     try:
         net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
