@@ -20,11 +20,10 @@ measured on --val-dir after choosing the threshold on it are optimistic.
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, data, files, metrics, report
+from dsconv import DsconvError, HelpFormatter, classifier, data, fail, files, interrupted, metrics, report
 from dsconv.model import load_model
 
 
@@ -61,9 +60,8 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
     head, record = model.head, {}
     if site_paths is not None:
         x, failed = model.bottlenecks(site_paths, progress=True)
-        if len(x) < 2:
-            raise data.DataError(f"{len(x)} readable image(s) among the site's {len(site_paths)}; "
-                                 "site statistics need a sample of the site's X-rays")
+        if head.train_std is not None:  # else adapt refuses the model
+            classifier.check_site(x, head.train_std, "--site-dir")
         head.adapt(x)
         record.update(site_images=int(len(x)), site_skipped=len(failed))
     if val is not None:
@@ -100,9 +98,9 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         model.head.save(out)
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: nothing written; bottlenecks computed so far are cached")
+        interrupted("nothing written; bottlenecks computed so far are cached")
     if site:
         print(f"feature statistics from {rec['site_images']} images of {args.site_dir}")
     print(f"threshold {before:.3f} -> {model.threshold:.3f}"

@@ -48,6 +48,8 @@ LR = 0.01
 STEPS = 4000
 BATCH = 100
 EVAL_EVERY = 10
+MIN_SITE_IMAGES, MIN_SITE_SPREAD = 16, 0.05  # a site sample to adapt to (Classifier.check_site)
+LOGIT_LIMIT = 500.0  # |logit| beyond this on the training data: diverged (see _check_converged)
 INIT_STD = 0.001
 SAMPLINGS = ("balanced", "natural")
 OPTIONAL = ("mean", "std", "train_mean", "train_std", "site_mean", "site_std")
@@ -325,6 +327,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     if keep:
         curves["snapshots"] = {}
     wt, b = model.weights.T.copy(), model.bias  # the kernel's layout: (C, D)
+    start = _loss(x, y, model.weights, b)[0]
     done = 0
     for stop in sorted(keep | {steps} | set(range(eval_every, steps, eval_every))):
         _sgd(x, y, idx[done:stop], wt, b, float(lr), float(weight_decay))
@@ -344,4 +347,46 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     if not (np.all(np.isfinite(model.weights)) and np.all(np.isfinite(b))):
         raise DsconvError(f"training diverged (non-finite weights) at learning rate {lr:g}; use a "
                          "lower --lr")
+    _check_converged(x, y, start, model.weights, b, lr)
     return model, curves
+
+
+def _check_converged(x, y, start, w, b, lr):
+    """DsconvError if SGD overshot: the training loss ends above where it began, or the logits run away.
+
+    Too high a rate leaves finite but huge weights (1e18 at --lr 25) whose
+    probabilities are all exactly 0 or 1: LOGIT_LIMIT is far beyond any
+    trained model's logits, well below where float64 softmax overflows (709).
+    """
+    end, logits = _loss(x, y, w, b)
+    if end > start or logits > LOGIT_LIMIT:
+        why = (f"the training loss ended at {end:.3g}, above the {start:.3g} it began at" if end > start
+               else f"its logits reach {logits:.3g}")
+        raise DsconvError(f"training diverged at learning rate {lr:g} ({why}); use a lower --lr")
+
+
+def _loss(x, y, w, b):
+    """(mean softmax cross-entropy, largest |logit|) of a head on the training rows."""
+    z = x @ w + b
+    top = np.abs(z).max()
+    z = z - z.max(axis=1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y])), float(top)
+
+
+def check_site(site_features, train_std, where):
+    """DsconvError unless a site's bottlenecks (N, D) are a sample that Classifier.adapt can use.
+
+    Copies of one image (4 of them once made the model call 78 of 80 X-rays
+    pneumonia) give statistics of nothing: at least MIN_SITE_IMAGES different
+    images, whose features vary at least MIN_SITE_SPREAD times as much as the
+    training images' (``train_std``, median over features), are needed.
+    """
+    x = np.asarray(site_features, np.float64)
+    distinct = len(np.unique(x, axis=0)) if x.ndim == 2 and len(x) else 0
+    if distinct < MIN_SITE_IMAGES:
+        raise DsconvError(f"{where}: {distinct} different readable image(s) among {len(x)}; site statistics "
+                          f"need at least {MIN_SITE_IMAGES} different X-rays of the site; add them there")
+    spread = float(np.median(x.std(axis=0) / _nonzero(np.asarray(train_std, np.float64))))
+    if spread < MIN_SITE_SPREAD:
+        raise DsconvError(f"{where}: the images are nearly alike (their features vary {spread:.3f} times as "
+                          "much as the training images'); give a sample of the site's X-rays as they come")

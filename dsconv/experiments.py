@@ -39,8 +39,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, files, metrics, mobilenet, paper,
-                    report, runlog, weights)
+from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, interrupted, metrics,
+                    mobilenet, paper, report, runlog, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -79,8 +79,8 @@ def parse_args(argv):
                                    f"{bottlenecks.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error("--workers must be at least 1")
+    if not 1 <= args.workers <= 64:
+        p.error("--workers must be from 1 to 64")
     return args
 
 
@@ -366,10 +366,10 @@ def main(argv=None):
         alphas = {a for a, _ in available_variants()}
         written = write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, args.workers)
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted: finished runs are in {out / 'runs.csv'} and bottlenecks are cached; run "
-                 "the same command again to continue where it stopped")
+        interrupted(f"finished runs are in {out / 'runs.csv'} and bottlenecks are cached; run "
+                    "the same command again to continue where it stopped")
     finally:
         with held:
             if log:

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,6 +82,32 @@ def write_bytes(path, data):
 
 def write_text(path, text):
     write_bytes(path, text.encode())
+
+
+def write_output(path, text):
+    """Write ``text`` where the user asked: "-" is standard output, never anything replaced but a regular file.
+
+    A FIFO, a device (/dev/null) or anything else not a regular file is
+    written through, as a shell's ``>`` would; a symlink is followed and the
+    file it points to written atomically; stale temporary files of that
+    folder are removed first. On a full standard output, stdout is pointed
+    at /dev/null so that Python's own flush at exit does not fail again.
+    """
+    if str(path) == "-":
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except OSError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise
+        return
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    remove_strays(target.parent)
+    write_text(target, text)
 
 
 def hdf5_bytes(fill):
@@ -191,8 +218,19 @@ def check_writable(folder, advice):
 
 
 def check_output_file(path, advice):
-    """Raise OSError if ``path`` cannot be written: its folder must exist and be writable."""
-    folder = Path(path).parent
+    """Raise OSError if ``path`` cannot be written: its folder must exist and be writable.
+
+    A symlink is judged by what it points to; a FIFO or device needs only to
+    be writable, as write_output writes through it.
+    """
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise OSError(f"{path} is a folder; {advice}")
+    if target.exists() and not target.is_file():
+        if not os.access(target, os.W_OK):
+            raise OSError(f"{path}: cannot write to it; {advice}")
+        return
+    folder = target.parent
     if not folder.is_dir():
         raise OSError(f"{path}: the folder {folder} does not exist; {advice}")
     check_writable(folder, advice)

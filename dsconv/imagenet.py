@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, images, weights
+from dsconv import PARTIAL, DsconvError, HelpFormatter, fail, images, mobilenet, weights
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -43,10 +43,16 @@ def main(argv=None):
                                           "(default ../shared/weights/imagenet_classes.txt)")
     args = parser.parse_args(argv)
     try:
+        mobilenet.check_variant(args.alpha, args.resolution)
+    except DsconvError as e:
+        parser.error(f"--resolution: {e}")
+    if not 1 <= args.top <= 1000:
+        parser.error("--top must be from 1 to 1000")
+    try:
         net = weights.load(args.alpha, args.resolution, head=True)
         names = class_names(args.classes)
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     from dsconv import kernels  # after the arguments: its compiled code takes 0.4 s to load
     failed = 0
     for path in args.images:
@@ -61,7 +67,7 @@ def main(argv=None):
         print(f"{path}  (MobileNet {args.alpha:g}-{args.resolution})")
         for i in np.argsort(-p)[:args.top]:
             print(f"  {p[i]:7.2%}  {names[i] if names else '':24s} {i}")
-    sys.exit(1 if failed else 0)
+    sys.exit(PARTIAL if failed else 0)
 
 
 if __name__ == "__main__":

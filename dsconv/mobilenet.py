@@ -31,11 +31,14 @@ BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
 CLASSES = 1000
 
 
+MAX_RESOLUTION = 512  # a batch of 32 at 512 already needs about 1 GB of activations (alpha 1.0, flip TTA)
+
+
 def check_variant(alpha, resolution):
     if alpha not in ALPHAS:
         raise DsconvError(f"alpha must be one of {ALPHAS}, got {alpha}")
-    if resolution < 32 or resolution % 32:
-        raise DsconvError(f"resolution must be a multiple of 32 and at least 32, got {resolution}")
+    if not 32 <= resolution <= MAX_RESOLUTION or resolution % 32:
+        raise DsconvError(f"resolution must be a multiple of 32 from 32 to {MAX_RESOLUTION}, got {resolution}")
 
 
 def width(c, alpha):

@@ -19,7 +19,8 @@ import json
 import sys
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, bottlenecks, cam, files, images
+import dsconv
+from dsconv import NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks, cam, fail, files, images
 from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -27,6 +28,7 @@ LIST_SUFFIXES = {".txt", ".lst", ".list"}
 FORMATS = ("table", "csv", "json")
 CHUNK = 64  # images per step of rows_for: what Ctrl-C can lose
 INTERRUPTED = "interrupted before this image"
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what starts a formula in a spreadsheet cell
 
 
 class Interrupted(KeyboardInterrupt):
@@ -72,7 +74,11 @@ def rows_for(model, paths, heatmap_dir=None, progress=True):
     try:
         for i in range(0, len(paths), CHUNK):
             chunk = paths[i:i + CHUNK]
-            rows += _rows(model, chunk, heatmap_dir, used)
+            if heatmap_dir:  # image by image: Ctrl-C keeps the row of every heatmap written
+                for path in chunk:
+                    rows.append(_row_with_heatmap(model, path, heatmap_dir, used))
+            else:
+                rows += _rows(model, chunk)
             if bar:
                 bar.update(len(rows), final=len(rows) == len(paths))
     except KeyboardInterrupt:
@@ -86,9 +92,7 @@ def _row(model, path, error=None):
             "variant": model.variant, "error": error}
 
 
-def _rows(model, paths, heatmap_dir, used):
-    if heatmap_dir:
-        return [_row_with_heatmap(model, path, heatmap_dir, used) for path in paths]
+def _rows(model, paths):
     feats, failed = model.bottlenecks(paths)
     probs = iter(model.head.probabilities(feats) if len(feats) else [])
     rows = []
@@ -132,7 +136,7 @@ def render(rows, fmt, positive):
         buf = io.StringIO()
         w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: _cell(v) for k, v in r.items()} for r in rows)
         return buf.getvalue()
     width = max([len("image")] + [len(r["path"]) for r in rows])
     head = f"{'image':{width}s}  P({positive})  decision    variant"
@@ -146,6 +150,11 @@ def render(rows, fmt, positive):
     return "\n".join(lines) + "\n"
 
 
+def _cell(value):
+    """A CSV cell that a spreadsheet will not run as a formula: text starting with = + - @ (or a tab, CR) quoted."""
+    return "'" + value if isinstance(value, str) and value[:1] in FORMULA else value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dsconv.predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
@@ -154,7 +163,8 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", metavar="PATH", help="image, folder or list file")
     p.add_argument("--threshold", type=float, help="decision threshold on P(positive) (default: the model's)")
     p.add_argument("--format", default="table", choices=FORMATS, help="output format")
-    p.add_argument("--output", "-o", help="write the output to this file instead of standard output")
+    p.add_argument("--output", "-o", help="write the output to this file instead of standard output (- for it); "
+                                          "a FIFO or device is written through, a symlink followed")
     p.add_argument("--heatmap", metavar="DIR", help="write one class activation map PNG per image here")
     p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
     p.add_argument("--no-cache", action="store_true", help="keep no bottlenecks on disk")
@@ -163,7 +173,7 @@ def main(argv=None):
         p.error("--threshold must be between 0 and 1")
     interrupted = False
     try:
-        if args.output:
+        if args.output and args.output != "-":
             files.check_output_file(args.output, "give another --output")
         heatmaps = Path(args.heatmap) if args.heatmap else None
         if heatmaps:
@@ -180,32 +190,27 @@ def main(argv=None):
         except Interrupted as e:
             rows, interrupted = e.rows, True
     except (DsconvError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except KeyboardInterrupt:
-        print("\ninterrupted: bottlenecks computed so far are cached", file=sys.stderr)
-        sys.exit(130)
+        dsconv.interrupted("bottlenecks computed so far are cached")
     text = render(rows, args.format, model.positive)
+    output = args.output or "-"
     try:
         with files.interrupts_deferred():
-            if args.output:
-                files.write_text(args.output, text)
-            else:
-                sys.stdout.write(text)
+            files.write_output(output, text)
     except OSError as e:
-        print(f"error: could not write {args.output} ({e.strerror or e}); give another --output", file=sys.stderr)
-        sys.exit(2)
+        fail(f"could not write {'standard output' if output == '-' else output} ({e.strerror or e}); "
+             "give another --output", NOT_WRITTEN)
     except KeyboardInterrupt:
         interrupted = True
     if interrupted:
         done = sum(r["error"] != INTERRUPTED for r in rows)
-        print(f"\ninterrupted: {done} of {len(rows)} images done; the others are marked "
-              f"\"{INTERRUPTED}\"{f' in {args.output}' if args.output else ''}", file=sys.stderr)
-        sys.exit(130)
+        dsconv.interrupted(f"{done} of {len(rows)} images done; the others are marked "
+                           f"\"{INTERRUPTED}\"{f' in {args.output}' if output != '-' else ''}")
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)
-    sys.exit(1 if failed else 0)
+    sys.exit(PARTIAL if failed else 0)
 
 
 if __name__ == "__main__":

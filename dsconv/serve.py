@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, predict
+from dsconv import DsconvError, HelpFormatter, fail, predict
 from dsconv.model import load_model
 
 HOST = "127.0.0.1"
@@ -342,7 +342,7 @@ def main(argv=None):
               flush=True)
         server.serve_forever()
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     except KeyboardInterrupt:
         print("\ndsconv: stopped", file=sys.stderr)
     finally:

@@ -13,23 +13,29 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import (DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, files, images, metrics,
+from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, fail, interrupted, bottlenecks, classifier, data, files, images, metrics,
                     paper, repeats, report, weights)
-from dsconv.mobilenet import ALPHAS
+from dsconv.mobilenet import ALPHAS, check_variant
 
 ALPHA = 0.75
 RESOLUTION = 224
 SPLIT = "80/10/10"
+OLD_RUN = re.compile(r"results\.json|model(-seed\d+)?\.h5|[^.].*\.(png|csv)")  # the files --overwrite replaces
 GROUP_BY = "patient"
 REPEATS = 3
 BOTTLENECK = "pooled"
 SAMPLING = "balanced"
+# Upper bounds checked when the arguments are parsed, so that a typo ends in a message, not out of memory
+LIMITS = {"repeats": 100, "steps": 1_000_000, "batch_size": 10_000, "eval_every": 1_000_000, "workers": 64,
+          "site_weight": 100}
+MAX_DRAWS = 50_000_000  # steps x batch size: the row indices drawn up front, 400 MB
 # Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
 TTA = "flip"
 SITE_WEIGHT = 5
@@ -109,16 +115,22 @@ def parse_args(argv):
                                    f"{bottlenecks.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out: its files are removed once the new ones are written")
     if "--paper" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
-    for name in ("repeats", "batch_size", "eval_every", "workers"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.steps) < 1:
-        p.error("--steps must be at least 1")
-    if args.site_weight < 0:
-        p.error("--site-weight must be 0 or more")
+    for name, most in LIMITS.items():
+        least = 0 if name == "site_weight" else 1
+        if not least <= min(np.atleast_1d(getattr(args, name))) <= max(np.atleast_1d(getattr(args, name))) <= most:
+            p.error(f"--{name.replace('_', '-')} must be from {least} to {most}")
+    if max(args.steps) * args.batch_size > MAX_DRAWS:
+        p.error(f"--steps {max(args.steps)} x --batch-size {args.batch_size} draws more than {MAX_DRAWS:,} rows; "
+                "use fewer steps or a smaller batch")
+    try:
+        check_variant(args.alpha[0], args.resolution)
+    except DsconvError as e:
+        p.error(f"--resolution: {e}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr {args.lr} must be a positive number, such as 0.01")
     if not all(math.isfinite(w) and w >= 0 for w in args.weight_decay):
@@ -219,6 +231,9 @@ def main(argv=None):
     times = {}
     out = Path(args.out) if args.out else fresh_out_dir(args)
     try:
+        if (out / "results.json").exists() and not args.overwrite:
+            raise DsconvError(f"{out}: holds a run already (results.json); give another --out, or --overwrite "
+                              "to replace it")
         files.check_writable(out, "give another --out")
         train_pct, val_pct, test_pct = data.parse_split(args.split)
         if args.val_dir:
@@ -262,9 +277,7 @@ def main(argv=None):
             site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
                                                      workers=args.workers, tta=args.tta)
             skipped.update({str(q): msg for q, msg in failed.items()})
-            if len(site) < 2:
-                raise data.DataError(f"{args.site_dir}: fewer than two readable images; site statistics "
-                                     "need a sample of the site's X-rays")
+            classifier.check_site(site, x.std(axis=0), args.site_dir)
         times["bottlenecks_s"] = time.perf_counter() - t
         data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
@@ -281,10 +294,9 @@ def main(argv=None):
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: nothing was written; the bottlenecks computed so far are cached, so the "
-                 "same command resumes")
+        interrupted("nothing was written; the bottlenecks computed so far are cached, so the same command resumes")
     written = False
     try:
         # all or nothing: every file to a temporary name first, then renamed, results.json first
@@ -293,12 +305,14 @@ def main(argv=None):
             files.remove_strays(out)
             files.write_all({out / name: b for name, b in outputs.items()})
             written = True
+            for old in set(out.iterdir()) - {out / name for name in outputs}:
+                if OLD_RUN.fullmatch(old.name) and old.is_file():
+                    old.unlink()
     except OSError as e:
-        sys.exit(f"error: could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
-                 "free some space or give another --out")
+        fail(f"could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
+             "free some space or give another --out", NOT_WRITTEN)
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: " + (f"the outputs were written completely to {out}" if written
-                                       else "nothing was written"))
+        interrupted(f"the outputs were written completely to {out}" if written else "nothing was written")
     print(f"wrote {out}/: {', '.join(n for n in outputs if not n.startswith('model-'))} "
           f"(total {times['total_s']:.1f} s)")
 

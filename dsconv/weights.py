@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, files, hdf5
+from dsconv import DsconvError, HelpFormatter, fail, files, hdf5
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
@@ -355,7 +355,7 @@ def main(argv=None):
                 print(f"{p.name:36s} alpha {i['alpha']:<5g} trained at {i['trained_resolution']}  "
                       f"head {'yes' if i['has_head'] else 'no '}  from {i['source_file']}")
     except (DsconvError, OSError) as e:
-        sys.exit(f"error: {e}")
+        fail(e)
 
 
 if __name__ == "__main__":
