@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, classifier, data, fail, files, interrupted, metrics, report
+from dsconv import DsconvError, HelpFormatter, classifier, data, fail, files, images, interrupted, metrics, report
 from dsconv.model import load_model
 
 
@@ -40,7 +40,11 @@ def parse_args(argv):
                    help="choose the highest threshold reaching this sensitivity on --val-dir instead")
     p.add_argument("--out", required=True, help="the adapted model file to write")
     p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
+    images.add_max_pixels(p)
     args = p.parse_args(argv)
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be positive")
+    images.set_max_pixels(args.max_pixels)
     if not (args.site_dir or args.val_dir):
         p.error("give --site-dir (feature statistics), --val-dir (threshold) or both")
     if args.target_sensitivity is not None and not 0 < args.target_sensitivity <= 1:
@@ -96,6 +100,7 @@ def main(argv=None):
         model.head.info = json.loads(json.dumps(model.head.info, default=float))
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        files.remove_strays(out.parent)
         model.head.save(out)
     except (DsconvError, OSError) as e:
         fail(e)

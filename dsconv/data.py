@@ -94,7 +94,8 @@ def scan(root, classes=None):
 
 def _visible_files(folder):
     """Every file under ``folder``, recursively and sorted, none hidden or inside a hidden folder."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
+    # a dangling link or a loop is kept: decoding it fails, and the file is reported and counted as skipped
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or (p.is_symlink() and not p.exists()))
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

@@ -5,10 +5,13 @@ intercept) -> VOI LUT or window (centre, width) when the file has one, else
 the image's own range -> 8 bits -> MONOCHROME1 inverted (there, bright means
 low values). The result is a Pillow image, so the usual preprocessing follows.
 """
+import zlib
+
 import numpy as np
 from PIL import Image
 
 INSTALL = 'pip install "dsconv[dicom]"'
+DEFLATED = b"1.2.840.10008.1.2.1.99"  # the transfer syntax UID of deflated DICOM
 
 
 def read(path):
@@ -18,9 +21,11 @@ def read(path):
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise ImportError(f"reading DICOM needs pydicom; {INSTALL}") from None
+    _check_deflated(path)
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
         raise ValueError("the DICOM file has no pixel data")
+    _check_size(ds)
     pixels = ds.pixel_array
     if pixels.ndim == 3 and ds.get("SamplesPerPixel", 1) == 1:
         pixels = pixels[0]  # a multi-frame file: its first frame
@@ -41,6 +46,47 @@ def read(path):
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     return Image.fromarray(gray, "L")
+
+
+def _check_size(ds):
+    """Refuse, from the header and before decoding, more pixels than Pillow accepts of any other format.
+
+    Pillow refuses images over twice Image.MAX_IMAGE_PIXELS (a decompression
+    bomb: 381 KB of deflated DICOM can hold 14000 x 14000 pixels, 7 GB once
+    decoded); every frame is decoded, so frames count.
+    """
+    if Image.MAX_IMAGE_PIXELS is None:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames * int(ds.get("SamplesPerPixel", 1))
+    if n > 2 * Image.MAX_IMAGE_PIXELS:
+        raise Image.DecompressionBombError(
+            f"{ds.get('Rows')} x {ds.get('Columns')} pixels x {frames} frame(s) is over the limit of "
+            f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels; raise it with --max-pixels if the file is genuine")
+
+
+def _check_deflated(source):
+    """Refuse a deflated DICOM file that inflates beyond what the pixel limit allows.
+
+    pydicom inflates such a file whole before any header can be read; inflated
+    here first, in a bounded amount, the bomb costs that bound at most.
+    """
+    if Image.MAX_IMAGE_PIXELS is None:
+        return
+    if hasattr(source, "read"):
+        data = source.getvalue()
+    else:
+        with open(source, "rb") as f:
+            data = f.read()
+    meta_end = 144 + int.from_bytes(data[140:144], "little")  # (0002,0000) group length, explicit VR
+    if data[128:136] != b"DICM\x02\x00\x00\x00" or DEFLATED not in data[132:meta_end]:
+        return
+    limit = 2 * Image.MAX_IMAGE_PIXELS * 2 + (1 << 20)  # 16-bit pixels and a header
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflater.decompress(data[meta_end:], limit)
+    if inflater.unconsumed_tail:
+        raise Image.DecompressionBombError(f"the deflated DICOM data inflates to more than {limit:,} bytes, over the "
+                                           "pixel limit; raise it with --max-pixels if the file is genuine")
 
 
 def _first(value):

@@ -159,7 +159,7 @@ def checksum(attrs, tensors):
     return h.hexdigest()
 
 
-def _alive(pid):
+def alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,7 +178,7 @@ def remove_strays(folder):
         return removed
     for p in entries:
         m = STRAY.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
+        if m and p.is_file() and not alive(int(m.group(1))):
             try:
                 p.unlink()
                 removed.append(p)

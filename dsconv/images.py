@@ -127,6 +127,21 @@ def load(path, size):
     return scale(decode(path, size))
 
 
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow's own limit, 178,956,970 pixels; --max-pixels raises it
+
+
+def add_max_pixels(parser):
+    """The --max-pixels option of an entry point; apply it with set_max_pixels."""
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help="refuse images of more pixels than this, before decoding (decompression bombs), "
+                             "DICOM as every other format")
+
+
+def set_max_pixels(n):
+    """Refuse images (any format, DICOM too) of more than ``n`` pixels: Pillow refuses above twice its MAX_IMAGE_PIXELS."""
+    Image.MAX_IMAGE_PIXELS = n // 2
+
+
 def scale(pixels):
     """uint8 pixels -> float32 in [-1, 1]: x / 127.5 - 1 (in place: one array, not three, to fault in)."""
     x = pixels.astype(np.float32)

@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from dsconv import NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks
 from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\0", b"MM\0*")  # JPEG (and .jfif), PNG, GIF, BMP, TIFF
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 FORMATS = ("table", "csv", "json")
 CHUNK = 64  # images per step of rows_for: what Ctrl-C can lose
@@ -44,13 +46,42 @@ def collect(paths):
     out = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            out += _folder_images(p)
         elif p.suffix.lower() in LIST_SUFFIXES and p.is_file():
             lines = [ln.strip() for ln in p.read_text().splitlines()]
             out += [p.parent / ln for ln in lines if ln and not ln.startswith("#")]
         else:
             out.append(p)
     return list(dict.fromkeys(out))
+
+
+def _folder_images(folder):
+    """The images under a folder, recognised by name or by content; broken links too, so that their rows say so.
+
+    A subfolder that cannot be listed is named in a warning.
+    """
+    found = []
+
+    def unlisted(e):
+        print(f"dsconv: warning: {e.filename}: cannot list this folder ({e.strerror}); its images are not scored",
+              file=sys.stderr)
+    for root, _, names in os.walk(folder, onerror=unlisted):
+        for q in map(Path(root).joinpath, names):
+            if q.is_symlink() and not q.exists():  # dangling, or a loop
+                found.append(q)
+            elif q.is_file() and (q.suffix.lower() in IMAGE_SUFFIXES or _image_content(q)):
+                found.append(q)
+    return sorted(found)
+
+
+def _image_content(path):
+    """True if the file starts as an image format dsconv reads does (DICOM: its marker at byte 128)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return True  # its row says why it cannot be read
+    return head.startswith(MAGIC) or head[8:12] == b"WEBP" or head[128:132] == b"DICM"
 
 
 def unique_name(folder, path, used):
@@ -168,9 +199,13 @@ def main(argv=None):
     p.add_argument("--heatmap", metavar="DIR", help="write one class activation map PNG per image here")
     p.add_argument("--cache", help="bottleneck cache folder (default: the training cache)")
     p.add_argument("--no-cache", action="store_true", help="keep no bottlenecks on disk")
+    images.add_max_pixels(p)
     args = p.parse_args(argv)
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error("--threshold must be between 0 and 1")
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be positive")
+    images.set_max_pixels(args.max_pixels)
     interrupted = False
     try:
         if args.output and args.output != "-":

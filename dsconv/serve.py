@@ -25,6 +25,9 @@ import base64
 import io
 import ipaddress
 import json
+import math
+import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -39,12 +42,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, fail, predict
+from dsconv import DsconvError, HelpFormatter, fail, files, images, predict
 from dsconv.model import load_model
 
 HOST = "127.0.0.1"
 PORT = 8000
 MAX_UPLOAD_MB = 50
+MAX_UPLOAD_LIMIT_MB = 4096  # a request body is held in memory
 PREVIEW = 800           # longest side of the images sent back to the page, pixels
 DRAIN_LIMIT = 1 << 30   # read and drop at most this much of a refused body, so the client sees the 413
 STATIC = Path(__file__).resolve().parent / "static"
@@ -59,6 +63,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+ROUTES = set(PAGES) | {"/api/health", "/api/model", "/api/predict"}  # the paths the log may name
 NO_FILE = "no file: send one or more images as multipart/form-data fields named `file`"
 
 
@@ -114,8 +119,11 @@ def predict_files(model, uploads, lock, workdir):
         path = Path(workdir) / f"{i:04d}{suffix if suffix in predict.IMAGE_SUFFIXES else ''}"
         path.write_bytes(content)
         paths.append(path)
+    done = []
     with lock:
-        done = [_diagnose(model, path) for path in paths]
+        for path in paths:
+            done.append(_diagnose(model, path))
+            path.unlink()  # read: the patient image leaves the disk now, not when the request ends
     results = []
     for (name, _), path, (p, heat, original) in zip(uploads, paths, done):
         if p is None:
@@ -163,10 +171,13 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             status, content_type, payload = e.status, "application/json", {"error": str(e)}
         except Exception as e:  # a bug or an unforeseen input must not take the server down
-            self.log_error("%s: %s", type(e).__name__, e)
+            self.log_error("internal error (%s)", type(e).__name__)  # its text could hold an upload's name
             status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
             payload = {"error": f"internal error ({type(e).__name__}: {e})"}
         data = payload if isinstance(payload, bytes) else json.dumps(payload, default=str).encode()
+        if self.command == "POST" or "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+            # bytes beyond a wrong Content-Length must never be read as the next request
+            self.close_connection = True
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
@@ -261,6 +272,13 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(lambda: (code, "application/json", {"error": message or HTTPStatus(code).phrase}),
                      body=getattr(self, "command", None) != "HEAD" and code >= 200 and code not in (204, 304))
 
+    def log_request(self, code="-", size="-"):
+        # the method and route only, never the request line as sent: a broken or hostile client
+        # can put a file name or file bytes there
+        method = self.command if self.command in ("GET", "HEAD", "POST") else "(other method)"
+        path = (getattr(self, "path", None) or "").split("?", 1)[0]
+        self.log_message("%s %s %s", method, path if path in ROUTES else "(other path)", code)
+
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.log_date_time_string()} {self.address_string()} {format % args}\n")
 
@@ -275,7 +293,8 @@ class Server(ThreadingHTTPServer):
         self.max_upload = int(max_upload_mb * 2 ** 20)
         self.pages = {name: (STATIC / name).read_bytes() for name, _ in PAGES.values()}
         # every request's folder lives in here; removed whole when the server stops
-        self._workdir = tempfile.TemporaryDirectory(prefix="dsconv-serve-")
+        remove_leftovers()
+        self._workdir = tempfile.TemporaryDirectory(prefix=f"dsconv-serve-{os.getpid()}-")
         self.workdir = self._workdir.name
         super().__init__((host, port), Handler)
 
@@ -292,6 +311,15 @@ class Server(ThreadingHTTPServer):
     def server_close(self):
         super().server_close()
         self._workdir.cleanup()
+
+
+def remove_leftovers():
+    """Delete the upload folders of servers that were killed (kill -9, out of memory) and so could not."""
+    for folder in Path(tempfile.gettempdir()).glob("dsconv-serve-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid() \
+                and not files.alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def warm_up(model, lock, workdir):
@@ -312,6 +340,11 @@ def exposed(host):
         return True
 
 
+def _stopped(*_):
+    print("dsconv: stopped (SIGTERM)", file=sys.stderr)
+    sys.exit(0)  # SIGTERM, like Ctrl-C, is how a server is meant to stop
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dsconv.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
@@ -322,10 +355,16 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=PORT, help="port to listen on (0: any free port)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help="largest upload accepted, all files of one request together, in MB")
+    images.add_max_pixels(p)
     args = p.parse_args(argv)
-    if args.max_upload_mb <= 0:
-        p.error("--max-upload-mb must be positive")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("dsconv: stopped (SIGTERM)"))
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be positive")
+    images.set_max_pixels(args.max_pixels)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port}: a port is from 1 to 65535 (0: any free port)")
+    if not (math.isfinite(args.max_upload_mb) and 0 < args.max_upload_mb <= MAX_UPLOAD_LIMIT_MB):
+        p.error(f"--max-upload-mb {args.max_upload_mb}: give a number of MB above 0 and at most {MAX_UPLOAD_LIMIT_MB}")
+    signal.signal(signal.SIGTERM, _stopped)
     server = None
     try:
         model = load_model(args.model, cache_dir=False)

@@ -117,6 +117,7 @@ def parse_args(argv):
     p.add_argument("--out", help="output folder (default: a new folder under runs/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out: its files are removed once the new ones are written")
+    images.add_max_pixels(p)
     if "--paper" in (sys.argv[1:] if argv is None else argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
@@ -124,6 +125,9 @@ def parse_args(argv):
         least = 0 if name == "site_weight" else 1
         if not least <= min(np.atleast_1d(getattr(args, name))) <= max(np.atleast_1d(getattr(args, name))) <= most:
             p.error(f"--{name.replace('_', '-')} must be from {least} to {most}")
+    if args.max_pixels < 1:
+        p.error("--max-pixels must be positive")
+    images.set_max_pixels(args.max_pixels)
     if max(args.steps) * args.batch_size > MAX_DRAWS:
         p.error(f"--steps {max(args.steps)} x --batch-size {args.batch_size} draws more than {MAX_DRAWS:,} rows; "
                 "use fewer steps or a smaller batch")
@@ -322,7 +326,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     """Print the tables; return {file name: bytes} of every output, results.json first."""
     info = network_info(nets, args, x.shape[1])
     settings = dict(vars(args))
-    training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers")}
+    training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers", "overwrite", "max_pixels")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
     test_name = str(test_ds.root) if test_ds else "test partition of --data"
     model_files = {}

@@ -2,16 +2,18 @@
 import numpy as np
 
 
-def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None):
-    """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept)."""
+def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, deflated=False):
+    """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept);
+    deflated: the whole data set zlib-compressed (Deflated Explicit VR Little Endian)."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
+                             generate_uid)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "DX"

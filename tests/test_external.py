@@ -149,7 +149,7 @@ def test_calibrate_refuses_what_it_cannot_do(converted, folders, tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         calibrate.main([str(tmp_path / "nothere.h5"), "--val-dir", str(folders["val"]),
                         "--out", str(tmp_path / "x.h5")])
-    assert "nothere.h5" in str(e.value.code)
+    assert e.value.code == 2 and "nothere.h5" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         calibrate.main([str(tmp_path / "m.h5"), "--out", str(tmp_path / "x.h5")])
     assert "--site-dir" in capsys.readouterr().err

@@ -4,19 +4,25 @@ Divergence, outputs, inputs, resource bounds, exit statuses, CSV cells. Damaged
 HDF5 files are in tests/test_robustness_hdf5.py, the server in tests/test_serve.py.
 """
 import csv
-import io
 import json
 import os
 import shutil
-import signal
+import stat
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from dsconv import calibrate, data, predict, train
-from tests.conftest import CHEST, REPO, copy_xrays, train_small
+from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, data, imagenet, predict, train,
+                    weights)
+from dsconv.model import Model
+from tests import dicomfiles
+from tests.conftest import REPO, copy_xrays, train_small
+
+DEAD_PID = 999999999
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +72,183 @@ def test_paper_rates_train_without_alarm(converted, small, cache, tmp_path):
     for lr in ("0.01", "0.1"):
         model = train_small(small, tmp_path / lr, cache, 300, "--paper", "--lr", lr, "--split", "50/25/25")
         assert model.is_file()
+
+
+# ---- 3. outputs: written through or followed, never replaced; a run's folder guarded
+
+
+def predict_csv(model_file, paths, output, capsys):
+    code = exit_of(lambda: predict.main([str(model_file), *map(str, paths), "--format", "csv", "-o", str(output),
+                                         "--no-cache"]))
+    return code, capsys.readouterr()
+
+
+def test_predict_output_onto_a_fifo_a_symlink_and_stdout(converted, model_file, small, tmp_path, capsys):
+    paths = sorted((small / "NORMAL").glob("*.jpeg"))[:2]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    code, _ = predict_csv(model_file, paths, fifo, capsys)
+    reader.join(timeout=60)
+    assert code == 0 and stat.S_ISFIFO(os.lstat(fifo).st_mode) and got[0].startswith("path,probability")
+    target, link = tmp_path / "target.csv", tmp_path / "link.csv"
+    target.write_text("old")
+    link.symlink_to(target)
+    stray = tmp_path / f".target.csv.{DEAD_PID}.0.tmp"
+    stray.write_text("left by a killed run")
+    code, _ = predict_csv(model_file, paths, link, capsys)
+    assert code == 0 and link.is_symlink() and target.read_text().startswith("path,probability")
+    assert not stray.exists()
+    code, out = predict_csv(model_file, paths, "-", capsys)
+    assert code == 0 and out.out.startswith("path,probability") and not (tmp_path / "-").exists()
+
+
+def test_predict_to_a_full_standard_output_says_so(converted, model_file, small):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "dsconv.predict", str(model_file), str(small / "NORMAL"),
+                            "--no-cache"], cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=600)
+    assert r.returncode == NOT_WRITTEN and "Traceback" not in r.stderr and "None" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: could not write standard output")
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(converted, model_file, small, tmp_path, capsys,
+                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(sorted((small / "NORMAL").glob("*.jpeg"))[0], "=HYPERLINK(1).jpeg")
+    (tmp_path / "@SUM(1).jpeg").write_bytes(b"\xff\xd8 not a jpeg")
+    code, _ = predict_csv(model_file.resolve(), ["=HYPERLINK(1).jpeg", "@SUM(1).jpeg"], "rows.csv", capsys)
+    rows = list(csv.DictReader(open("rows.csv")))
+    assert code == PARTIAL and [r["path"] for r in rows] == ["'=HYPERLINK(1).jpeg", "'@SUM(1).jpeg"]
+    assert rows[0]["error"] == "" and rows[1]["error"].startswith("'@SUM(1).jpeg: cannot be read")
+
+
+def test_second_train_into_a_run_refused_then_overwritten(converted, small, cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_small(small, out, cache, 50, "--tta", "none", "--repeats", "2")
+    assert (out / "model-seed1.h5").exists()
+    code = exit_of(lambda: train_small(small, out, cache, 50, "--tta", "none"))
+    assert code == USER_ERROR and "--overwrite" in capsys.readouterr().err
+    train_small(small, out, cache, 50, "--tta", "none", "--overwrite")
+    assert not (out / "model-seed1.h5").exists() and (out / "model-seed0.h5").exists()
+    assert json.loads((out / "results.json").read_text())["settings"]["repeats"] == 1
+
+
+# ---- 4. inputs: broken links counted, images known by content, a site sample that means something
+
+
+def test_broken_links_and_unnamed_images_get_rows(converted, model_file, small, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    jpeg = sorted((small / "NORMAL").glob("*.jpeg"))[0]
+    shutil.copyfile(jpeg, folder / "photo.jfif")
+    dicomfiles.write(folder / "IM0001", np.asarray(Image.open(jpeg).convert("L")))  # DICOM, no extension
+    (folder / "dangling.jpeg").symlink_to(folder / "gone.jpeg")
+    (folder / "loop").symlink_to(folder / "loop")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "rows.json"
+    code = exit_of(lambda: predict.main([str(model_file), str(folder), "--format", "json", "-o", str(out),
+                                         "--no-cache"]))
+    rows = {os.path.basename(r["path"]): r for r in json.loads(out.read_text())}
+    assert code == PARTIAL and "2 of 4 images failed" in capsys.readouterr().err
+    assert set(rows) == {"photo.jfif", "IM0001", "dangling.jpeg", "loop"}
+    assert rows["photo.jfif"]["probability"] is not None and rows["IM0001"]["probability"] is not None
+    assert rows["dangling.jpeg"]["error"] and rows["loop"]["error"]
+
+
+def test_broken_links_in_training_data_are_counted(converted, small, cache, tmp_path):
+    data_dir = tmp_path / "data"
+    shutil.copytree(small, data_dir)
+    (data_dir / "NORMAL" / "dangling.jpeg").symlink_to(tmp_path / "gone.jpeg")
+    (data_dir / "NORMAL" / "loop.jpeg").symlink_to(data_dir / "NORMAL" / "loop.jpeg")
+    train_small(data_dir, tmp_path / "run", cache, 50, "--tta", "none")
+    skipped = json.loads((tmp_path / "run" / "results.json").read_text())["data"]["skipped_files"]
+    assert {os.path.basename(p) for p in skipped} == {"dangling.jpeg", "loop.jpeg"}
+
+
+def test_calibrate_refuses_copies_of_one_image(converted, model_file, small, tmp_path, capsys):
+    site = tmp_path / "site"
+    site.mkdir()
+    for k in range(4):
+        shutil.copyfile(sorted((small / "NORMAL").glob("*.jpeg"))[0], site / f"copy{k}.jpeg")
+    out = tmp_path / "site.h5"
+    code = exit_of(lambda: calibrate.main([str(model_file), "--site-dir", str(site), "--out", str(out),
+                                           "--cache", str(tmp_path / "cache")]))
+    err = capsys.readouterr().err.strip()
+    assert code == USER_ERROR and "1 different readable image(s) among 4" in err and "at least 16" in err
+    assert not out.exists() and len(err.splitlines()) == 1
+
+
+def test_calibrate_removes_stale_temporary_files(converted, model_file, small, tmp_path):
+    stray = tmp_path / f".site.h5.{DEAD_PID}.0.tmp"
+    stray.write_bytes(b"left by a killed run")
+    calibrate.main([str(model_file), "--val-dir", str(small), "--out", str(tmp_path / "site.h5"),
+                    "--cache", str(tmp_path / "cache")])
+    assert (tmp_path / "site.h5").exists() and not stray.exists()
+
+
+# ---- 5. resources: pixel limits before decoding, bounds when parsed
+
+
+def test_huge_dicom_refused_before_decoding(converted, model_file, tmp_path, capsys):
+    # The limit lowered to 100,000 pixels stands for the default 178,956,970: a deflated DICOM that inflates
+    # beyond it is refused before pydicom inflates it, any other before its pixels are decoded.
+    bomb = dicomfiles.write(tmp_path / "bomb", np.zeros((1000, 1000), np.uint16), deflated=True)
+    assert bomb.stat().st_size < 2 ** 14
+    code = exit_of(lambda: predict.main([str(model_file), str(bomb), "--no-cache", "--max-pixels", "100000"]))
+    assert code == PARTIAL and "the deflated DICOM data inflates to more than" in capsys.readouterr().out
+    small_dicom = dicomfiles.write(tmp_path / "small.dcm", np.full((400, 300), 1000, np.uint16))
+    code = exit_of(lambda: predict.main([str(model_file), str(small_dicom), "--no-cache", "--max-pixels", "100000"]))
+    assert code == PARTIAL and "over the limit of 100,000 pixels" in capsys.readouterr().out
+    assert exit_of(lambda: predict.main([str(model_file), str(small_dicom), "--no-cache"])) == 0
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--resolution", "4096"), ("--batch-size", "1000000000"), ("--steps", "100000000"), ("--repeats", "100000"),
+    ("--split", "80/nan/20"), ("--split", "inf/0/20"), ("--max-pixels", "0")])
+def test_train_bounds_refused_at_parse_time(small, capsys, flag, value):
+    assert exit_of(lambda: train.parse_args(["--data", str(small), flag, value])) == USER_ERROR
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+
+
+# ---- 7. exit statuses
+
+
+def test_exit_statuses_are_the_table(converted, model_file, small, tmp_path, capsys, monkeypatch):
+    assert exit_of(lambda: predict.main([str(tmp_path / "none.h5"), str(small)])) == USER_ERROR
+    assert exit_of(lambda: calibrate.main([str(tmp_path / "none.h5"), "--val-dir", str(small), "--out",
+                                           str(tmp_path / "x.h5")])) == USER_ERROR
+    assert exit_of(lambda: train.main(["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")])) == USER_ERROR
+    assert exit_of(lambda: weights.main(["convert", str(tmp_path / "none.h5")])) == USER_ERROR
+    assert exit_of(lambda: imagenet.main([str(tmp_path / "none.jpeg"), "--alpha", "0.25"])) == PARTIAL
+    capsys.readouterr()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "scan", ctrl_c)
+    assert exit_of(lambda: train.main(["--data", str(small), "--out", str(tmp_path / "o")])) == INTERRUPTED
+    assert exit_of(lambda: calibrate.main([str(model_file), "--val-dir", str(small), "--out",
+                                           str(tmp_path / "x.h5")])) == INTERRUPTED
+    assert "interrupted: nothing" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_heatmaps_keeps_the_rows_done(converted, model_file, small, tmp_path, capsys, monkeypatch):
+    paths = sorted((small / "NORMAL").glob("*.jpeg"))[:5]
+    diagnose = Model.diagnose
+    calls = []
+
+    def interrupted(self, path, *a):
+        calls.append(path)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return diagnose(self, path, *a)
+    monkeypatch.setattr(Model, "diagnose", interrupted)
+    out = tmp_path / "rows.csv"
+    code = exit_of(lambda: predict.main([str(model_file), *map(str, paths), "--format", "csv", "-o", str(out),
+                                         "--heatmap", str(tmp_path / "maps")]))
+    assert code == INTERRUPTED and "3 of 5 images done" in capsys.readouterr().err
+    rows = list(csv.DictReader(out.open()))
+    assert all(r["heatmap"] for r in rows[:3]) and len(list((tmp_path / "maps").glob("*.png"))) == 3
+    assert all(r["error"] == predict.INTERRUPTED for r in rows[3:])

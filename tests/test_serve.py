@@ -288,6 +288,7 @@ def test_page(served, browser, tmp_path):
     assert re.search(r"accuracy\s+\d+\.\d%\s", panel) and re.search(r"\d+\.\d–\d+\.\d%", panel)  # interval
 
     files = xrays()
+    files[2] = ("=1+2 broken.jpeg", files[2][1])  # a spreadsheet formula, if the CSV let it through
     for name, content in files:
         (tmp_path / name).write_bytes(content)
     d.find_element(By.ID, "files").send_keys("\n".join(str(tmp_path / n) for n, _ in files))
@@ -318,7 +319,8 @@ def test_page(served, browser, tmp_path):
     d.find_element(By.ID, "csv").click()
     csv_file = driver_download(d, "dsconv-results.csv")
     table = list(csv.DictReader(io.StringIO(csv_file.read_text())))
-    assert [r["name"] for r in table] == [n for n, _ in files]
+    assert [r["name"] for r in table] == [n for n, _ in files[:2]] + ["'" + files[2][0]]
+    assert table[2]["error"].startswith("'=1+2 broken.jpeg")
     assert [r["label"] for r in table] == ["NORMAL", "NORMAL", ""] and table[0]["threshold"] == "1"
     assert float(table[0]["probability"]) == want[files[0][0]]["probability"] and "broken" in table[2]["error"]
 

@@ -98,7 +98,8 @@ def test_clear_errors(converted, tmp_path, capsys, case, message):
         args += ["--positive", "C"]
     with pytest.raises(SystemExit) as e:
         train.main(args)
-    assert message in str(e.value.code), e.value.code
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err, err
 
 
 CURVES = {"step": [10, 20], "train_loss": [0.5, 0.4], "train_accuracy": [0.8, 0.9],

@@ -42,7 +42,7 @@ def test_broken_file_names_the_layer(tmp_path):
 def test_broken_file_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         weights.main(["convert", str(BROKEN), "--out", str(tmp_path)])
-    assert "conv_pw_13" in str(e.value)
+    assert e.value.code == 2 and "conv_pw_13" in capsys.readouterr().err
 
 
 def test_misshapen_layer_refused(tmp_path):
