@@ -175,7 +175,8 @@ class Handler(BaseHTTPRequestHandler):
             status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
             payload = {"error": f"internal error ({type(e).__name__}: {e})"}
         data = payload if isinstance(payload, bytes) else json.dumps(payload, default=str).encode()
-        if self.command == "POST" or "Content-Length" in self.headers or "Transfer-Encoding" in self.headers:
+        headers = getattr(self, "headers", None) or {}  # none yet when the request line itself is refused
+        if self.command == "POST" or "Content-Length" in headers or "Transfer-Encoding" in headers:
             # bytes beyond a wrong Content-Length must never be read as the next request
             self.close_connection = True
         self.send_response(status)

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -16,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, data, imagenet, predict, train,
-                    weights)
+from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, data, imagenet, predict, serve,
+                    train, weights)
 from dsconv.model import Model
 from tests import dicomfiles
-from tests.conftest import REPO, copy_xrays, train_small
+from tests.conftest import CHEST, REPO, copy_xrays, train_small
 
 DEAD_PID = 999999999
 
@@ -252,3 +253,87 @@ def test_ctrl_c_during_heatmaps_keeps_the_rows_done(converted, model_file, small
     rows = list(csv.DictReader(out.open()))
     assert all(r["heatmap"] for r in rows[:3]) and len(list((tmp_path / "maps").glob("*.png"))) == 3
     assert all(r["error"] == predict.INTERRUPTED for r in rows[3:])
+
+
+# ---- 6. the server against hostile clients
+
+
+def start_server(model_file, tmp, log):
+    env = dict(os.environ, TMPDIR=str(tmp))
+    proc = subprocess.Popen([sys.executable, "-m", "dsconv.serve", str(model_file), "--port", "0"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    line = proc.stdout.readline()
+    assert "http://127.0.0.1:" in line, line
+    return proc, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+
+def exchange(port, data):
+    """Send bytes on a fresh socket; everything the server answers until it closes (at most 60 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(data)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_hostile_clients_leave_no_name_in_the_log(converted, model_file, tmp_path):
+    tmp = tmp_path / "tmp"
+    dead, live = tmp / f"dsconv-serve-{DEAD_PID}-abc", tmp / f"dsconv-serve-{os.getpid()}-abc"
+    for d in (dead, live):
+        (d / "request-x").mkdir(parents=True)
+        (d / "request-x" / "0000.jpeg").write_bytes(b"a patient's X-ray")
+    name = b"Jane_Doe_DOB_1998-03-02.jpeg"
+    jpeg = sorted((CHEST / "NORMAL").glob("*.jpeg"))[0].read_bytes()
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + name + b'"\r\n\r\n' + jpeg +
+            b"\r\n--b--\r\n")
+    post = b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with open(tmp_path / "log", "w") as log:
+        proc, port = start_server(model_file, tmp, log)
+        try:
+            assert not dead.exists() and live.exists()  # a killed server's uploads, not a running one's
+            # a Content-Length too short: the rest of the body is never read as a request
+            answer = exchange(port, post + b"Content-Length: 40\r\n\r\n" + body)
+            assert answer.count(b"HTTP/1.") == 1 and b" 400 " in answer.split(b"\r\n")[0]
+            # the name in the request line and in a garbled request line, and a GET carrying a body
+            for request in (b"GET /" + name + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                            b'Content-Disposition: form-data; name="file"; filename="' + name + b'"\r\n\r\n',
+                            b"GET /api/health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nGET /" + name
+                            + b" HTTP/1.1\r\n\r\n"):
+                answer = exchange(port, request)
+                assert answer.count(b"HTTP/1.") == 1 and answer.startswith(b"HTTP/1.")
+            answer = exchange(port, post + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert b" 200 " in answer.split(b"\r\n")[0] and b'"probability"' in answer
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    text = (tmp_path / "log").read_bytes()
+    assert proc.returncode == 0 and b"Jane" not in text and jpeg[:64] not in text and b"JFIF" not in text
+    assert b"POST /api/predict 200" in text and b"(other path) 404" in text
+    assert sorted(os.listdir(tmp)) == [live.name]
+
+
+def test_killed_server_uploads_removed_at_next_start(converted, model_file, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    with open(tmp_path / "log", "w") as log:
+        proc, _ = start_server(model_file, tmp, log)
+        proc.kill()
+        proc.wait(timeout=60)
+        assert len(os.listdir(tmp)) == 1  # what kill -9 leaves
+        proc, _ = start_server(model_file, tmp, log)
+        try:
+            assert os.listdir(tmp) == [f"dsconv-serve-{proc.pid}-" + os.listdir(tmp)[0].split("-", 3)[3]]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert os.listdir(tmp) == []
+
+
+@pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--port", "-1"), ("--max-upload-mb", "inf"),
+                                         ("--max-upload-mb", "nan"), ("--max-upload-mb", "-5"),
+                                         ("--max-upload-mb", "0")])
+def test_server_settings_refused_in_one_line(model_file, capsys, flag, value):
+    assert exit_of(lambda: serve.main([str(model_file), flag, value])) == USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert flag in err[-1] and "Traceback" not in "".join(err)
