@@ -7,7 +7,8 @@ file (.txt: one path a line, relative to the list file). Each image gets
 P(positive class), the decision at the model's threshold (--threshold
 overrides) and the network variant. An unreadable image is reported on its
 own row and the rest go on; the exit status is 1 if any image failed, 2 if
-nothing could be done (a missing or damaged model file, no images). Ctrl-C
+nothing could be done (a missing or damaged model file, no images), 3 if the
+output could not be written (dsconv's table of exit statuses). Ctrl-C
 writes the rows done so far, the others marked "interrupted", and exits 130.
 
 In Python: dsconv.load_model (dsconv.model).

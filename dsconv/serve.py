@@ -16,8 +16,10 @@ No file is a 400, a body over --max-upload-mb a 413; every error is JSON.
 Probabilities are those of `python -m dsconv.predict` for the same files.
 
 These are patient images: each upload is written to a private temporary
-folder (mode 0700) and deleted before the response goes out; no bottleneck is
-cached, and the log holds request lines and timings, never file names. It listens on
+folder (mode 0700, named with the server's pid so that the next start removes
+it if the server was killed) and deleted as soon as it is read; no bottleneck
+is cached, and the log holds methods, known routes, statuses and timings,
+never a file name or a request line as sent. It listens on
 127.0.0.1 only, unless --host says otherwise.
 """
 import argparse
