@@ -9,6 +9,7 @@ same ones.
 import csv
 import json
 import math
+import os
 import sys
 
 from dsconv import data, files
@@ -67,27 +68,40 @@ def parse_row(cells):
 
 
 class RunLog:
-    """runs.csv, appended to and flushed after every training, so an interruption loses at most one."""
+    """runs.csv, appended to after every training, so an interruption loses at most one.
+
+    Written unbuffered, whole rows or nothing: a write that fails (a full
+    disk) cuts the file back to where it was, and closing has nothing left
+    to flush that could fail again.
+    """
 
     def __init__(self, path):
         self.path = path
         self.rows = read_runs(path)
         new = not path.exists() or path.stat().st_size == 0
-        self.file = open(path, "a", newline="")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         if new:
-            self.file.write(",".join(COLUMNS) + "\n")
-            self.file.flush()
+            self._append(",".join(COLUMNS) + "\n")
+
+    def _append(self, text):
+        size = os.fstat(self.fd).st_size
+        data = text.encode()
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+        except OSError:
+            os.ftruncate(self.fd, size)
+            raise
 
     def add(self, rows):
         """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
-        for row in rows:
-            cells = {k: fmt(k, row[k]) for k in COLUMNS}
-            self.file.write(",".join(cells.values()) + "\n")
-            self.rows[key_of(row)] = parse_row(cells)
-        self.file.flush()
+        cells = [{k: fmt(k, row[k]) for k in COLUMNS} for row in rows]
+        self._append("".join(",".join(c.values()) + "\n" for c in cells))
+        for row, c in zip(rows, cells):
+            self.rows[key_of(row)] = parse_row(c)
 
     def close(self):
-        self.file.close()
+        os.close(self.fd)
 
 
 def check_same_data(out, ds, log):

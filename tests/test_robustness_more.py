@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import textwrap
 import threading
 
 import numpy as np
@@ -337,3 +338,29 @@ def test_server_settings_refused_in_one_line(model_file, capsys, flag, value):
     assert exit_of(lambda: serve.main([str(model_file), flag, value])) == USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert flag in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_runs_csv_on_a_full_disk_keeps_whole_rows(tmp_path):
+    # a file size limit (RLIMIT_FSIZE) stands for the full disk: the row that does not fit leaves no part behind
+    script = f"""
+        import resource
+        from pathlib import Path
+        from dsconv import runlog
+        path = Path({str(tmp_path / "runs.csv")!r})
+        row = dict.fromkeys(runlog.COLUMNS, 1.0)
+        row.update(resolution=128, seed=0, steps=10, trained_resolution=224, n_train=1, n_val=1, n_test=1,
+                   group_by="image", split="80/10/10", bottleneck="pooled")
+        log = runlog.RunLog(path)
+        log.add([row])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 10, path.stat().st_size + 10))
+        try:
+            log.add([dict(row, seed=1)])
+        except OSError as e:
+            print("refused", e.errno)
+        log.close()
+        """
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("refused") and not r.stderr, r.stderr
+    lines = (tmp_path / "runs.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[1].split(",")[5] == "0"
