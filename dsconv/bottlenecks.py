@@ -49,6 +49,7 @@ TTAS = ("none", "flip")
 BATCH = 32
 WORKERS = 2  # image decoding threads
 MERGED = "bottlenecks.h5"
+_warned = set()  # cache folders already reported as unwritable in this process
 FORMAT = "dsconv-bottlenecks-v1"
 
 
@@ -160,7 +161,8 @@ class Cache:
         self.parts = len(list(self.dir.glob("part-*.h5")))
 
     def _read_only(self, reason):
-        if self.writable:
+        if self.writable and self.dir not in _warned:  # predict opens a cache per chunk: one warning, not eight
+            _warned.add(self.dir)
             print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({reason}); "
                   "running without saving bottlenecks", file=sys.stderr)
         self.writable = False

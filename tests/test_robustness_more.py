@@ -364,3 +364,15 @@ def test_runs_csv_on_a_full_disk_keeps_whole_rows(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("refused") and not r.stderr, r.stderr
     lines = (tmp_path / "runs.csv").read_text().splitlines()
     assert len(lines) == 2 and lines[1].split(",")[5] == "0"
+
+
+def test_read_only_cache_warns_once_in_predict(converted, model_file, small, tmp_path, readonly, capsys,
+                                               monkeypatch):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    monkeypatch.setattr(predict, "CHUNK", 2)
+    paths = sorted((small / "NORMAL").glob("*.jpeg"))[:6]
+    with readonly(cache):
+        code = exit_of(lambda: predict.main([str(model_file), *map(str, paths), "--cache", str(cache)]))
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("cannot write the bottleneck cache") == 1, err
