@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, fail, interrupted, bottlenecks, classifier, data, files, images, metrics,
-                    paper, repeats, report, weights)
+from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, fail, files,
+                    images, interrupted, metrics, paper, repeats, report, weights)
 from dsconv.mobilenet import ALPHAS, check_variant
 
 ALPHA = 0.75
@@ -122,8 +122,8 @@ def parse_args(argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
     for name, most in LIMITS.items():
-        least = 0 if name == "site_weight" else 1
-        if not least <= min(np.atleast_1d(getattr(args, name))) <= max(np.atleast_1d(getattr(args, name))) <= most:
+        least, values = 0 if name == "site_weight" else 1, np.atleast_1d(getattr(args, name))
+        if not least <= values.min() <= values.max() <= most:
             p.error(f"--{name.replace('_', '-')} must be from {least} to {most}")
     if args.max_pixels < 1:
         p.error("--max-pixels must be positive")
@@ -311,7 +311,7 @@ def main(argv=None):
             written = True
             for old in set(out.iterdir()) - {out / name for name in outputs}:
                 if OLD_RUN.fullmatch(old.name) and old.is_file():
-                    old.unlink()
+                    old.unlink(missing_ok=True)
     except OSError as e:
         fail(f"could not write the outputs to {out} ({e.strerror or e}); nothing was written there; "
              "free some space or give another --out", NOT_WRITTEN)
