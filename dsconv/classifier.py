@@ -269,7 +269,8 @@ def load(path):
                            info=json.loads(attrs["info"]),
                            **{name: tensors[name] for name in OPTIONAL if name in tensors})
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise ModelError(f"{path}: damaged or incomplete model file ({type(e).__name__}: {e}); train it again") from None
+        raise ModelError(f"{path}: damaged or incomplete model file ({type(e).__name__}: {e}); "
+                         "train it again") from None
     if stored is None:
         raise ModelError(f"{path}: the model file carries no checksum (written by an older dsconv, or "
                          "altered); train it again")

@@ -155,7 +155,8 @@ def parse_split(text):
         parts = []
     if len(parts) == 2:
         parts.append(0.0)
-    if len(parts) != 3 or not all(map(math.isfinite, parts)) or min(parts) < 0 or parts[0] <= 0 or abs(sum(parts) - 100) > 1e-6:
+    if (len(parts) != 3 or not all(map(math.isfinite, parts)) or min(parts) < 0 or parts[0] <= 0
+            or abs(sum(parts) - 100) > 1e-6):
         raise DataError(f"--split {text}: give train/validation/test percentages that add up to 100, "
                         "such as 80/10/10")
     return tuple(parts)

@@ -138,7 +138,10 @@ def add_max_pixels(parser):
 
 
 def set_max_pixels(n):
-    """Refuse images (any format, DICOM too) of more than ``n`` pixels: Pillow refuses above twice its MAX_IMAGE_PIXELS."""
+    """Refuse images (any format, DICOM too) of more than ``n`` pixels.
+
+    Pillow refuses above twice its MAX_IMAGE_PIXELS; dsconv.dicom checks the same.
+    """
     Image.MAX_IMAGE_PIXELS = n // 2
 
 
