@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -94,8 +95,9 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
             grid_calls.append(1)
         return train(*a, **k)
     monkeypatch.setattr(classifier, "train", interrupted)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as e:
         experiments.main(grid_args(small, tmp_path, "b"))
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
     assert len(read_csv(tmp_path / "b" / "runs.csv")) == 5 * len(q.steps)
     with open(tmp_path / "b" / "runs.csv", "a") as f:
         f.write("0.25,128,pooled,image,80/1")
@@ -205,11 +207,12 @@ def test_tables():
     assert "| 70/15/15 | 3652 \\| 782 \\| 782 | not run | not run |" in t1
 
 
-def test_foreign_runs_csv_refused(quarter, small, tmp_path):
+def test_foreign_runs_csv_refused(quarter, small, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "runs.csv").write_text("seed,accuracy\n0,0.9\n")
-    with pytest.raises(SystemExit, match="runs.csv.*another --out"):
+    with pytest.raises(SystemExit) as e:
         experiments.main(grid_args(small, tmp_path, "out"))
+    assert e.value.code == 2 and re.search("runs.csv.*another --out", capsys.readouterr().err)
 
 
 def test_help_documents_every_flag(capsys):
