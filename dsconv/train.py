@@ -7,7 +7,9 @@ Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
 (dsconv.classifier), picks the decision threshold on the validation partition
 and reports test metrics at 0.5 and at that threshold. Written to --out: results.json,
 model.h5 (the repeat with the lowest validation loss; every repeat also as
-model-seedK.h5), curves.csv and curves.png (with matplotlib).
+model-seedK.h5), curves.csv and curves.png (with matplotlib). Every model
+file carries the X-ray check (dsconv.xraycheck), fitted once on all the
+readable X-rays of --data, --val-dir, --test-dir and --site-dir.
 """
 import argparse
 import json
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, files, images, metrics,
-                    paper, repeats, report, weights)
+                    paper, repeats, report, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS
 
 ALPHA = 0.75
@@ -190,6 +192,15 @@ def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
 
 
+def fit_xray_check(parts):
+    """The X-ray check fitted on [(folder, paths, bottlenecks)], each file once, patients grouped per folder."""
+    seen = {}
+    for root, paths, feats in parts:
+        for path, f in zip(paths, feats):
+            seen.setdefault(Path(path).resolve(), (f"{root}/{data.patient_id(Path(path).name)}", f))
+    return xraycheck.fit(np.stack([f for _, f in seen.values()]), [g for g, _ in seen.values()])
+
+
 def versions():
     import h5py
     import numba
@@ -266,6 +277,12 @@ def main(argv=None):
                 raise data.DataError(f"{args.site_dir}: fewer than two readable images; site statistics "
                                      "need a sample of the site's X-rays")
         times["bottlenecks_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        check = fit_xray_check([(ds.root, ds.paths, x)]
+                               + [(d.root, d.paths, p.x) for d, p in ((val_ds, val), (test_ds, test)) if d is not None]
+                               + ([(args.site_dir, [q for q in site_paths if q not in failed], site)]
+                                  if site is not None else []))
+        times["xray_check_s"] = time.perf_counter() - t
         data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
@@ -278,6 +295,8 @@ def main(argv=None):
             all_curves.append((seed, curves))
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
+        for model in models:
+            check.store(model)
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
     except (DsconvError, OSError) as e:
@@ -314,7 +333,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     model_files = {}
     for model, r in zip(models, runs):
         rep = r["test_report"]
-        model.info = dict(info, threshold_rule=r["threshold_rule"],
+        model.info = dict(info, **model.info, threshold_rule=r["threshold_rule"],  # model.info: the X-ray check
                           training=dict(training, seed=r["seed"], sizes=r["sizes"]),
                           evaluation={test_name: dict(
                               {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
