@@ -159,3 +159,21 @@ def test_an_older_model_file_still_predicts(converted, trained, tmp_path, capsys
     assert rows["noise.png"]["warning"] == "" and rows["noise.png"]["decision"] in ("NORMAL", "PNEUMONIA")
     assert "pixels" in rows["dot.png"]["warning"] and rows["dot.png"]["decision"] is None  # pixel checks still run
     assert dsconv.load_model(tmp_path / "old.h5").xray_check is None
+
+
+def test_calibrate_keeps_the_check_and_widens_it_to_the_site(converted, trained, tmp_path, capsys):
+    from dsconv import calibrate
+    site = tmp_path / "site"
+    site.mkdir()
+    for p in sorted((CHEST / "NORMAL").glob("*.jpeg"))[3::97][:6]:
+        shutil.copyfile(p, site / p.name)
+    before = xraycheck.from_head(classifier.load(trained["model"]))
+    calibrate.main([str(trained["model"]), "--site-dir", str(site), "--out", str(tmp_path / "site.h5"),
+                    "--cache", str(trained["root"] / "cache")])
+    assert "X-ray check:" in capsys.readouterr().out
+    after = xraycheck.from_head(classifier.load(tmp_path / "site.h5"))
+    adapted = dsconv.load_model(tmp_path / "site.h5", cache_dir=False)
+    far = after.distances(adapted.bottlenecks(sorted(site.iterdir()))[0])
+    assert np.array_equal(after.components, before.components)
+    assert after.threshold == max(before.threshold, far.max())
+    assert after.info["widened_to_site"]["site_images_beyond"] == int((far > before.threshold).sum())
