@@ -295,8 +295,12 @@ def main(argv=None):
             all_curves.append((seed, curves))
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
-        for model in models:
-            check.store(model)
+        if check is None:
+            print(f"note: too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; "
+                  "the model file has none, and only its pixel checks run")
+        else:
+            for model in models:
+                check.store(model)
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
     except (DsconvError, OSError) as e:

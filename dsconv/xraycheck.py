@@ -36,6 +36,7 @@ import numpy as np
 
 COMPONENTS = 64        # principal axes kept; at most a quarter of the images fitted
 FOLDS = 5
+MIN_IMAGES = 20        # fewer X-rays than this (or a single patient) give no distance check
 MIN_SIDE = 64          # pixels, the smaller side
 CHROMA = 24            # grey levels between a pixel's largest and smallest channel: a coloured pixel
 COLOUR_SHARE = 0.01    # of the pixels
@@ -100,10 +101,15 @@ def _fit(f, k):
 
 
 def fit(x, groups, components=COMPONENTS, folds=FOLDS, seed=0):
-    """An XrayCheck of X-ray bottlenecks x (N, D), threshold out-of-fold over whole ``groups`` (patients)."""
+    """An XrayCheck of X-ray bottlenecks x (N, D), threshold out-of-fold over whole ``groups`` (patients).
+
+    None for fewer than MIN_IMAGES X-rays or a single patient: too few to hold any out.
+    """
     f = features(x)
     groups = np.asarray(groups)
     names = np.random.default_rng(seed).permutation(np.unique(groups))
+    if len(f) < MIN_IMAGES or len(names) < 2:
+        return None
     fold = {g: i % folds for i, g in enumerate(names)}
     fold = np.array([fold[g] for g in groups])
     held_out = np.zeros(len(f))

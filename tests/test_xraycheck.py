@@ -63,6 +63,7 @@ def test_distance_is_the_probabilistic_pca_mahalanobis_distance():
     np.testing.assert_allclose(check.distances(x[:20]), want, rtol=1e-8)
     assert check.info["components"] == 5 and check.info["images"] == 400
     assert np.quantile(check.distances(x), 0.99) <= check.threshold < check.distances(x * 25).min()
+    assert xraycheck.fit(x[:19], np.arange(19)) is None and xraycheck.fit(x[:40], np.zeros(40)) is None
 
 
 def test_pixel_checks():
