@@ -215,6 +215,9 @@ def main(argv=None):
         print(f"\ninterrupted: {done} of {len(rows)} images done; the others are marked "
               f"\"{INTERRUPTED}\"{f' in {args.output}' if args.output else ''}", file=sys.stderr)
         sys.exit(130)
+    warned = sum(bool(r["warning"]) for r in rows)
+    if warned:
+        print(f"{warned} of {len(rows)} images got a warning instead of a decision", file=sys.stderr)
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)

@@ -85,6 +85,7 @@ def test_predict_warns_instead_of_deciding(converted, trained, capsys, tmp_path)
     code, out, err = run(capsys, trained["model"], trained["inputs"], "--format", "json", "--no-cache")
     rows = by_name(json.loads(out))
     assert code == 0 and "failed" not in err  # a warning is not a failure
+    assert "3 of 5 images got a warning instead of a decision" in err
     for name in ("noise.png", "elephant.jpg", "dot.png"):
         r = rows[name]
         assert r["warning"].startswith(xraycheck.NOT_XRAY) and r["decision"] is None
