@@ -192,15 +192,6 @@ def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
 
 
-def fit_xray_check(parts):
-    """The X-ray check fitted on [(folder, paths, bottlenecks)], each file once, patients grouped per folder."""
-    seen = {}
-    for root, paths, feats in parts:
-        for path, f in zip(paths, feats):
-            seen.setdefault(Path(path).resolve(), (f"{root}/{data.patient_id(Path(path).name)}", f))
-    return xraycheck.fit(np.stack([f for _, f in seen.values()]), [g for g, _ in seen.values()])
-
-
 def versions():
     import h5py
     import numba
@@ -278,10 +269,11 @@ def main(argv=None):
                                      "need a sample of the site's X-rays")
         times["bottlenecks_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        check = fit_xray_check([(ds.root, ds.paths, x)]
-                               + [(d.root, d.paths, p.x) for d, p in ((val_ds, val), (test_ds, test)) if d is not None]
-                               + ([(args.site_dir, [q for q in site_paths if q not in failed], site)]
-                                  if site is not None else []))
+        xrays = [(ds.root, ds.paths, x)] + [(d.root, d.paths, p.x) for d, p in ((val_ds, val), (test_ds, test))
+                                            if d is not None]
+        if site is not None:
+            xrays.append((args.site_dir, [q for q in site_paths if q not in failed], site))
+        check = xraycheck.fit_folders(xrays)
         times["xray_check_s"] = time.perf_counter() - t
         data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])

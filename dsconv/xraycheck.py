@@ -32,7 +32,11 @@ checks can add theirs (``join``).
 """
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
+
+from dsconv import data
 
 COMPONENTS = 64        # principal axes kept; at most a quarter of the images fitted
 FOLDS = 5
@@ -125,6 +129,15 @@ def fit(x, groups, components=COMPONENTS, folds=FOLDS, seed=0):
             "threshold_rule": "largest out-of-fold distance of the X-rays fitted",
             "out_of_fold_quantiles": {q: float(np.quantile(held_out, float(q))) for q in ("0.5", "0.99", "0.999")}}
     return XrayCheck(mean, vecs, lam, s2, float(held_out.max()), info)
+
+
+def fit_folders(parts):
+    """fit() on [(folder, paths, bottlenecks)], each file once, patients (data.patient_id) grouped per folder."""
+    seen = {}
+    for root, paths, feats in parts:
+        for path, f in zip(paths, feats):
+            seen.setdefault(Path(path).resolve(), (f"{root}/{data.patient_id(Path(path).name)}", f))
+    return fit(np.stack([f for _, f in seen.values()]), [g for g, _ in seen.values()])
 
 
 def pixel_warnings(im):
