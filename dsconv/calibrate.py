@@ -14,6 +14,11 @@ its threshold no longer mean what they did. Two repairs, each optional:
   default), Youden's J, or the highest threshold reaching
   ``--target-sensitivity``.
 
+With --site-dir the X-ray check (dsconv.xraycheck) is widened to the site:
+its threshold, the largest distance of an X-ray held out of its fit, becomes
+the largest of the site's images if that is larger (they were not in the
+fit either); how many lay beyond the old one is printed and recorded.
+
 Both are stored in the new model file with where they came from
 (info["calibration"]); predict and dsconv.load_model apply them. Figures
 measured on --val-dir after choosing the threshold on it are optimistic.
@@ -68,6 +73,14 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
             classifier.check_site(x, head.train_std, "--site-dir")
         head.adapt(x)
         record.update(site_images=int(len(x)), site_skipped=len(failed))
+        check = model.xray_check
+        if check is not None:
+            far = check.distances(x)
+            record["xray_check"] = {"site_images_beyond": int((far > check.threshold).sum()),
+                                    "threshold_before": check.threshold}
+            check.threshold = max(check.threshold, float(far.max()))
+            check.info["widened_to_site"] = record["xray_check"]
+            check.store(head)
     if val is not None:
         x, failed = model.bottlenecks(val.paths, progress=True)
         labels = val.labels[[p not in failed for p in val.paths]]
@@ -108,6 +121,9 @@ def main(argv=None):
         interrupted("nothing written; bottlenecks computed so far are cached")
     if site:
         print(f"feature statistics from {rec['site_images']} images of {args.site_dir}")
+        if "xray_check" in rec:
+            print(f"X-ray check: {rec['xray_check']['site_images_beyond']} of the site's images lay beyond its "
+                  f"threshold {rec['xray_check']['threshold_before']:.1f}; now {model.xray_check.threshold:.1f}")
     print(f"threshold {before:.3f} -> {model.threshold:.3f}"
           + (f" ({rec['threshold_rule']})" if val else " (unchanged: no --val-dir)"))
     if val:

@@ -52,7 +52,8 @@ MIN_SITE_IMAGES, MIN_SITE_SPREAD = 16, 0.05  # a site sample to adapt to (Classi
 LOGIT_LIMIT = 500.0  # |logit| beyond this on the training data: diverged (see _check_converged)
 INIT_STD = 0.001
 SAMPLINGS = ("balanced", "natural")
-OPTIONAL = ("mean", "std", "train_mean", "train_std", "site_mean", "site_std")
+OPTIONAL = ("mean", "std", "train_mean", "train_std", "site_mean", "site_std",
+            "xray_mean", "xray_components", "xray_variances")  # the last three: dsconv.xraycheck
 
 
 class ModelError(DsconvError):
@@ -170,6 +171,9 @@ class Classifier:
     train_std: np.ndarray = None
     site_mean: np.ndarray = None   # (D,) a site's statistics, None unless adapted
     site_std: np.ndarray = None
+    xray_mean: np.ndarray = None        # (D,), (D, K), (K,): the X-ray check (dsconv.xraycheck), None in
+    xray_components: np.ndarray = None  # older files; its threshold is in info["xray_check"]
+    xray_variances: np.ndarray = None
 
     def scale_shift(self):
         """(a, c) (D,): prepare(x) = a * x + c."""
@@ -241,7 +245,8 @@ def load(path):
     """A Classifier from a model file written by save; ModelError if it is missing, damaged or changed.
 
     The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``,
-    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,);
+    ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,),
+    ``xray_mean``, ``xray_components``, ``xray_variances`` (dsconv.xraycheck);
     attributes ``format``, ``classes`` (JSON list), ``positive`` (index),
     ``threshold``, ``info`` (JSON: alpha, resolution, trained_resolution,
     weights_file, weights_sha256, bottleneck, preprocessing, training

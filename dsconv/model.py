@@ -4,6 +4,7 @@
     model.predict_proba(["a.jpeg", pixels])   # (N, classes)
     model.predict(["a.jpeg"])                 # class names at the threshold
     p, heatmap, xray = model.diagnose("a.jpeg")   # one forward pass: probabilities and the heatmap
+    model.warnings(["a.jpeg", pixels])        # "" or why it does not look like a chest X-ray
 
 The command line around it is dsconv.predict; the page, dsconv.serve.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, images, weights
+from dsconv import bottlenecks, cam, classifier, images, weights, xraycheck
 
 
 class Model:
@@ -46,6 +47,7 @@ class Model:
         self.positive = self.classes[self.head.positive]
         self.threshold = self.head.threshold if threshold is None else float(threshold)
         self.cache_dir = cache_dir
+        self.xray_check = xraycheck.from_head(self.head)  # None: a model file from before the check
         if info.get("preprocessing") not in (None, images.PREPROCESSING):
             print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
                   f"this version does {images.PREPROCESSING!r}", file=sys.stderr)
@@ -86,6 +88,34 @@ class Model:
         if arrays:
             feats[arrays] = self._pixels_bottlenecks([items[i] for i in arrays])
         return self.head.probabilities(feats)
+
+    def warnings(self, images_):
+        """One string per image (paths and/or arrays as predict_proba): "" or why it is not taken for a chest X-ray.
+
+        The X-ray check of dsconv.xraycheck; a model file from before the
+        check has its pixel checks only (``xray_check`` is None).
+        """
+        items = list(images_) if isinstance(images_, (list, tuple)) else [images_]
+        paths = [p for p in items if not isinstance(p, np.ndarray)]
+        feats = np.zeros((len(items), self.head.weights.shape[0]), np.float32)
+        if paths and self.xray_check is not None:
+            got, failed = self.bottlenecks(paths)
+            if failed:
+                raise images.ImageError(next(iter(failed.values())))
+            feats[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
+        arrays = [i for i, a in enumerate(items) if isinstance(a, np.ndarray)]
+        if arrays and self.xray_check is not None:
+            feats[arrays] = self._pixels_bottlenecks([items[i] for i in arrays])
+        return self.warnings_of(items, feats)
+
+    def warnings_of(self, sources, feats):
+        """warnings() of images whose bottlenecks (N, D) are at hand: the pixel checks, else the distance."""
+        far = self.xray_check.distances(feats) if self.xray_check is not None and len(sources) else None
+        out = []
+        for i, source in enumerate(sources):
+            pixels = _pixel_warnings(source)
+            out.append(xraycheck.join(pixels) if pixels or far is None else self.xray_check.warning(far[i]))
+        return out
 
     def predict(self, images_):
         """Class names: the positive class where its probability reaches the threshold."""
@@ -143,8 +173,10 @@ class Model:
             total = total + m
         return np.concatenate(feats), total
 
-    def diagnose(self, source, size=None):
+    def diagnose(self, source, size=None, with_warning=False):
         """(probabilities (C,), heatmap, the X-ray) of one image file: one decode for the network, one pass.
+
+        ``with_warning``: a fourth item, the image's warnings() string.
 
         The heatmap is the class activation map of the positive class over
         the X-ray, an RGB Pillow image at the X-ray's own size, or with
@@ -161,7 +193,8 @@ class Model:
             original.thumbnail((size, size))
         p = self.head.probabilities(feats[None])[0]
         caption = f"P({self.positive}) = {p[self.head.positive]:.3f}  MobileNet {self.variant}"
-        return p, cam.overlay(original, m, caption), original
+        out = p, cam.overlay(original, m, caption), original
+        return out + (self.warnings_of([source], feats[None])[0],) if with_warning else out
 
     def heatmap(self, source, size=None):
         """The heatmap of diagnose()."""
@@ -213,6 +246,21 @@ def _prepare(a, size):
     if a.shape != (size, size, 3):
         raise ValueError(f"a float image must be ({size}, {size}, 3) scaled to [-1, 1], got {a.shape}")
     return a.astype(np.float32)
+
+
+def _pixel_warnings(source):
+    """xraycheck.pixel_warnings of an image path, file bytes or uint8 array; [] for a float array (no pixels)."""
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8:
+            return []
+        from PIL import Image
+        im = Image.fromarray(source if source.ndim == 2 or source.shape[2] == 3 else source[..., :3])
+    else:
+        try:
+            im = images.open_image(source, xraycheck.CHECK_SIZE)
+        except images.ImageError:
+            return []  # the network's own decode says what is wrong with the file
+    return xraycheck.pixel_warnings(im)
 
 
 def load_model(path, threshold=None, cache_dir=None):

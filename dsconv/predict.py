@@ -5,7 +5,12 @@
 PATH is an image, a folder (walked recursively for image files) or a list
 file (.txt: one path a line, relative to the list file). Each image gets
 P(positive class), the decision at the model's threshold (--threshold
-overrides) and the network variant. An unreadable image is reported on its
+overrides) and the network variant. An image that does not look like a
+frontal chest X-ray (dsconv.xraycheck: a photo, a document, noise, another
+kind of scan) gets a warning instead of a decision: its row keeps the
+probability, its decision is empty and its `warning` says why (warnings of
+several checks are joined by "; "); the exit status does not change for
+it. An unreadable image is reported on its
 own row and the rest go on; the exit status is 1 if any image failed, 2 if
 nothing could be done (a missing or damaged model file, no images), 3 if the
 output could not be written (dsconv's table of exit statuses). Ctrl-C
@@ -121,23 +126,26 @@ def rows_for(model, paths, heatmap_dir=None, progress=True):
 
 def _row(model, path, error=None):
     return {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
-            "variant": model.variant, "error": error}
+            "variant": model.variant, "warning": "", "error": error}
 
 
 def _rows(model, paths):
     feats, failed = model.bottlenecks(paths)
     probs = iter(model.head.probabilities(feats) if len(feats) else [])
+    warnings = iter(model.warnings_of([p for p in paths if p not in failed], feats))
     rows = []
     for path in paths:
         row = _row(model, path, failed.get(path))
         if row["error"] is None:
-            _decided(model, row, next(probs))
+            _decided(model, row, next(probs), next(warnings))
         rows.append(row)
     return rows
 
 
-def _decided(model, row, p):
-    row["probability"], row["decision"] = float(p[model.head.positive]), model.decide(p)
+def _decided(model, row, p, warning):
+    """The row with its probability, and its decision unless there is a warning."""
+    row["probability"], row["warning"] = float(p[model.head.positive]), warning
+    row["decision"] = None if warning else model.decide(p)
     return row
 
 
@@ -145,11 +153,11 @@ def _row_with_heatmap(model, path, heatmap_dir, used):
     """The row of one image and its heatmap from one forward pass (no bottleneck cache)."""
     row = _row(model, path)
     try:
-        p, heat, _ = model.diagnose(path)
+        p, heat, _, warning = model.diagnose(path, with_warning=True)
     except (images.ImageError, OSError) as e:
         row["error"] = str(e) if isinstance(e, images.ImageError) else f"{path}: cannot be read ({e})"
         return row
-    _decided(model, row, p)
+    _decided(model, row, p, warning)
     try:
         out = unique_name(heatmap_dir, path, used)
         files.write_bytes(out, cam.png(heat))
@@ -162,7 +170,7 @@ def _row_with_heatmap(model, path, heatmap_dir, used):
 def render(rows, fmt, positive):
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    keys = ["path", "probability", "decision", "threshold", "variant", "error"] + \
+    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "error"] + \
         (["heatmap"] if any("heatmap" in r for r in rows) else [])
     if fmt == "csv":
         buf = io.StringIO()
@@ -178,7 +186,9 @@ def render(rows, fmt, positive):
             lines.append(f"{r['path']:{width}s}  error: {r['error']}")
         else:
             lines.append(f"{r['path']:{width}s}  {r['probability']:{len(positive) + 3}.3f}  "
-                         f"{r['decision']:10s}  {r['variant']}" + (f"  error: {r['error']}" if r["error"] else ""))
+                         f"{r['decision'] or 'none':10s}  {r['variant']}"
+                         + (f"  warning: {r['warning']}" if r["warning"] else "")
+                         + (f"  error: {r['error']}" if r["error"] else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +225,9 @@ def main(argv=None):
         if heatmaps:
             files.check_writable(heatmaps, "give another --heatmap folder")
         model = load_model(args.model, args.threshold, False if args.no_cache else args.cache)
+        if model.xray_check is None:
+            print(f"note: {args.model} predates the X-ray check: only its pixel checks run (image size, colour, "
+                  "blank); train the model again to have every input checked", file=sys.stderr)
         paths = collect(args.paths)
         if not paths:
             raise DsconvError(f"no image files in {' '.join(args.paths)}")
@@ -243,6 +256,9 @@ def main(argv=None):
         done = sum(r["error"] != INTERRUPTED for r in rows)
         dsconv.interrupted(f"{done} of {len(rows)} images done; the others are marked "
                            f"\"{INTERRUPTED}\"{f' in {args.output}' if output != '-' else ''}")
+    warned = sum(bool(r["warning"]) for r in rows)
+    if warned:
+        print(f"{warned} of {len(rows)} images got a warning instead of a decision", file=sys.stderr)
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)

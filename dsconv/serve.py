@@ -8,9 +8,12 @@ Loads the model once and serves, with the standard library only:
     GET  /api/health    {"status": "ok"}
     GET  /api/model     the model's description (variant, threshold, what it was trained on)
     POST /api/predict   multipart/form-data, one or more `file` fields ->
-                        {"results": [{"name", "probability", "label", "threshold",
+                        {"results": [{"name", "probability", "label", "threshold", "warning",
                         "heatmap": "data:image/png;base64,...", "image": ...}, ...]}
                         in upload order; an unreadable file gets {"name", "error"}
+
+"warning" is "" or why the file does not look like a chest X-ray (as
+predict's `warning`); with a warning, "label" is null: no decision.
 
 No file is a 400, a body over --max-upload-mb a 413; every error is JSON.
 Probabilities are those of `python -m dsconv.predict` for the same files.
@@ -127,23 +130,24 @@ def predict_files(model, uploads, lock, workdir):
             done.append(_diagnose(model, path))
             path.unlink()  # read: the patient image leaves the disk now, not when the request ends
     results = []
-    for (name, _), path, (p, heat, original) in zip(uploads, paths, done):
+    for (name, _), path, (p, heat, original, warning) in zip(uploads, paths, done):
         if p is None:
             results.append({"name": name, "error": str(heat).replace(str(path), name)})
             continue
         original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
-        results.append({"name": name, "probability": float(p[model.head.positive]), "label": model.decide(p),
-                        "threshold": model.threshold, "heatmap": _data_url(heat, "PNG"),
+        results.append({"name": name, "probability": float(p[model.head.positive]),
+                        "label": None if warning else model.decide(p), "threshold": model.threshold,
+                        "warning": warning, "heatmap": _data_url(heat, "PNG"),
                         "image": _data_url(original, "JPEG")})
     return results
 
 
 def _diagnose(model, path):
-    """(probabilities, heatmap, the X-ray) of one upload, from one forward pass; or (None, the error, None)."""
+    """(probabilities, heatmap, the X-ray, warning) of one upload, from one pass; or (None, the error, None, None)."""
     try:
-        return model.diagnose(path, PREVIEW)
+        return model.diagnose(path, PREVIEW, with_warning=True)
     except (DsconvError, OSError) as e:
-        return None, e, None
+        return None, e, None, None
 
 
 def _data_url(im, fmt):

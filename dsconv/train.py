@@ -7,7 +7,9 @@ Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
 (dsconv.classifier), picks the decision threshold on the validation partition
 and reports test metrics at 0.5 and at that threshold. Written to --out: results.json,
 model.h5 (the repeat with the lowest validation loss; every repeat also as
-model-seedK.h5), curves.csv and curves.png (with matplotlib).
+model-seedK.h5), curves.csv and curves.png (with matplotlib). Every model
+file carries the X-ray check (dsconv.xraycheck), fitted once on all the
+readable X-rays of --data, --val-dir, --test-dir and --site-dir.
 """
 import argparse
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, fail, files,
-                    images, interrupted, metrics, paper, repeats, report, weights)
+                    images, interrupted, metrics, paper, repeats, report, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
 
 ALPHA = 0.75
@@ -283,6 +285,13 @@ def main(argv=None):
             skipped.update({str(q): msg for q, msg in failed.items()})
             classifier.check_site(site, x.std(axis=0), args.site_dir)
         times["bottlenecks_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        xrays = [(ds.root, ds.paths, x)] + [(d.root, d.paths, p.x) for d, p in ((val_ds, val), (test_ds, test))
+                                            if d is not None]
+        if site is not None:
+            xrays.append((args.site_dir, [q for q in site_paths if q not in failed], site))
+        check = xraycheck.fit_folders(xrays)
+        times["xray_check_s"] = time.perf_counter() - t
         data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
@@ -295,6 +304,12 @@ def main(argv=None):
             all_curves.append((seed, curves))
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
+        if check is None:
+            print(f"note: too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; "
+                  "the model file has none, and only its pixel checks run")
+        else:
+            for model in models:
+                check.store(model)
         outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
                              runs, models, all_curves, test_scores, times, t_start)
     except (DsconvError, OSError) as e:
@@ -332,7 +347,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     model_files = {}
     for model, r in zip(models, runs):
         rep = r["test_report"]
-        model.info = dict(info, threshold_rule=r["threshold_rule"],
+        model.info = dict(info, **model.info, threshold_rule=r["threshold_rule"],  # model.info: the X-ray check
                           training=dict(training, seed=r["seed"], sizes=r["sizes"]),
                           evaluation={test_name: dict(
                               {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
