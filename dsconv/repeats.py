@@ -13,6 +13,7 @@ import numpy as np
 from dsconv import classifier, data, metrics
 
 FOLDS = 5
+BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
 REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
 
 
@@ -40,6 +41,19 @@ def assess(y, scores, threshold, paths, target):
             "patients": len(set(groups)),
             "specificity_at_sensitivity": {"target": target,
                                            "specificity": metrics.specificity_at(y, scores, target)}}
+
+
+def threshold_band(args, y, scores, paths, threshold):
+    """[low, high] around the threshold: where it would fall, chosen by the same rule on patient resamples.
+
+    The page calls a score in this band borderline rather than giving it a
+    confident decision; None without validation scores of both classes.
+    """
+    if not (y.any() and (~y).any()):
+        return None
+    low, high = metrics.threshold_spread(y, scores, lambda yy, s: choose_threshold(args, yy, s)[0],
+                                         [data.patient_id(p) for p in paths], n=BAND_RESAMPLES)
+    return [min(low, threshold), max(high, threshold)]
 
 
 def folds(paths, labels, k, seed):
@@ -159,6 +173,7 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
         "validation_report": assess(y_val, s_val, model.threshold, val.paths,
                                     args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
+        "threshold_band": threshold_band(args, y_val, s_val, val.paths, model.threshold),
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
     return result, model, curves, (y_test, s_test)
