@@ -43,6 +43,24 @@ def read(path):
     return Image.fromarray(gray, "L")
 
 
+IDENTIFIERS = {"patient_id": "PatientID", "study_date": "StudyDate", "accession_number": "AccessionNumber"}
+
+
+def identifiers(source):
+    """{patient_id, study_date, accession_number} of a DICOM file (path or file object); "" where absent.
+
+    Only the header is read. Anything that is not a readable DICOM file (or
+    no pydicom) gives empty strings: the identifiers help tell patients
+    apart, they never stop a diagnosis.
+    """
+    try:
+        import pydicom
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    except Exception:  # not DICOM, damaged, or pydicom missing: no identifiers
+        return dict.fromkeys(IDENTIFIERS, "")
+    return {key: str(ds.get(tag, "") or "") for key, tag in IDENTIFIERS.items()}
+
+
 def _first(value):
     try:
         return float(value[0])  # several windows: the first
