@@ -225,6 +225,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.log_error("%s: %s", type(e).__name__, e)
                 status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
                 payload = {"error": f"internal error ({type(e).__name__}: {e})"}
+        if self.server.stopping.is_set():
+            self.close_connection = True  # no connection outlives a stopped server
         data = payload if isinstance(payload, bytes) else json.dumps(payload, default=str).encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)

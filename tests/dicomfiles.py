@@ -2,8 +2,9 @@
 import numpy as np
 
 
-def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None):
-    """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept)."""
+def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, ids=None):
+    """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept);
+    ids: {DICOM keyword: value}, such as PatientID."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -26,6 +27,8 @@ def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None):
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
+    for keyword, value in (ids or {}).items():
+        setattr(ds, keyword, value)
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
