@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, data, files, metrics, report
+from dsconv import DsconvError, HelpFormatter, data, files, metrics, repeats, report
 from dsconv.model import load_model
 
 
@@ -73,12 +73,22 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")
+        rule_name = rule
         head.threshold, rule = metrics.choose_threshold(y, s, rule, target_sensitivity)
         rule += " on the site's labelled images"
         model.threshold = head.threshold
         head.info["threshold_rule"] = rule
         record.update(threshold_images=int(len(y)), threshold_rule=rule, target_sensitivity=target_sensitivity,
                       on_threshold_dir=metrics.evaluate(y, s, head.threshold))
+        # the training run's band and site figures were of another threshold: the band again, on these images
+        head.info.pop("site_evaluation", None)
+        groups = [data.patient_id(p) for p, ok in zip(val.paths, (p not in failed for p in val.paths)) if ok]
+        low, high = metrics.threshold_spread(y, s, lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name,
+                                                                                            target_sensitivity)[0],
+                                             groups, n=repeats.BAND_RESAMPLES)
+        head.info["borderline"] = {"band": [min(low, head.threshold), max(high, head.threshold)],
+                                   "rule": f"95% interval of the threshold chosen again ({rule}) on "
+                                           f"{repeats.BAND_RESAMPLES} resamples of the site's patients"}
     return record
 
 

@@ -146,20 +146,21 @@ def threshold_source(model):
 
 
 def borderline_band(model):
-    """{low, high, rule}: scores in [low, high] are borderline, too close to the threshold for a confident call.
+    """{low, high, rule, measured}: scores in [low, high] are borderline, too close to the threshold to call.
 
     The band train recorded around the model's threshold, moved with it if
     --threshold overrides it; else BORDERLINE either side.
     """
     recorded = (model.head.info.get("borderline") or {}).get("band")
     shift = model.threshold - model.head.threshold
-    if recorded and len(recorded) == 2 and all(isinstance(v, float) for v in recorded):
+    recorded = recorded if recorded and len(recorded) == 2 and all(isinstance(v, float) for v in recorded) else None
+    if recorded:
         low, high = recorded[0] + shift, recorded[1] + shift
         rule = model.head.info["borderline"].get("rule", "recorded in the model file")
     else:
         low, high = model.threshold - BORDERLINE, model.threshold + BORDERLINE
         rule = f"{BORDERLINE:g} either side of the threshold (the model file records no measured band)"
-    return {"low": max(0.0, low), "high": min(1.0, high), "rule": rule}
+    return {"low": max(0.0, low), "high": min(1.0, high), "rule": rule, "measured": bool(recorded)}
 
 
 def stamp(rows, model, when=None):

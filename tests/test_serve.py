@@ -433,7 +433,7 @@ def test_model_panel_says_where_the_threshold_came_from(served, browser):
     site, band = info["site_evaluation"], info["borderline"]["band"]
     sentence = d.find_element(By.ID, "threshold-sentence").text
     assert f"{dsconv.load_model(served['model']).threshold:.3f}" in sentence
-    assert "out-of-fold scores of 16 X-rays from the site sample site" in sentence
+    assert f"on the site sample \u201csite\u201d: 16 X-rays of {site['patients']} patients" in sentence and "(out-of-fold)" in sentence
     ci = site["ci95"]["specificity"]
     assert f"specificity {100 * site['specificity']:.1f}% (95% CI {100 * ci[0]:.1f}–{100 * ci[1]:.1f}%)" in sentence
     assert "measured on 224 x 224 copies" in sentence
@@ -533,9 +533,9 @@ def test_errors_a_person_understands(served, browser, tmp_path):
     (tmp_path / name).write_bytes(content)
     rows = choose(d, [tmp_path / n for n in ("empty.png", "scan.pdf", "x.dcm", "huge.png", name)])
     texts = [r.text for r in rows]
-    assert "empty.png: an empty file" in texts[0] and "accepted: JPEG, PNG" in texts[0]
-    assert "scan.pdf: a PDF, not an image" in texts[1] and "x.dcm: not a DICOM file" in texts[2]
-    assert f"huge.png: {MAX_MB + 0.0:.1f} MB, over the server's limit of {MAX_MB} MB" in texts[3]
+    assert texts[0].startswith("empty.png\nan empty file (0 bytes); accepted: JPEG, PNG")
+    assert texts[1].startswith("scan.pdf\na PDF, not an image") and texts[2].startswith("x.dcm\nnot a DICOM file")
+    assert texts[3].startswith(f"huge.png\n{MAX_MB + 0.0:.1f} MB, over the server's limit of {MAX_MB} MB")
     assert "BytesIO" not in "".join(texts)
     assert rows[4].get_attribute("data-state") in ("clear", "flagged", "borderline")
     status = d.find_element(By.ID, "status")
@@ -706,7 +706,7 @@ def test_printed_report(served, browser, tmp_path):
         text = report.text
         p = cli_rows(served["model"], tmp_path)[name]
         for words in [name, shown(p["probability"]), p["decision"], dsconv.weights.sha256(served["model"]),
-                      "out-of-fold scores of 16 X-rays from the site sample", "Borderline band",
+                      "on the site sample", "Borderline band",
                       "not a diagnosis", "Not a lesion outline", "Scored"]:
             assert words in text, words
         assert len(report.find_elements(By.CLASS_NAME, "report-page")) == 1
