@@ -736,6 +736,22 @@ def test_phone(served, browser, tmp_path):
         d.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_dicom_identifiers_on_the_row_and_in_the_csv(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    d = browser
+    open_page(d, served["port"])
+    gray = np.asarray(Image.open(io.BytesIO(xrays()[0][1])).convert("L"))
+    dicomfiles.write(tmp_path / "x.dcm", gray, window=(128, 256),
+                     ids={"PatientID": "P-0042", "StudyDate": "20260102", "AccessionNumber": "ACC77"})
+    row, = choose(d, [tmp_path / "x.dcm"])
+    assert row.find_element(By.CLASS_NAME, "ids").text == "Patient ID P-0042 · Study date 2026-01-02 · Accession ACC77"
+    (d.downloads / "dsconv-results.csv").unlink(missing_ok=True)  # test_page's
+    d.find_element(By.ID, "csv").click()
+    table = list(csv.DictReader(io.StringIO(driver_download(d, "dsconv-results.csv").read_text())))
+    assert (table[0]["patient_id"], table[0]["study_date"], table[0]["accession_number"]) == \
+        ("P-0042", "20260102", "ACC77")
+
+
 def test_many_files_go_in_several_requests_and_keep_their_order(served, browser, tmp_path):
     from selenium.webdriver.common.by import By
     d = browser
