@@ -86,7 +86,7 @@ def describe(model, path):
 
 
 def query_options(path):
-    """(images wanted, their longest side or None for the X-ray's own size) from /api/predict?images=0&size=N."""
+    """(images wanted, their longest side in pixels) from /api/predict?images=0&size=N (or size=full)."""
     query = urllib.parse.parse_qs(path.partition("?")[2])
     images = query.get("images", ["1"])[-1]
     if images not in ("0", "1"):
@@ -161,7 +161,8 @@ def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True)
         path.write_bytes(content)
         paths.append(path)
     with lock:
-        done = [_diagnose(model, path, size) for path in paths]
+        # without images the X-ray is still decoded for the overlay: small, so that it costs little
+        done = [_diagnose(model, path, size if send_images else 64) for path in paths]
     rows = predict.stamp([{"path": path, "probability": None if row["p"] is None else
                            float(row["p"][model.head.positive])} for path, row in zip(paths, done)], model)
     results = []
