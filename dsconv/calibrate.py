@@ -82,13 +82,10 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
                       on_threshold_dir=metrics.evaluate(y, s, head.threshold))
         # the training run's band and site figures were of another threshold: the band again, on these images
         head.info.pop("site_evaluation", None)
-        groups = [data.patient_id(p) for p, ok in zip(val.paths, (p not in failed for p in val.paths)) if ok]
-        low, high = metrics.threshold_spread(y, s, lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name,
-                                                                                            target_sensitivity)[0],
-                                             groups, n=repeats.BAND_RESAMPLES)
-        head.info["borderline"] = {"band": [min(low, head.threshold), max(high, head.threshold)],
-                                   "rule": f"95% interval of the threshold chosen again ({rule}) on "
-                                           f"{repeats.BAND_RESAMPLES} resamples of the site's patients"}
+        kept = [p for p in val.paths if p not in failed]
+        head.info["borderline"] = repeats.borderline(
+            lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name, target_sensitivity)[0], rule, y, s, kept,
+            head.threshold)
     return record
 
 

@@ -221,10 +221,8 @@ def decision_info(args, r, val_ds):
     threshold, with patient-bootstrap 95% intervals.
     """
     out = {}
-    if r["threshold_band"] is not None:
-        out["borderline"] = {"band": r["threshold_band"],
-                             "rule": f"95% interval of the threshold chosen again ({r['threshold_rule']}) on "
-                                     f"{repeats.BAND_RESAMPLES} resamples of the validation patients"}
+    if r["borderline"] is not None:
+        out["borderline"] = r["borderline"]
     rep = r["validation_report"]
     if args.val_dir and rep:
         out["site_evaluation"] = dict(
