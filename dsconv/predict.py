@@ -159,7 +159,7 @@ def borderline_band(model):
         rule = model.head.info["borderline"].get("rule", "recorded in the model file")
     else:
         low, high = model.threshold - BORDERLINE, model.threshold + BORDERLINE
-        rule = f"{BORDERLINE:g} either side of the threshold (the model file records no measured band)"
+        rule = f"{BORDERLINE:g} either side of the threshold, as the model file records no measured band"
     return {"low": max(0.0, low), "high": min(1.0, high), "rule": rule, "measured": bool(recorded)}
 
 
