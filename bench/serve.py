@@ -1,14 +1,16 @@
 """The page end to end in headless Chromium: upload to rows, for 1 and for 20 original-size X-rays.
 
     python bench/serve.py runs/<run>/model.h5
-    python bench/serve.py runs/<run>/model.h5 --screenshot docs/serve.png
+    python bench/serve.py runs/<run>/model.h5 --counts "" --screenshots docs
 
 Starts `python -m dsconv.serve MODEL --port 0` on 127.0.0.1, opens the page in
 headless Chromium (Debian's chromium and chromium-driver; selenium from the
 test extra), puts the files in the page's file input and times until their
 rows are drawn, heatmaps included. The first upload is a warm-up; the median
-of the timed runs is reported. --screenshot saves the page at 1280 x 800
-with two results (a normal and a pneumonia X-ray).
+of the timed runs is reported. --screenshots saves the page with four
+results (a normal X-ray, a pneumonia, a borderline one, a PDF) at 1280 x 800
+(page-desktop.png) and 390 x 844 (page-phone.png), and the viewer
+(page-viewer.png).
 """
 import argparse
 import re
@@ -24,7 +26,8 @@ from pathlib import Path
 ORIGINALS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "originals"
 COUNTS = "1,20"
 REPEATS = 3
-SCREENSHOT_FILES = ("NORMAL/IM-0117-0001.jpeg", "PNEUMONIA/person124_virus_237.jpeg")
+SCREENSHOT_FILES = ("NORMAL/IM-0117-0001.jpeg", "PNEUMONIA/person124_virus_237.jpeg",
+                    "PNEUMONIA/person1066_bacteria_3000.jpeg")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--window-size=1280,800", "--hide-scrollbars"]
@@ -58,6 +61,33 @@ def upload(d, paths):
     return times[0], times[1], d.find_element(By.ID, "status").text
 
 
+def screenshots(d, originals, out, scratch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    pdf = scratch / "referral.pdf"
+    pdf.write_bytes(b"%PDF-1.4\n")  # what a person may drop by mistake: its row says so
+    url = d.current_url
+    for name, width, height in (("page-phone.png", 390, 844), ("page-desktop.png", 1280, 800)):
+        d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                          {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 760})
+        d.get(url)  # loaded at this size, as a phone would
+        WebDriverWait(d, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        upload(d, [originals / f for f in SCREENSHOT_FILES] + [pdf])
+        if width < 760:  # a phone: the results, below the controls
+            d.execute_script("document.getElementById('tally').scrollIntoView()")
+        time.sleep(0.3)
+        d.save_screenshot(str(out / name))
+        print(f"wrote {out / name}")
+    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                      {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+    d.find_elements(By.CSS_SELECTOR, "#results .thumb")[1].click()
+    WebDriverWait(d, 120).until(lambda d: d.find_element(By.ID, "viewer").is_displayed() and
+                                d.find_element(By.ID, "viewer-note").text == "")
+    time.sleep(0.3)
+    d.save_screenshot(str(out / "page-viewer.png"))
+    print(f"wrote {out / 'page-viewer.png'}")
+
+
 def sizes(paths):
     from PIL import Image
     return [Image.open(p).size[0] for p in paths]
@@ -69,7 +99,8 @@ def main():
     p.add_argument("--originals", default=str(ORIGINALS), help="folder of original-size X-rays")
     p.add_argument("--counts", default=COUNTS, help="comma-separated numbers of X-rays per upload")
     p.add_argument("--repeats", type=int, default=REPEATS, help="timed uploads per count (median reported)")
-    p.add_argument("--screenshot", help="also save the page with two results as this PNG")
+    p.add_argument("--screenshots", metavar="DIR", help="also save the page at 1280 x 800 and 390 x 844 and the "
+                                                        "viewer as PNGs in this folder")
     a = p.parse_args()
     files = sorted(Path(a.originals).rglob("*.jpeg"))
     server = subprocess.Popen([sys.executable, "-m", "dsconv.serve", a.model, "--port", "0"],
@@ -85,20 +116,15 @@ def main():
             try:
                 d.get(url.group(0))
                 upload(d, files[:1])  # warm-up
-                for n in map(int, a.counts.split(",")):
+                for n in [int(c) for c in a.counts.split(",") if c]:
                     chosen = files[::max(1, len(files) // n)][:n]
                     runs = [upload(d, chosen) for _ in range(a.repeats)]
                     print(f"{n:3d} X-ray(s) ({min(sizes(chosen))}-{max(sizes(chosen))} pixels wide): first row "
                           f"{statistics.median(r[0] for r in runs):.2f} s, all rows "
                           f"{statistics.median(r[1] for r in runs):.2f} s after choosing the files "
                           f"(median of {a.repeats}; the page says: {runs[-1][2]})")
-                if a.screenshot:
-                    upload(d, [Path(a.originals) / f for f in SCREENSHOT_FILES])
-                    d.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                      {"width": 1280, "height": 800, "deviceScaleFactor": 1, "mobile": False})
-                    d.execute_script("window.scrollTo(0, 0)")
-                    d.save_screenshot(a.screenshot)
-                    print(f"wrote {a.screenshot}")
+                if a.screenshots:
+                    screenshots(d, Path(a.originals), Path(a.screenshots), Path(profile))
             finally:
                 d.quit()
     finally:

@@ -28,7 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from dsconv import DsconvError, HelpFormatter, classifier, data, fail, files, images, interrupted, metrics, report
+from dsconv import (DsconvError, HelpFormatter, classifier, data, fail, files, images, interrupted, metrics, repeats,
+                    report)
 from dsconv.model import load_model
 
 
@@ -88,12 +89,19 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")
+        rule_name = rule
         head.threshold, rule = metrics.choose_threshold(y, s, rule, target_sensitivity)
         rule += " on the site's labelled images"
         model.threshold = head.threshold
         head.info["threshold_rule"] = rule
         record.update(threshold_images=int(len(y)), threshold_rule=rule, target_sensitivity=target_sensitivity,
                       on_threshold_dir=metrics.evaluate(y, s, head.threshold))
+        # the training run's band and site figures were of another threshold: the band again, on these images
+        head.info.pop("site_evaluation", None)
+        kept = [p for p in val.paths if p not in failed]
+        head.info["borderline"] = repeats.borderline(
+            lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name, target_sensitivity)[0], rule, y, s, kept,
+            head.threshold)
     return record
 
 

@@ -87,6 +87,22 @@ def _check_deflated(source):
     if inflater.unconsumed_tail:
         raise Image.DecompressionBombError(f"the deflated DICOM data inflates to more than {limit:,} bytes, over the "
                                            "pixel limit; raise it with --max-pixels if the file is genuine")
+IDENTIFIERS = {"patient_id": "PatientID", "study_date": "StudyDate", "accession_number": "AccessionNumber"}
+
+
+def identifiers(source):
+    """{patient_id, study_date, accession_number} of a DICOM file (path or file object); "" where absent.
+
+    Only the header is read. Anything that is not a readable DICOM file (or
+    no pydicom) gives empty strings: the identifiers help tell patients
+    apart, they never stop a diagnosis.
+    """
+    try:
+        import pydicom
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+    except Exception:  # not DICOM, damaged, or pydicom missing: no identifiers
+        return dict.fromkeys(IDENTIFIERS, "")
+    return {key: str(ds.get(tag, "") or "") for key, tag in IDENTIFIERS.items()}
 
 
 def _first(value):

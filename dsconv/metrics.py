@@ -163,6 +163,26 @@ def bootstrap(y, scores, threshold, groups=None, names=("accuracy", "sensitivity
             for k, v in values.items()}
 
 
+def threshold_spread(y, scores, choose, groups=None, n=BOOTSTRAP, seed=0):
+    """[low, high]: 95% percentile interval of the threshold ``choose(y, scores)`` picks again on resamples.
+
+    Resampled as in bootstrap (whole patients with ``groups``); a resample
+    lacking a class is left out. How far the threshold would move had the
+    validation sample been another of its size: scores inside that band are
+    on the edge, whatever side of the threshold they fall.
+    """
+    y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)
+    ids = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups, str), return_inverse=True)[1]
+    members = [np.flatnonzero(ids == g) for g in range(ids.max() + 1)] if len(y) else []
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n if members else 0):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        if y[idx].any() and not y[idx].all():
+            values.append(choose(y[idx], scores[idx]))
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else [math.nan, math.nan]
+
+
 def reliability(y, scores, bins=10):
     """(mean predicted probability, observed positive fraction, count) per equal-width bin of scores."""
     y, scores = np.asarray(y).astype(bool), np.asarray(scores, np.float64)

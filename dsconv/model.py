@@ -192,13 +192,18 @@ class Model:
         if size:
             original.thumbnail((size, size))
         p = self.head.probabilities(feats[None])[0]
-        caption = f"P({self.positive}) = {p[self.head.positive]:.3f}  MobileNet {self.variant}"
+        caption = f"P({self.positive}) {probability_text(p[self.head.positive])}  MobileNet {self.variant}"
         out = p, cam.overlay(original, m, caption), original
         return out + (self.warnings_of([source], feats[None])[0],) if with_warning else out
 
     def heatmap(self, source, size=None):
         """The heatmap of diagnose()."""
         return self.diagnose(source, size)[1]
+
+
+def probability_text(p):
+    """"= 0.123", or "< 0.001" / "> 0.999": three decimals, never "0.000" or "1.000", which read as certainty."""
+    return "< 0.001" if p < 0.0005 else "> 0.999" if p >= 0.9995 else f"= {p:.3f}"
 
 
 def parts(info):

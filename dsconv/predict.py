@@ -24,10 +24,11 @@ import io
 import json
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import dsconv
-from dsconv import NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks, cam, fail, files, images
+from dsconv import NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks, cam, dicom, fail, files, images, weights
 from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -37,6 +38,11 @@ FORMATS = ("table", "csv", "json")
 CHUNK = 64  # images per step of rows_for: what Ctrl-C can lose
 INTERRUPTED = "interrupted before this image"
 FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what starts a formula in a spreadsheet cell
+# what a filed result needs besides the decision: the last columns of the CSV
+RECORD = ["borderline", "date_time", "model_sha256", "threshold_source", *dicom.IDENTIFIERS]
+# half-width of the borderline band of a model file that records none (train records where its threshold
+# would fall on resamples of the validation patients)
+BORDERLINE = 0.05
 
 
 class Interrupted(KeyboardInterrupt):
@@ -167,11 +173,63 @@ def _row_with_heatmap(model, path, heatmap_dir, used):
     return row
 
 
+def threshold_source(model):
+    """One line: what chose the model's threshold, on which images."""
+    info = model.head.info
+    if model.threshold != model.head.threshold:
+        return f"given with --threshold (the model's own: {model.head.threshold:.3f})"
+    calibration, site = info.get("calibration") or {}, info.get("site_evaluation") or {}
+    if calibration.get("threshold_dir"):
+        scores = str(site.get("scores", "")).split(" (")[0]
+        where = (f"{scores} scores of " if scores else "") + \
+            f"{calibration.get('threshold_images')} images of {Path(calibration['threshold_dir']).name}"
+    else:
+        n = ((info.get("training") or {}).get("sizes") or {}).get("val")
+        where = "the validation partition of the training folder" + (f", {n} images" if n else "")
+    return f"{info.get('threshold_rule', 'rule not recorded')} ({where})"
+
+
+def borderline_band(model):
+    """{low, high, rule, measured}: scores in [low, high] are borderline, too close to the threshold to call.
+
+    The band train recorded around the model's threshold, moved with it if
+    --threshold overrides it; else BORDERLINE either side.
+    """
+    recorded = (model.head.info.get("borderline") or {}).get("band")
+    shift = model.threshold - model.head.threshold
+    recorded = recorded if recorded and len(recorded) == 2 and all(isinstance(v, float) for v in recorded) else None
+    if recorded:
+        low, high = recorded[0] + shift, recorded[1] + shift
+        rule = model.head.info["borderline"].get("rule", "recorded in the model file")
+    else:
+        low, high = model.threshold - BORDERLINE, model.threshold + BORDERLINE
+        rule = f"{BORDERLINE:g} either side of the threshold, as the model file records no measured band"
+    return {"low": max(0.0, low), "high": min(1.0, high), "rule": rule, "measured": bool(recorded)}
+
+
+def stamp(rows, model, when=None):
+    """Add RECORD to each row: borderline or not, date and time, the model file's sha256, the threshold's
+    source, and DICOM identifiers.
+
+    The identifiers (PatientID, StudyDate, AccessionNumber) of a DICOM file
+    tell rows of different patients apart; other files get empty ones.
+    """
+    common = {"date_time": when or datetime.now().astimezone().isoformat(timespec="seconds"),
+              "model_sha256": weights.sha256(model.path), "threshold_source": threshold_source(model)}
+    band = borderline_band(model)
+    for r in rows:
+        p = r["probability"]
+        r.update(borderline=None if p is None else band["low"] <= p <= band["high"], **common,
+                 **dicom.identifiers(r["path"]))
+    return rows
+
+
 def render(rows, fmt, positive):
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     keys = ["path", "probability", "decision", "threshold", "variant", "warning", "error"] + \
         (["heatmap"] if any("heatmap" in r for r in rows) else [])
+    keys += [k for k in RECORD if any(k in r for r in rows)]
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.DictWriter(buf, keys, extrasaction="ignore", lineterminator="\n")
@@ -242,6 +300,7 @@ def main(argv=None):
         fail(e)
     except KeyboardInterrupt:
         dsconv.interrupted("bottlenecks computed so far are cached")
+    stamp(rows, model)
     text = render(rows, args.format, model.positive)
     output = args.output or "-"
     try:

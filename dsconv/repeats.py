@@ -13,6 +13,7 @@ import numpy as np
 from dsconv import classifier, data, metrics
 
 FOLDS = 5
+BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
 REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, without --target-sensitivity
 
 
@@ -40,6 +41,23 @@ def assess(y, scores, threshold, paths, target):
             "patients": len(set(groups)),
             "specificity_at_sensitivity": {"target": target,
                                            "specificity": metrics.specificity_at(y, scores, target)}}
+
+
+def borderline(choose, rule, y, scores, paths, threshold):
+    """The model file's borderline record: {band: [low, high] around the threshold, rule: how it was found}.
+
+    The band is where ``choose(y, scores)`` (the rule that chose the
+    threshold, described by ``rule``) puts the threshold on patient
+    resamples of the labels y and scores: 95% interval. The page calls a
+    score in it borderline rather than giving it a confident decision. None
+    without scores of both classes.
+    """
+    if not (y.any() and (~y).any()):
+        return None
+    low, high = metrics.threshold_spread(y, scores, choose, [data.patient_id(p) for p in paths], n=BAND_RESAMPLES)
+    return {"band": [min(low, threshold), max(high, threshold)],
+            "rule": f"95% interval of the threshold chosen again ({rule}) on {BAND_RESAMPLES} resamples of the "
+                    "patients it was chosen on"}
 
 
 def folds(paths, labels, k, seed):
@@ -159,6 +177,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
         "validation_report": assess(y_val, s_val, model.threshold, val.paths,
                                     args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
+        "borderline": borderline(lambda yy, ss: choose_threshold(args, yy, ss)[0], rule, y_val, s_val, val.paths,
+                                 model.threshold),
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
     }
     return result, model, curves, (y_test, s_test)

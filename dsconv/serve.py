@@ -8,9 +8,13 @@ Loads the model once and serves, with the standard library only:
     GET  /api/health    {"status": "ok"}
     GET  /api/model     the model's description (variant, threshold, what it was trained on)
     POST /api/predict   multipart/form-data, one or more `file` fields ->
-                        {"results": [{"name", "probability", "label", "threshold", "warning",
-                        "heatmap": "data:image/png;base64,...", "image": ...}, ...]}
-                        in upload order; an unreadable file gets {"name", "error"}
+                        {"results": [{"name", "probability", "label", "threshold", "borderline",
+                        "warning", "heatmap": "data:image/png;base64,...", "image": ...,
+                        "date_time", "model_sha256", "threshold_source", "patient_id",
+                        "study_date", "accession_number"}, ...]}
+                        in upload order; an unreadable file gets {"name", "error", "detail"}.
+                        ?images=0 leaves the images out; ?size=N sends them at most N
+                        pixels a side (default 800), ?size=full at the X-ray's own size
 
 "warning" is "" or why the file does not look like a chest X-ray (as
 predict's `warning`); with a warning, "label" is null: no decision.
@@ -38,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from email.parser import HeaderParser
 from email.message import Message
 from http import HTTPStatus
@@ -47,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, fail, files, images, predict
+from dsconv import DsconvError, HelpFormatter, fail, files, images, predict, weights
 from dsconv.model import load_model
 
 HOST = "127.0.0.1"
@@ -55,6 +60,8 @@ PORT = 8000
 MAX_UPLOAD_MB = 50
 MAX_UPLOAD_LIMIT_MB = 4096  # a request body is held in memory
 PREVIEW = 800           # longest side of the images sent back to the page, pixels
+FULL_SIZE = 8192        # ?size=full: the X-ray's own size, up to this
+ACCEPTED = "JPEG, PNG, BMP, GIF, TIFF, WebP or DICOM (.dcm)"
 DRAIN_LIMIT = 1 << 30   # read and drop at most this much of a refused body, so the client sees the 413
 STATIC = Path(__file__).resolve().parent / "static"
 # The only files ever served: a fixed table, never a path taken from the request.
@@ -83,7 +90,44 @@ class RequestError(Exception):
 def describe(model, path):
     """The model's description for the page: what it is, its threshold, and everything its file records."""
     return {"file": Path(path).name, "variant": model.variant, "classes": list(model.classes),
-            "positive": model.positive, "threshold": model.threshold, "info": model.head.info}
+            "positive": model.positive, "threshold": model.threshold, "info": model.head.info,
+            "sha256": weights.sha256(path), "threshold_source": predict.threshold_source(model),
+            "borderline": predict.borderline_band(model), "accepted": ACCEPTED}
+
+
+def query_options(path):
+    """(images wanted, their longest side in pixels) from /api/predict?images=0&size=N (or size=full)."""
+    query = urllib.parse.parse_qs(path.partition("?")[2])
+    images = query.get("images", ["1"])[-1]
+    if images not in ("0", "1"):
+        raise RequestError(HTTPStatus.BAD_REQUEST, "images= takes 0 (leave the images out) or 1")
+    size = query.get("size", [str(PREVIEW)])[-1]
+    if size == "full":
+        return images == "1", FULL_SIZE
+    if not size.isdigit() or not 64 <= int(size) <= FULL_SIZE:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"size= takes a number of pixels from 64 to {FULL_SIZE}, "
+                                                   "or full")
+    return images == "1", int(size)
+
+
+def plain_error(name, content, error):
+    """What went wrong with an upload, in one sentence a person understands, and what is accepted."""
+    head = content[:1024].lstrip()
+    if not content:
+        what = "an empty file (0 bytes)"
+    elif head.startswith(b"%PDF"):
+        what = "a PDF, not an image"
+    elif Path(name).suffix.lower() in (".dcm", ".dicom") and content[128:132] != b"DICM":
+        what = "not a DICOM file, although its name ends in " + Path(name).suffix.lower()
+    elif Path(name).suffix.lower() in (".dcm", ".dicom") or content[128:132] == b"DICM":
+        what = "a DICOM file whose image cannot be read (damaged, or compressed in a way not supported here)"
+    elif head[:1] in (b"<", b"{", b"[") or head[:5].lower() == b"<?xml":
+        what = "a text document, not an image"
+    elif Path(name).suffix.lower() in predict.IMAGE_SUFFIXES:
+        what = "not a readable image: damaged, cut short, or not the kind its name says"
+    else:
+        what = "not an image this page can read"
+    return f"{name}: {what}; accepted: {ACCEPTED}."
 
 
 def parse_multipart(content_type, body):
@@ -112,11 +156,13 @@ def parse_multipart(content_type, body):
     return files
 
 
-def predict_files(model, uploads, lock, workdir):
-    """One result per upload, in order: {name, probability, label, threshold, heatmap, image} or {name, error}.
+def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True):
+    """One result per upload, in order: {name, probability, label, threshold, borderline, warning, heatmap,
+    image, and predict.RECORD} or {name, error, detail}.
 
     The files are written into ``workdir`` (private, emptied by the caller);
-    the network runs under ``lock``, one request at a time.
+    the network runs under ``lock``, one request at a time. The images are
+    at most ``size`` pixels a side, or left out.
     """
     paths = []
     for i, (name, content) in enumerate(uploads):
@@ -126,28 +172,38 @@ def predict_files(model, uploads, lock, workdir):
         paths.append(path)
     done = []
     with lock:
+        # without images the X-ray is still decoded for the overlay: small, so that it costs little
+        done = []
         for path in paths:
-            done.append(_diagnose(model, path))
+            done.append(_diagnose(model, path, size if send_images else 64))
             path.unlink()  # read: the patient image leaves the disk now, not when the request ends
+    rows = predict.stamp([{"path": io.BytesIO(content), "probability": None if row["p"] is None else
+                           float(row["p"][model.head.positive])} for (_, content), row in zip(uploads, done)], model)
     results = []
-    for (name, _), path, (p, heat, original, warning) in zip(uploads, paths, done):
-        if p is None:
-            results.append({"name": name, "error": str(heat).replace(str(path), name)})
+    for (name, content), path, row, record in zip(uploads, paths, done, rows):
+        if row["p"] is None:
+            results.append({"name": name, "error": plain_error(name, content, row["error"]),
+                            "detail": str(row["error"]).replace(str(path), name)})
             continue
-        original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
-        results.append({"name": name, "probability": float(p[model.head.positive]),
-                        "label": None if warning else model.decide(p), "threshold": model.threshold,
-                        "warning": warning, "heatmap": _data_url(heat, "PNG"),
-                        "image": _data_url(original, "JPEG")})
+        result = {"name": name, "probability": record["probability"],
+                  "label": None if row["warning"] else model.decide(row["p"]),
+                  "threshold": model.threshold, "warning": row["warning"]}
+        result.update({k: record[k] for k in predict.RECORD})
+        if send_images:
+            heat, original = row["heatmap"], row["image"]
+            original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
+            result.update(heatmap=_data_url(heat, "PNG"), image=_data_url(original, "JPEG"))
+        results.append(result)
     return results
 
 
-def _diagnose(model, path):
-    """(probabilities, heatmap, the X-ray, warning) of one upload, from one pass; or (None, the error, None, None)."""
+def _diagnose(model, path, size):
+    """{p: probabilities, heatmap, image: the X-ray, warning} of one upload, from one forward pass; or {p: None, error}."""
     try:
-        return model.diagnose(path, PREVIEW, with_warning=True)
+        p, heat, original, warning = model.diagnose(path, size, with_warning=True)
     except (DsconvError, OSError) as e:
-        return None, e, None, None
+        return {"p": None, "error": e}
+    return {"p": p, "heatmap": heat, "image": original, "warning": warning}
 
 
 def _data_url(im, fmt):
@@ -177,9 +233,16 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             status, content_type, payload = e.status, "application/json", {"error": str(e)}
         except Exception as e:  # a bug or an unforeseen input must not take the server down
-            self.log_error("internal error (%s)", type(e).__name__)  # its text could hold an upload's name
-            status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
-            payload = {"error": f"internal error ({type(e).__name__}: {e})"}
+            if self.server.stopping.is_set():  # the interpreter is shutting down under this request
+                status, content_type = HTTPStatus.SERVICE_UNAVAILABLE, "application/json"
+                payload = {"error": "the server is stopping; send the images again once it is back"}
+                self.close_connection = True
+            else:
+                self.log_error("internal error (%s)", type(e).__name__)  # its text could hold an upload's name
+                status, content_type = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json"
+                payload = {"error": f"internal error ({type(e).__name__}: {e})"}
+        if self.server.stopping.is_set():
+            self.close_connection = True  # no connection outlives a stopped server
         data = payload if isinstance(payload, bytes) else json.dumps(payload, default=str).encode()
         headers = getattr(self, "headers", None) or {}  # none yet when the request line itself is refused
         if self.command == "POST" or "Content-Length" in headers or "Transfer-Encoding" in headers:
@@ -229,9 +292,10 @@ class Handler(BaseHTTPRequestHandler):
         del body
         if not uploads:
             raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
+        send_images, size = query_options(self.path)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="request-", dir=self.server.workdir) as workdir:
-            results = predict_files(self.server.model, uploads, self.server.lock, workdir)
+            results = predict_files(self.server.model, uploads, self.server.lock, workdir, size, send_images)
         self.log_message("%d image(s) in %.2f s", len(uploads), time.perf_counter() - t)
         return HTTPStatus.OK, "application/json", {"results": results}
 
@@ -296,6 +360,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, model, model_path, host=HOST, port=PORT, max_upload_mb=MAX_UPLOAD_MB):
         self.model, self.lock = model, threading.Lock()
+        self.stopping = threading.Event()  # set once the server is being stopped: requests cut short get a 503
         self.description = describe(model, model_path)
         self.max_upload = int(max_upload_mb * 2 ** 20)
         self.pages = {name: (STATIC / name).read_bytes() for name, _ in PAGES.values()}
@@ -316,6 +381,7 @@ class Server(ThreadingHTTPServer):
         sys.stderr.write(f"dsconv: connection from {client_address[0]} failed ({type(e).__name__}: {e})\n")
 
     def server_close(self):
+        self.stopping.set()
         super().server_close()
         self._workdir.cleanup()
 
@@ -390,6 +456,8 @@ def main(argv=None):
     except (DsconvError, OSError) as e:
         fail(e)
     except KeyboardInterrupt:
+        if server is not None:
+            server.stopping.set()
         print("\ndsconv: stopped", file=sys.stderr)
     finally:
         if server is not None:

@@ -231,6 +231,27 @@ def network_info(nets, args, width):
     return info
 
 
+def decision_info(args, r, val_ds):
+    """What the page says of the decision: the borderline band and, with --val-dir, the site sample's figures.
+
+    The site sample's figures are those of the validation scores the
+    threshold was chosen on (out-of-fold with --site-weight), at that
+    threshold, with patient-bootstrap 95% intervals.
+    """
+    out = {}
+    if r["borderline"] is not None:
+        out["borderline"] = r["borderline"]
+    rep = r["validation_report"]
+    if args.val_dir and rep:
+        out["site_evaluation"] = dict(
+            {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
+            dir=str(val_ds.root), images=r["sizes"]["val"], patients=rep["patients"],
+            ci95=rep["ci95_at_threshold"], threshold=r["threshold"],
+            scores=r["choice"]["validation_scores"],
+            confusion=rep["at_threshold"]["confusion"])
+    return out
+
+
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
@@ -360,6 +381,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
                 "threshold_dir": str(val_ds.root) if val_ds else None,
                 "threshold_images": int(len(val.labels)) if val_ds else 0,
                 "threshold_rule": r["threshold_rule"], "target_sensitivity": args.target_sensitivity}
+        model.info.update(decision_info(args, r, val_ds))
         model.info = clean(model.info)
         model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
     model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]

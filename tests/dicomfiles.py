@@ -2,9 +2,10 @@
 import numpy as np
 
 
-def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, deflated=False):
+def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, deflated=False, ids=None):
     """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept);
-    deflated: the whole data set zlib-compressed (Deflated Explicit VR Little Endian)."""
+    deflated: the whole data set zlib-compressed (Deflated Explicit VR Little Endian);
+    ids: {DICOM keyword: value}, such as PatientID."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
@@ -28,6 +29,8 @@ def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, de
         ds.WindowCenter, ds.WindowWidth = window
     if rescale:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
+    for keyword, value in (ids or {}).items():
+        setattr(ds, keyword, value)
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path

@@ -121,6 +121,9 @@ def test_calibration_identity(converted, folders, tmp_path, capsys):
     cal = model.head.info["calibration"]
     assert cal["site_images"] == 20 and cal["threshold_images"] == 20 and cal["target_sensitivity"] == 0.8
     assert cal["on_threshold_dir"]["sensitivity"] == sens
+    band = model.head.info["borderline"]  # the borderline band around the new threshold, on the site's images
+    assert band["band"][0] <= model.threshold <= band["band"][1] and "site's labelled images" in band["rule"]
+    assert "site_evaluation" not in model.head.info  # the training run's figures were at another threshold
     # the site's standardised bottlenecks have mean 0 and deviation 1: the site's own statistics
     x, _ = bottlenecks.extract(data.image_files(site), model.net, "pooled", False, progress=False, tta=model.tta)
     z = model.head.prepare(x)

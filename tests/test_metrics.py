@@ -42,3 +42,18 @@ def test_summary_sample_std():
     s = metrics.summary(runs, ["accuracy"])["accuracy"]
     assert s["mean"] == pytest.approx(0.975) and s["std"] == pytest.approx(0.005)
     assert math.isnan(metrics.summary(runs[:1], ["accuracy"])["accuracy"]["std"])
+
+
+def test_threshold_spread():
+    # two well separated classes: every resample puts the threshold in the gap between them
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(50, bool), np.ones(50, bool)]
+    s = np.r_[rng.uniform(0, 0.3, 50), rng.uniform(0.7, 1, 50)]
+    low, high = metrics.threshold_spread(y, s, metrics.accuracy_threshold, n=200)
+    assert s[~y].max() / 2 <= low <= high <= (1 + s[y].min()) / 2
+    # overlapping classes: a wider band, containing the threshold chosen on all of them
+    s = np.r_[rng.normal(0.4, 0.15, 50), rng.normal(0.6, 0.15, 50)]
+    low, high = metrics.threshold_spread(y, s, metrics.accuracy_threshold, n=200)
+    assert low < metrics.accuracy_threshold(y, s) < high and high - low > 0.05
+    # one class only: no threshold to choose
+    assert all(math.isnan(v) for v in metrics.threshold_spread(y[:50], s[:50], metrics.accuracy_threshold))
