@@ -241,11 +241,11 @@ def test_ctrl_c_during_heatmaps_keeps_the_rows_done(converted, model_file, small
     diagnose = Model.diagnose
     calls = []
 
-    def interrupted(self, path, *a):
+    def interrupted(self, path, *a, **kw):
         calls.append(path)
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return diagnose(self, path, *a)
+        return diagnose(self, path, *a, **kw)
     monkeypatch.setattr(Model, "diagnose", interrupted)
     out = tmp_path / "rows.csv"
     code = exit_of(lambda: predict.main([str(model_file), *map(str, paths), "--format", "csv", "-o", str(out),
