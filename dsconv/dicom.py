@@ -126,3 +126,34 @@ def _window(x, ds):
 def _to_8bit(values, lo, hi):
     scaled = (values - lo) * (255.0 / max(float(hi) - float(lo), 1e-12))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def write_bytes(stored, photometric="MONOCHROME2"):
+    """A DICOM file's bytes holding grey stored values (H, W) uint8 or uint16, windowed over their full range."""
+    import hashlib
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    # from the pixels: the same image gives the same file, and so hits the bottleneck cache
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[hashlib.sha256(stored.tobytes()).hexdigest()])
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("image.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    bits = stored.dtype.itemsize * 8
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2 ** bits
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -132,7 +132,7 @@ def rows_for(model, paths, heatmap_dir=None, progress=True):
 
 def _row(model, path, error=None):
     return {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
-            "variant": model.variant, "warning": "", "error": error}
+            "variant": model.variant, "warning": "", "form_warning": "", "error": error}
 
 
 def _rows(model, paths):
@@ -149,8 +149,9 @@ def _rows(model, paths):
 
 
 def _decided(model, row, p, warning):
-    """The row with its probability, and its decision unless there is a warning."""
+    """The row with its probability, and its decision unless there is a warning; a form warning leaves it."""
     row["probability"], row["warning"] = float(p[model.head.positive]), warning
+    row["form_warning"] = model.form_warning(row["path"])
     row["decision"] = None if warning else model.decide(p)
     return row
 
@@ -227,7 +228,7 @@ def stamp(rows, model, when=None):
 def render(rows, fmt, positive):
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "error"] + \
+    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "form_warning", "error"] + \
         (["heatmap"] if any("heatmap" in r for r in rows) else [])
     keys += [k for k in RECORD if any(k in r for r in rows)]
     if fmt == "csv":
@@ -246,6 +247,7 @@ def render(rows, fmt, positive):
             lines.append(f"{r['path']:{width}s}  {r['probability']:{len(positive) + 3}.3f}  "
                          f"{r['decision'] or 'none':10s}  {r['variant']}"
                          + (f"  warning: {r['warning']}" if r["warning"] else "")
+                         + (f"  caution: {r['form_warning']}" if r.get("form_warning") else "")
                          + (f"  error: {r['error']}" if r["error"] else ""))
     return "\n".join(lines) + "\n"
 
@@ -318,6 +320,10 @@ def main(argv=None):
     warned = sum(bool(r["warning"]) for r in rows)
     if warned:
         print(f"{warned} of {len(rows)} images got a warning instead of a decision", file=sys.stderr)
+    cautioned = sum(bool(r.get("form_warning")) for r in rows)
+    if cautioned:
+        print(f"{cautioned} of {len(rows)} images come in a form the model was not trained or calibrated on "
+              "(column form_warning)", file=sys.stderr)
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)

@@ -187,7 +187,7 @@ def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True)
             continue
         result = {"name": name, "probability": record["probability"],
                   "label": None if row["warning"] else model.decide(row["p"]),
-                  "threshold": model.threshold, "warning": row["warning"]}
+                  "threshold": model.threshold, "warning": row["warning"], "form_warning": row["form_warning"]}
         result.update({k: record[k] for k in predict.RECORD})
         if send_images:
             heat, original = row["heatmap"], row["image"]
@@ -203,7 +203,7 @@ def _diagnose(model, path, size):
         p, heat, original, warning = model.diagnose(path, size, with_warning=True)
     except (DsconvError, OSError) as e:
         return {"p": None, "error": e}
-    return {"p": p, "heatmap": heat, "image": original, "warning": warning}
+    return {"p": p, "heatmap": heat, "image": original, "warning": warning, "form_warning": model.form_warning(path)}
 
 
 def _data_url(im, fmt):
