@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsconv import classifier, consistency, dicom, forms, images
+from dsconv import classifier, consistency, forms, images
 from tests.conftest import CHEST, ORIGINALS, train_small
 
 
