@@ -10,7 +10,9 @@ frontal chest X-ray (dsconv.xraycheck: a photo, a document, noise, another
 kind of scan) gets a warning instead of a decision: its row keeps the
 probability, its decision is empty and its `warning` says why (warnings of
 several checks are joined by "; "); the exit status does not change for
-it. An unreadable image is reported on its
+it. An image in a form the model was neither trained nor calibrated on (a
+DICOM file, an original for a model of 224 copies, a JPEG quality below any
+it saw: dsconv.forms) keeps its decision and gets a `form_warning`. An unreadable image is reported on its
 own row and the rest go on; the exit status is 1 if any image failed, 2 if
 nothing could be done (a missing or damaged model file, no images), 3 if the
 output could not be written (dsconv's table of exit statuses). Ctrl-C

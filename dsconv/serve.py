@@ -18,6 +18,9 @@ Loads the model once and serves, with the standard library only:
 
 "warning" is "" or why the file does not look like a chest X-ray (as
 predict's `warning`); with a warning, "label" is null: no decision.
+"form_warning" is "" or why the file's form (DICOM, an original, a low JPEG
+quality) lies outside those the model was trained and calibrated on (as
+predict's `form_warning`); the decision stands.
 
 No file is a 400, a body over --max-upload-mb a 413; every error is JSON.
 Probabilities are those of `python -m dsconv.predict` for the same files.

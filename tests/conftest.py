@@ -27,12 +27,17 @@ def copy_xrays(root, per_class, step):
     return root
 
 
+# The pipeline without the forms' defaults (no random forms, no projection, no blur), whose parts the tests
+# rebuild from the modules below train; tests/test_forms.py covers the defaults, and `extra` may restore them.
+PLAIN = ("--forms", "0", "--invariance", "0", "--blur", "0")
+
+
 def train_small(data, out, cache, steps, *extra):
     """A small 0.25-128 model trained on `data` (split by image, 50/25/25, one repeat), written to out/model.h5."""
     from dsconv import train
     train.main(["--data", str(data), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
                 "--group-by", "image", "--repeats", "1", "--steps", str(steps), "--lr", "0.1",
-                "--cache", str(cache), "--out", str(out), *extra])
+                "--cache", str(cache), "--out", str(out), *PLAIN, *extra])
     return Path(out) / "model.h5"
 
 

@@ -184,3 +184,18 @@ def test_consistency_report_against_files_written_in_each_form(models, tmp_path,
         want = metrics.evaluate(y, s, model.threshold)
         assert row["accuracy"] == pytest.approx(want["accuracy"]) and row["auc"] == pytest.approx(want["auc"])
         assert row["changed_images"] == int(np.sum((s >= model.threshold) != (given >= model.threshold)))
+
+
+def test_blur_is_applied_alike_to_files_arrays_and_heatmaps(models):
+    """With the defaults' blur, a file, its pixels and diagnose's one pass give the same probabilities."""
+    from dsconv.model import load_model
+    model = load_model(models["robust"], cache_dir=False)
+    assert model.blur == 1.0
+    copies = sorted((CHEST / "PNEUMONIA").glob("*.jpeg"))[:2] + sorted((CHEST / "NORMAL").glob("*.jpeg"))[:1]
+    from_files = model.predict_proba(copies)
+    pixels = [np.asarray(Image.open(p).convert("RGB").resize((128, 128), Image.BILINEAR)) for p in copies]
+    assert np.allclose(model.predict_proba(pixels), from_files, atol=1e-6)
+    for path, want in zip(copies, from_files):
+        assert np.allclose(model.diagnose(path)[0], want, atol=1e-5)
+    unblurred = [images.scale(images.decode(p, 128)) for p in copies]  # a float array is taken as it is
+    assert not np.allclose(model.predict_proba(unblurred), from_files, atol=1e-3)
