@@ -9,6 +9,8 @@ import dsconv
 from dsconv import bottlenecks, calibrate, cam, classifier, data, images, metrics, predict, repeats, train, weights
 from tests.conftest import PLAIN, SHARED, copy_xrays
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
 
 

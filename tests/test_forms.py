@@ -23,6 +23,7 @@ def test_jpeg_quality_read_from_the_header(quality):
     assert abs(forms.describe(jpeg_bytes(pixels, quality))["quality"] - quality) <= 1
 
 
+@pytest.mark.shared
 def test_describe_kinds(tmp_path):
     copy = next((CHEST / "NORMAL").glob("*.jpeg"))
     original = next(ORIGINALS.rglob("*.jpeg"))
@@ -36,6 +37,7 @@ def test_describe_kinds(tmp_path):
     assert forms.describe(b"not an image") is None
 
 
+@pytest.mark.shared
 def test_png_and_dicom_forms_hold_the_same_pixels():
     """PNG and 16-bit DICOM are lossless: the network sees the pixels of the file as given, fully decoded
     (a large JPEG as given is decoded at a reduced scale first: tests/test_images.py bounds that)."""
@@ -46,12 +48,14 @@ def test_png_and_dicom_forms_hold_the_same_pixels():
             assert np.array_equal(images.decode(form(data), 224, blur=1.0), want)
 
 
+@pytest.mark.shared
 def test_copy_form_is_how_the_training_copies_were_made():
     original = next(ORIGINALS.rglob("*.jpeg"))
     d = forms.describe(forms.copy224(original.read_bytes()))
     assert (d["width"], d["height"], d["mode"], d["quality"]) == (224, 224, "RGB", 75)
 
 
+@pytest.mark.shared
 def test_augment_is_seeded_by_content_and_draw():
     data = next((CHEST / "NORMAL").glob("*.jpeg")).read_bytes()
     key = "ab" * 32
@@ -62,6 +66,7 @@ def test_augment_is_seeded_by_content_and_draw():
     assert im.mode in ("L", "RGB") and min(im.size) >= 100
 
 
+@pytest.mark.shared
 def test_blur_is_pillows_gaussian_after_the_resize():
     source = next(ORIGINALS.rglob("*.jpeg"))
     from PIL import ImageFilter
@@ -118,6 +123,7 @@ def models(tmp_path_factory, weights_dir):
     os.environ.pop("DSCONV_WEIGHTS", None)
 
 
+@pytest.mark.slow
 def test_model_records_its_forms_and_the_plain_one_warns_on_originals(models, tmp_path):
     from dsconv.model import load_model
     plain, robust = (load_model(models[k], cache_dir=models["cache"]) for k in ("plain", "robust"))
@@ -141,6 +147,7 @@ def test_model_records_its_forms_and_the_plain_one_warns_on_originals(models, tm
         assert np.array_equal(robust.predict_proba([path]), robust.predict_proba([copy]))
 
 
+@pytest.mark.slow
 def test_predict_rows_carry_the_form_warning(models, tmp_path, capsys):
     from dsconv import predict
     original = next(ORIGINALS.rglob("*.jpeg"))
@@ -153,6 +160,7 @@ def test_predict_rows_carry_the_form_warning(models, tmp_path, capsys):
     assert "form the model was not trained or calibrated on" in out.err
 
 
+@pytest.mark.slow
 def test_consistency_report_against_files_written_in_each_form(models, tmp_path, capsys):
     """The report's figures equal those of files written in each form and scored one by one."""
     from dsconv import metrics

@@ -25,6 +25,8 @@ from dsconv import predict, serve
 from tests import dicomfiles
 from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays, train_small
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 MAX_MB = 4
 
 

@@ -9,6 +9,8 @@ from dsconv import bottlenecks, classifier, data, report, train, weights
 from dsconv.mobilenet import MobileNet
 from tests.conftest import CHEST, PLAIN, copy_xrays
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 BAD = ("empty.jpeg", "corrupt.jpeg", "notes.txt")
 
 
