@@ -107,7 +107,7 @@ def resized(im, size, blur=0.0):
     Gaussian blur after the resize (Pillow's GaussianBlur). It smooths away
     what differs most between forms of one X-ray (JPEG blocks and ringing,
     the resampling filter) and keeps what the diagnosis rests on: opacities
-    many pixels wide (dsconv.forms; README: the same X-ray, the same answer).
+    many pixels wide (dsconv.forms; docs/forms.md).
     """
     im = im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
     im = im.filter(ImageFilter.GaussianBlur(blur)) if blur else im

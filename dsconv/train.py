@@ -38,7 +38,7 @@ SAMPLING = "balanced"
 LIMITS = {"repeats": 100, "steps": 1_000_000, "batch_size": 10_000, "eval_every": 1_000_000, "workers": 64,
           "site_weight": 100, "forms": 8}
 MAX_DRAWS = 50_000_000  # steps x batch size: the row indices drawn up front, 400 MB
-# Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
+# Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (docs/external-validation.md)
 TTA = "flip"
 BLUR = 1.0
 FORMS = 2
