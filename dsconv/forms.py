@@ -23,8 +23,9 @@ import numpy as np
 from PIL import Image
 
 # Recorded in bottleneck caches and model files: change it when augment changes.
-AUGMENT = ("augment-v1: upscaled x1.5-4 (bilinear, bicubic or Lanczos) with p 0.5, else downscaled x0.6-1 "
-           "and back; gamma 0.8-1.25 and contrast 0.85-1.15; then JPEG quality 20-95 with p 0.8, else PNG")
+AUGMENT = ("augment-v2: with p 0.5 each side cropped or padded with black by up to 8%; upscaled x1.5-4 "
+           "(bilinear, bicubic or Lanczos) with p 0.5, else downscaled x0.6-1 and back; gamma 0.8-1.25 and "
+           "contrast 0.85-1.15; then JPEG quality 20-95 with p 0.8, else PNG")
 COPY_SIZE = 224  # the training copies' size (../shared/data/README.md)
 
 
@@ -106,14 +107,19 @@ def draws(n):
 def augment(data, key, draw):
     """A random form of an image file (bytes) for training; the same for the same content ``key`` and ``draw``.
 
-    What the draw imitates: an original is larger and was never JPEG-encoded
-    at 224 (upscaled, the network's own resize brings it back down); an export
-    is compressed harder or not at all; another room's detector or export
+    What the draw imitates: a film scanned with a margin, or an export cut
+    tighter; an original is larger and was never JPEG-encoded at 224
+    (upscaled, the network's own resize brings it back down); an export is
+    compressed harder or not at all; another room's detector or export
     setting changes the grey levels a little.
     """
     rng = np.random.default_rng([int(key[:16], 16), draw])
     im = _image(data)
     w, h = im.size
+    if rng.random() < 0.5:  # a box beyond the image pads it with black, one inside crops it
+        left, top, right, bottom = rng.uniform(-0.08, 0.08, 4) * (w, h, w, h)
+        im = im.crop((round(left), round(top), w - round(right), h - round(bottom)))
+        w, h = im.size
     if rng.random() < 0.5:
         s = rng.uniform(1.5, 4.0)
         im = im.resize((round(w * s), round(h * s)), FILTERS[rng.integers(len(FILTERS))])
