@@ -167,7 +167,8 @@ def main(argv=None):
             print(f"    of which {f['images']} {kind}: accuracy {report.pct(f['accuracy'])}%, sensitivity "
                   f"{report.pct(f['sensitivity'])}%, specificity {report.pct(f['specificity'])}%, AUC {f['auc']:.3f}")
         if "subtypes" in rec:
-            print("subtypes there (optimistic too): " + subtypes.describe(rec["subtypes"], rec["subtypes"]["threshold"]))
+            sub = rec["subtypes"]
+            print("subtypes there (optimistic too): " + subtypes.describe(sub, sub["threshold"]))
     print(f"wrote {out}")
 
 

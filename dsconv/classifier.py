@@ -240,8 +240,8 @@ class Classifier:
 
     def to_bytes(self):
         """The model file's bytes."""
-        attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": (int(self.positive) if np.ndim(self.positive) == 0
-                                                                   else json.dumps(self.positives())),
+        positive = int(self.positive) if np.ndim(self.positive) == 0 else json.dumps(self.positives())
+        attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": positive,
                  "threshold": float(self.threshold), "info": json.dumps(self.info, sort_keys=True)}
         tensors = {"weights": self.weights, "bias": self.bias}
         tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})

@@ -93,8 +93,9 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
     Returns (Classifier adapted to ``site``, its curves, its validation
     scores, the choice: every candidate's validation AUC and loss and the one
     taken, its validation probabilities (N, C)). ``positive``: the positive
-    class's index, or its subtypes' indices (dsconv.subtypes). Best: highest validation AUC, then lowest validation loss, then
-    fewer steps and more weight decay (the simpler model).
+    class's index, or its subtypes' indices (dsconv.subtypes). Best: highest
+    validation AUC, then lowest validation loss, then fewer steps and more
+    weight decay (the simpler model).
 
     ``x_forms``: the training images' bottlenecks in other forms, rows
     aligned with x; they train beside x (and val.forms beside the validation

@@ -497,7 +497,8 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
-        "data": {"root": str(ds.root), "classes": ds.classes, "positive": args.positive if args.subtypes else ds.classes[positive],
+        "data": {"root": str(ds.root), "classes": ds.classes,
+                 "positive": args.positive if args.subtypes else ds.classes[positive],
                  "images": ds.counts(), "test_dir": str(test_ds.root) if test_ds else None,
                  "test_images": test_ds.counts() if test_ds else None,
                  "val_dir": str(val_ds.root) if val_ds else None,

@@ -105,7 +105,8 @@ def subtyped(tmp_path_factory, weights_dir):
 def test_training_records_the_subtypes(converted, subtyped):
     results = json.loads((subtyped["root"] / "run" / "results.json").read_text())
     s = results["summary"]["subtypes"]
-    assert s["confusion"]["classes"] == CLASSES and np.sum(s["confusion"]["matrix"]) == results["repeats"][0]["sizes"]["test"]
+    tested = results["repeats"][0]["sizes"]["test"]
+    assert s["confusion"]["classes"] == CLASSES and np.sum(s["confusion"]["matrix"]) == tested
     assert set(s["bacterial_vs_viral"]["ci95"]) == {"accuracy", "sensitivity", "specificity", "auc"}
     model = dsconv.load_model(subtyped["model"], cache_dir=False)
     assert model.classes == CLASSES and model.positive == "PNEUMONIA" and model.head.positives() == [1, 2]
