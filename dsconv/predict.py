@@ -5,7 +5,10 @@
 PATH is an image, a folder (walked recursively for image files) or a list
 file (.txt: one path a line, relative to the list file). Each image gets
 P(positive class), the decision at the model's threshold (--threshold
-overrides) and the network variant. An image that does not look like a
+overrides) and the network variant; CSV and JSON rows also carry p_<CLASS>,
+each of the model's classes' probability. A model with subtypes (train
+--subtypes) decides NORMAL, BACTERIAL or VIRAL (dsconv.subtypes), its
+probability still P(pneumonia). An image that does not look like a
 frontal chest X-ray (dsconv.xraycheck: a photo, a document, noise, another
 kind of scan) gets a warning instead of a decision: its row keeps the
 probability, its decision is empty and its `warning` says why (warnings of

@@ -9,7 +9,9 @@ Loads the model once and serves, with the standard library only:
     GET  /api/model     the model's description (variant, threshold, what it was trained on)
     POST /api/predict   multipart/form-data, one or more `file` fields ->
                         {"results": [{"name", "probability", "label", "threshold", "borderline",
-                        "warning", "heatmap": "data:image/png;base64,...", "image": ...,
+                        "warning", "probabilities": {class: p}, "subtype" (a model with subtypes:
+                        {"class", "probability": P(class | positive), "of", "threshold"}),
+                        "heatmap": "data:image/png;base64,...", "image": ...,
                         "date_time", "model_sha256", "threshold_source", "patient_id",
                         "study_date", "accession_number"}, ...]}
                         in upload order; an unreadable file gets {"name", "error", "detail"}.
