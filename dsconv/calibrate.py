@@ -12,7 +12,9 @@ its threshold no longer mean what they did. Two repairs, each optional:
 - ``--val-dir``: labelled images of the site (one subfolder per class). The
   decision threshold is chosen on them: the highest accuracy (as train's
   default), Youden's J, or the highest threshold reaching
-  ``--target-sensitivity``.
+  ``--target-sensitivity``. A model with subtypes (train --subtypes) also
+  has its subtype threshold chosen again on the site's pneumonia X-rays
+  (dsconv.subtypes).
 
 With --site-dir the X-ray check (dsconv.xraycheck) is widened to the site:
 its threshold, the largest distance of an X-ray held out of its fit, becomes
@@ -28,8 +30,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from dsconv import (DsconvError, HelpFormatter, classifier, data, fail, files, forms, images, interrupted, metrics,
-                    repeats, report)
+                    repeats, report, subtypes)
 from dsconv.model import load_model
 
 
@@ -85,7 +89,7 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
     if val is not None:
         x, failed = model.bottlenecks(val.paths, progress=True)
         labels = val.labels[[p not in failed for p in val.paths]]
-        y, s = labels == head.positive, head.scores(x)
+        y, s = np.isin(labels, head.positives()), head.scores(x)
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")
@@ -103,6 +107,8 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
             lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name, target_sensitivity)[0], rule, y, s, kept,
             head.threshold)
         record["by_form"] = repeats.by_form(kept, y, s, head.threshold)
+        if model.subtypes:
+            record["subtypes"] = choose_subtype_threshold(model, labels, head.probabilities(x), kept)
     if val is not None or site_paths is not None:  # the forms its threshold and statistics now come from
         site = forms.summary([forms.describe(p) for p in (val.paths if val is not None else site_paths)])
         old = head.info.get("forms") or {}
@@ -111,13 +117,25 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
     return record
 
 
+def choose_subtype_threshold(model, labels, p, paths):
+    """Choose a model's subtype threshold again on the site's labelled X-rays (probabilities p); its figures there."""
+    group, record = model.head.positives(), model.subtypes
+    pneumonia = np.isin(labels, group)
+    record["threshold"], rule = subtypes.choose_threshold(labels[pneumonia] == group[0],
+                                                          subtypes.subtype_scores(p[pneumonia], group))
+    record["threshold_rule"] = rule.replace("validation", "site's labelled")
+    return dict(subtypes.assess(labels, p, group, model.threshold, record["threshold"], model.classes, paths),
+                threshold=record["threshold"], threshold_rule=record["threshold_rule"])
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         files.check_writable(Path(args.out).parent, "give another --out")
         model = load_model(args.model, cache_dir=args.cache)
         before = model.threshold
-        val = data.scan(args.val_dir, model.classes) if args.val_dir else None
+        val = None if not args.val_dir else subtypes.scan(args.val_dir, model.classes, model.subtypes) \
+            if model.subtypes else data.scan(args.val_dir, model.classes)
         site = data.image_files(args.site_dir) if args.site_dir else None
         rec = calibrate(model, site, val, args.target_sensitivity, args.threshold_rule)
         model.head.info["calibration"] = dict(
@@ -148,6 +166,9 @@ def main(argv=None):
         for kind, f in (rec["by_form"] or {}).items():
             print(f"    of which {f['images']} {kind}: accuracy {report.pct(f['accuracy'])}%, sensitivity "
                   f"{report.pct(f['sensitivity'])}%, specificity {report.pct(f['specificity'])}%, AUC {f['auc']:.3f}")
+        if "subtypes" in rec:
+            sub = rec["subtypes"]
+            print("subtypes there (optimistic too): " + subtypes.describe(sub, sub["threshold"]))
     print(f"wrote {out}")
 
 

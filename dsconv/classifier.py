@@ -163,14 +163,15 @@ class Classifier:
 
     ``info`` describes the network variant, preprocessing, bottleneck kind
     and training (see save); ``threshold`` applies to the probability of
-    class ``positive``.
+    class ``positive``, or with subtypes (dsconv.subtypes) ``positive`` is a
+    list of class indices and the sum of their probabilities is the score.
     """
     weights: np.ndarray          # (D, C)
     bias: np.ndarray             # (C,)
     classes: list
     mean: np.ndarray = None      # (D,) feature standardisation, None if off
     std: np.ndarray = None
-    positive: int = -1
+    positive: int = -1           # or a list of class indices: the positive class's subtypes
     threshold: float = 0.5
     info: dict = field(default_factory=dict)
     train_mean: np.ndarray = None  # (D,) the training rows' statistics (None in older files)
@@ -221,9 +222,13 @@ class Classifier:
         from dsconv import kernels
         return kernels.softmax(kernels.dense(self.prepare(x), self.weights, self.bias))
 
+    def positives(self):
+        """The class indices whose probabilities add up to the positive class's: [positive], or its subtypes."""
+        return [int(k) for k in np.atleast_1d(self.positive)]
+
     def scores(self, bottlenecks):
-        """Probability of the positive class."""
-        return self.probabilities(bottlenecks)[:, self.positive]
+        """Probability of the positive class (the sum of its subtypes')."""
+        return self.probabilities(bottlenecks)[:, self.positives()].sum(axis=1)
 
     def predict(self, bottlenecks):
         """1 where the positive class's probability reaches the threshold."""
@@ -235,7 +240,8 @@ class Classifier:
 
     def to_bytes(self):
         """The model file's bytes."""
-        attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": int(self.positive),
+        positive = int(self.positive) if np.ndim(self.positive) == 0 else json.dumps(self.positives())
+        attrs = {"format": FORMAT, "classes": json.dumps(self.classes), "positive": positive,
                  "threshold": float(self.threshold), "info": json.dumps(self.info, sort_keys=True)}
         tensors = {"weights": self.weights, "bias": self.bias}
         tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
@@ -253,7 +259,7 @@ def load(path):
     The file: datasets ``weights`` (D, C), ``bias`` (C,), optional ``mean``,
     ``std``, ``train_mean``, ``train_std``, ``site_mean``, ``site_std`` (D,),
     ``xray_mean``, ``xray_components``, ``xray_variances`` (dsconv.xraycheck);
-    attributes ``format``, ``classes`` (JSON list), ``positive`` (index),
+    attributes ``format``, ``classes`` (JSON list), ``positive`` (index, or a JSON list of the subtypes'),
     ``threshold``, ``info`` (JSON: alpha, resolution, trained_resolution,
     weights_file, weights_sha256, bottleneck, preprocessing, training
     settings) and ``checksum`` (dsconv.files.checksum) of all of them,
@@ -276,7 +282,7 @@ def load(path):
         stored = f.get("checksum")
         attrs = {k: v.item() if hasattr(v, "item") else v for k, v in attrs.items()}
         model = Classifier(tensors["weights"], tensors["bias"], json.loads(attrs["classes"]),
-                           positive=int(attrs["positive"]), threshold=float(attrs["threshold"]),
+                           positive=_positive(attrs["positive"]), threshold=float(attrs["threshold"]),
                            info=json.loads(attrs["info"]),
                            **{name: tensors[name] for name in OPTIONAL if name in tensors})
     except (KeyError, ValueError, TypeError, AttributeError) as e:
@@ -296,10 +302,15 @@ def load(path):
         raise ModelError(f"{path}: the model's threshold {model.threshold} is not a probability in "
                          "[0, 1]; train it again")
     d, c = model.weights.shape
-    if model.bias.shape != (c,) or len(model.classes) != c or not 0 <= model.positive < c:
+    if model.bias.shape != (c,) or len(model.classes) != c or not all(0 <= k < c for k in model.positives()):
         raise ModelError(f"{path}: inconsistent model file (weights {model.weights.shape}, "
                          f"{len(model.classes)} classes); train it again")
     return model
+
+
+def _positive(value):
+    """The stored ``positive``: an index, or a JSON list of indices (a model with subtypes)."""
+    return json.loads(value) if isinstance(value, (str, bytes)) else int(value)
 
 
 def invariant_basis(nuisance, std, invariance):

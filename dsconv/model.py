@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, forms, images, weights, xraycheck
+from dsconv import bottlenecks, cam, classifier, forms, images, subtypes, weights, xraycheck
 
 
 class Model:
@@ -45,7 +45,9 @@ class Model:
         self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
         self.net = self.nets[0]
         self.classes = list(self.head.classes)
-        self.positive = self.classes[self.head.positive]
+        # with subtypes (dsconv.subtypes) the positive class is the sum of two of the head's classes
+        self.subtypes = info.get("subtypes")
+        self.positive = self.subtypes["positive"] if self.subtypes else self.classes[self.head.positive]
         self.threshold = self.head.threshold if threshold is None else float(threshold)
         self.cache_dir = cache_dir
         self.xray_check = xraycheck.from_head(self.head)  # None: a model file from before the check
@@ -131,12 +133,30 @@ class Model:
             return ""
         return forms.caution(forms.describe(source), self.head.info["forms"])
 
+    def positive_probability(self, p):
+        """P(positive class) of one image's probabilities p (C,): with subtypes, the sum of theirs."""
+        return float(np.sum(p[self.head.positives()]))
+
+    def subtype(self, p):
+        """(subtype name, P(subtype | positive)) of one image's probabilities p (C,) at the subtype threshold;
+        None for a model without subtypes."""
+        if not self.subtypes:
+            return None
+        group = self.head.positives()
+        q = float(subtypes.subtype_scores(p[None], group)[0])
+        bacterial = q >= self.subtypes["threshold"]
+        return (self.classes[group[0]], q) if bacterial else (self.classes[group[1]], 1 - q)
+
     def predict(self, images_):
-        """Class names: the positive class where its probability reaches the threshold."""
+        """Class names: the positive class where its probability reaches the threshold (with subtypes, its
+        subtype at the subtype threshold)."""
         p = self.predict_proba(images_)
         return np.array([self.decide(row) for row in p])
 
     def decide(self, p):
+        if self.subtypes:
+            return subtypes.decide(p, self.classes, self.head.positives(), self.threshold,
+                                   self.subtypes["threshold"])
         if p[self.head.positive] >= self.threshold:
             return self.positive
         others = [k for k in range(len(self.classes)) if k != self.head.positive]
@@ -161,7 +181,8 @@ class Model:
         return W, b
 
     def class_map(self, x, w):
-        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck."""
+        """(h, w) map of one image x (r, r, 3) for pooled-feature weights w (F,): mean = w . bottleneck; with
+        weights (F, K), the K maps (h, w, K)."""
         return self._one_pass(x, w)[1]
 
     def _one_pass(self, x, w):
@@ -192,21 +213,30 @@ class Model:
 
         ``with_warning``: a fourth item, the image's warnings() string.
 
-        The heatmap is the class activation map of the positive class over
-        the X-ray, an RGB Pillow image at the X-ray's own size, or with
+        The heatmap is the class activation map of the positive class (with
+        subtypes: of the decided class, the maps of every class made in the
+        one pass) over the X-ray, an RGB Pillow image at the X-ray's own size, or with
         ``size`` at most size x size pixels (faster on large X-rays); the
         X-ray is returned at that size too.
         """
         with ThreadPoolExecutor(1) as pool:  # the X-ray at its size decoded beside the network's input and pass
             decoding = pool.submit(images.open_image, source, size)
             x = images.scale(images.decode(source, self.resolution, blur=self.blur))
-            w, _ = cam.contrast(*self.linear(), self.head.positive)
-            feats, m = self._one_pass(x, w)
+            W, b = self.linear()
+            shown = range(len(self.classes)) if self.subtypes else [self.head.positive]
+            feats, maps = self._one_pass(x, np.stack([cam.contrast(W, b, k)[0] for k in shown], axis=1))
             original = decoding.result()
         if size:
             original.thumbnail((size, size))
         p = self.head.probabilities(feats[None])[0]
-        caption = f"P({self.positive}) {probability_text(p[self.head.positive])}  MobileNet {self.variant}"
+        caption = f"P({self.positive}) {probability_text(self.positive_probability(p))}"
+        if self.subtypes:
+            decided = self.decide(p)
+            m = maps[..., self.classes.index(decided)]
+            caption += f", map of {decided}"
+        else:
+            m = maps[..., 0]
+        caption += f"  MobileNet {self.variant}"
         out = p, cam.overlay(original, m, caption), original
         return out + (self.warnings_of([source], feats[None])[0],) if with_warning else out
 

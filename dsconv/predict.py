@@ -5,7 +5,10 @@
 PATH is an image, a folder (walked recursively for image files) or a list
 file (.txt: one path a line, relative to the list file). Each image gets
 P(positive class), the decision at the model's threshold (--threshold
-overrides) and the network variant. An image that does not look like a
+overrides) and the network variant; CSV and JSON rows also carry p_<CLASS>,
+each of the model's classes' probability. A model with subtypes (train
+--subtypes) decides NORMAL, BACTERIAL or VIRAL (dsconv.subtypes), its
+probability still P(pneumonia). An image that does not look like a
 frontal chest X-ray (dsconv.xraycheck: a photo, a document, noise, another
 kind of scan) gets a warning instead of a decision: its row keeps the
 probability, its decision is empty and its `warning` says why (warnings of
@@ -151,8 +154,10 @@ def _rows(model, paths):
 
 
 def _decided(model, row, p, warning):
-    """The row with its probability, and its decision unless there is a warning; a form warning leaves it."""
-    row["probability"], row["warning"] = float(p[model.head.positive]), warning
+    """The row with its probabilities (P(positive) and p_<CLASS> of each of the head's classes), and its decision
+    unless there is a warning; a form warning leaves it."""
+    row["probability"], row["warning"] = model.positive_probability(p), warning
+    row.update({f"p_{c}": float(v) for c, v in zip(model.classes, p)})
     row["form_warning"] = model.form_warning(row["path"])
     row["decision"] = None if warning else model.decide(p)
     return row
@@ -230,7 +235,8 @@ def stamp(rows, model, when=None):
 def render(rows, fmt, positive):
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "form_warning", "error"] + \
+    classes = dict.fromkeys(k for r in rows for k in r if k.startswith("p_"))
+    keys = ["path", "probability", "decision", "threshold", "variant", *classes, "warning", "form_warning", "error"] + \
         (["heatmap"] if any("heatmap" in r for r in rows) else [])
     keys += [k for k in RECORD if any(k in r for r in rows)]
     if fmt == "csv":

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import classifier, data, forms, metrics
+from dsconv import classifier, data, forms, metrics, subtypes
 
 FOLDS = 5
 BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
@@ -92,8 +92,10 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
 
     Returns (Classifier adapted to ``site``, its curves, its validation
     scores, the choice: every candidate's validation AUC and loss and the one
-    taken). Best: highest validation AUC, then lowest validation loss, then
-    fewer steps and more weight decay (the simpler model).
+    taken, its validation probabilities (N, C)). ``positive``: the positive
+    class's index, or its subtypes' indices (dsconv.subtypes). Best: highest
+    validation AUC, then lowest validation loss, then fewer steps and more
+    weight decay (the simpler model).
 
     ``x_forms``: the training images' bottlenecks in other forms, rows
     aligned with x; they train beside x (and val.forms beside the validation
@@ -106,7 +108,7 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
     patients, score that fold; those scores choose the candidate and the
     threshold, and a last model trained on all of them is the one kept.
     """
-    y_val = val.labels == positive
+    y_val = np.isin(val.labels, positive)
     cross = args.val_dir is not None and args.site_weight > 0 and len(val.labels) > 0
     if cross:
         fold = folds(val.paths, val.labels, FOLDS, seed)
@@ -135,25 +137,26 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
                 model.positive = positive
                 # validation images of the training clinic are scored as they are: the site's
                 # statistics would move them, not bring them closer to the training distribution
-                unadapted = model.scores(val.x) if site is not None and args.val_dir is None else None
+                unadapted = model.probabilities(val.x) if site is not None and args.val_dir is None else None
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
-                                                        "scores": np.zeros(len(y_val))})
+                                                        "proba": np.zeros((len(y_val), len(classes)))})
                 if scored is None:
                     c["model"] = model
                     if not cross:
-                        c["scores"] = model.scores(val.x) if unadapted is None else unadapted
+                        c["proba"] = model.probabilities(val.x) if unadapted is None else unadapted
                 else:
-                    c["scores"][scored] = model.scores(val.x[scored])
+                    c["proba"][scored] = model.probabilities(val.x[scored])
                 c["curves"] = curves
     for c in candidates.values():
+        c["scores"] = c["proba"][:, np.atleast_1d(positive)].sum(axis=1)
         c["val_auc"] = metrics.auc(y_val, c["scores"]) if len(y_val) else math.nan
         if len(classes) == 2:  # from the (out-of-fold) scores
             p = np.empty((len(y_val), 2))
             p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
-        else:
-            p = c["model"].probabilities(val.x)
+        else:  # the (out-of-fold) probabilities
+            p = c["proba"]
         c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
     nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
     best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
@@ -165,7 +168,7 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
               "candidates": [{k: c[k] for k in ("weight_decay", "steps", "val_auc", "val_loss")}
                              for c in candidates.values()]}
     curves = {k: v for k, v in best["curves"].items() if k != "snapshots"}
-    return best["model"], curves, best["scores"], choice
+    return best["model"], curves, best["scores"], choice, best["proba"]
 
 
 def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
@@ -185,11 +188,11 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
                              "larger training share in --split")
-    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed,
+    model, curves, s_val, choice, p_val = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed,
                                        tuple(f[tr] for f in x_forms))
-    y_val = val.labels == positive
+    y_val = np.isin(val.labels, positive)
     model.threshold, rule = choose_threshold(args, y_val, s_val)
-    y_test, s_test = test.labels == positive, model.scores(test.x)
+    y_test, s_test = np.isin(test.labels, positive), model.scores(test.x)
     sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
     count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
     result = {
@@ -210,7 +213,24 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
         "validation_by_form": by_form(val.paths, y_val, s_val, model.threshold),
         "test_by_form": by_form(test.paths, y_test, s_test, model.threshold),
     }
+    if np.ndim(positive):
+        result["subtypes"] = subtype_choice(model, ds.classes, positive, args.positive, val, p_val, test)
     return result, model, curves, (y_test, s_test)
+
+
+def subtype_choice(model, classes, group, name, val, p_val, test):
+    """Choose the subtype threshold on the validation probabilities (out-of-fold with cross-fitting); record it in
+    the model's info (``name``: the positive class they split), and return the subtype figures of the validation
+    and test sets (dsconv.subtypes.assess)."""
+    pneumonia = np.isin(val.labels, group)
+    t, rule = subtypes.choose_threshold(val.labels[pneumonia] == group[0],
+                                        subtypes.subtype_scores(p_val[pneumonia], group))
+    model.info["subtypes"] = {"positive": name, "classes": [classes[k] for k in group],
+                              "threshold": t, "threshold_rule": rule,
+                              "score": f"P({classes[group[0]]}) / (P({classes[group[0]]}) + P({classes[group[1]]}))"}
+    figures = lambda part, p: subtypes.assess(part.labels, p, group, model.threshold, t, classes, part.paths)
+    return {"threshold": t, "threshold_rule": rule, "validation": figures(val, p_val),
+            "test": figures(test, model.probabilities(test.x))}
 
 
 def pct(v):

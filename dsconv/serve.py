@@ -9,7 +9,9 @@ Loads the model once and serves, with the standard library only:
     GET  /api/model     the model's description (variant, threshold, what it was trained on)
     POST /api/predict   multipart/form-data, one or more `file` fields ->
                         {"results": [{"name", "probability", "label", "threshold", "borderline",
-                        "warning", "heatmap": "data:image/png;base64,...", "image": ...,
+                        "warning", "probabilities": {class: p}, "subtype" (a model with subtypes:
+                        {"class", "probability": P(class | positive), "of", "threshold"}),
+                        "heatmap": "data:image/png;base64,...", "image": ...,
                         "date_time", "model_sha256", "threshold_source", "patient_id",
                         "study_date", "accession_number"}, ...]}
                         in upload order; an unreadable file gets {"name", "error", "detail"}.
@@ -181,7 +183,7 @@ def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True)
             done.append(_diagnose(model, path, size if send_images else 64))
             path.unlink()  # read: the patient image leaves the disk now, not when the request ends
     rows = predict.stamp([{"path": io.BytesIO(content), "probability": None if row["p"] is None else
-                           float(row["p"][model.head.positive])} for (_, content), row in zip(uploads, done)], model)
+                           model.positive_probability(row["p"])} for (_, content), row in zip(uploads, done)], model)
     results = []
     for (name, content), path, row, record in zip(uploads, paths, done, rows):
         if row["p"] is None:
@@ -190,7 +192,12 @@ def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True)
             continue
         result = {"name": name, "probability": record["probability"],
                   "label": None if row["warning"] else model.decide(row["p"]),
-                  "threshold": model.threshold, "warning": row["warning"], "form_warning": row["form_warning"]}
+                  "threshold": model.threshold, "warning": row["warning"], "form_warning": row["form_warning"],
+                  "probabilities": {c: float(v) for c, v in zip(model.classes, row["p"])}}
+        subtype = model.subtype(row["p"])
+        if subtype:  # what the positive class would be, whatever the threshold: the page's slider moves it
+            result["subtype"] = {"class": subtype[0], "probability": subtype[1], "of": model.positive,
+                                 "threshold": model.subtypes["threshold"]}
         result.update({k: record[k] for k in predict.RECORD})
         if send_images:
             heat, original = row["heatmap"], row["image"]

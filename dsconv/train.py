@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, fail, files,
-                    forms, images, interrupted, metrics, paper, repeats, report, weights, xraycheck)
+                    forms, images, interrupted, metrics, paper, repeats, report, subtypes, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
 
 ALPHA = 0.75
@@ -103,6 +103,10 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=REPEATS, help="number of random splits, seeds 0..N-1")
     p.add_argument("--positive", default=data.POSITIVE,
                    help="class counted positive for sensitivity (if absent: the last class)")
+    p.add_argument("--subtypes", action="store_true",
+                   help="three classes: the positive class split into BACTERIAL and VIRAL by the file names "
+                        "('_bacteria_', '_virus_'); pneumonia is decided at the threshold on P(bacterial) + "
+                        "P(viral), then its subtype at a second threshold chosen on validation (dsconv.subtypes)")
     p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
     p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
                    help="SGD steps; several: the one with the best validation AUC (one training, "
@@ -287,6 +291,17 @@ def decision_info(args, r, val_ds):
     return out
 
 
+def subtype_summary(runs, best):
+    """results.json's summary.subtypes: the test figures of the model kept, and their mean and std over repeats."""
+    tests = [r["subtypes"]["test"] for r in runs]
+    return dict(runs[best]["subtypes"]["test"], threshold=runs[best]["subtypes"]["threshold"],
+                threshold_rule=runs[best]["subtypes"]["threshold_rule"],
+                over_repeats=dict(metrics.summary([t["bacterial_vs_viral"] for t in tests],
+                                                  ("accuracy", "sensitivity", "specificity", "auc")),
+                                  classes_accuracy=metrics.summary([t for t in tests], ("accuracy",))["accuracy"]),
+                sensitivity="recall of BACTERIAL (bacterial positive)", specificity="recall of VIRAL")
+
+
 def print_by_form(figures):
     """The figures of each form of a set that mixes them (repeats.by_form), one line each."""
     for kind, e in (figures or {}).items():
@@ -327,6 +342,11 @@ def main(argv=None):
         if ds.classes[positive] != args.positive:
             print(f"note: no class {data.POSITIVE}; counting {ds.classes[positive]} as positive "
                   "(choose with --positive)")
+        if args.subtypes:
+            args.positive = ds.classes[positive]
+            ds, group = subtypes.split(ds, positive)
+            val_ds, test_ds = (subtypes.split(d, positive)[0] if d else None for d in (val_ds, test_ds))
+            positive = group
         data.warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
         t = time.perf_counter()
         nets = [weights.load(a, args.resolution, head=args.bottleneck == "logits") for a in args.alpha]
@@ -466,12 +486,19 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     print(f"model.h5 (seed {r['seed']}) on {test_name} [{info['forms']['evaluation']}]: "
           + report.describe(r["test_report"], r["threshold"]))
     print_by_form(r["test_by_form"])
+    if args.subtypes:
+        summary["subtypes"] = subtype_summary(runs, best)
+        if args.val_dir:
+            print(f"  subtypes on --val-dir ({r['choice']['validation_scores']} scores, threshold chosen on them): "
+                  + subtypes.describe(r["subtypes"]["validation"], r["subtypes"]["threshold"]))
+        print(f"  subtypes on {test_name}: " + subtypes.describe(r["subtypes"]["test"], r["subtypes"]["threshold"]))
     figures = report.curve_files(all_curves, title)
     figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
     results = {
         "settings": settings, "network": info,
-        "data": {"root": str(ds.root), "classes": ds.classes, "positive": ds.classes[positive],
+        "data": {"root": str(ds.root), "classes": ds.classes,
+                 "positive": args.positive if args.subtypes else ds.classes[positive],
                  "images": ds.counts(), "test_dir": str(test_ds.root) if test_ds else None,
                  "test_images": test_ds.counts() if test_ds else None,
                  "val_dir": str(val_ds.root) if val_ds else None,
