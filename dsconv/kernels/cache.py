@@ -20,14 +20,16 @@ package at the next import, as editing the single kernels.py did.
 and sees the cached caller in another file recompiled.)
 
 Numba picks a locator per cached function (njit and cfunc alike) from
-numba.core.caching._CacheImpl._locator_classes, the first one that accepts
-the function's file: SaltedLocator goes first, accepts this package's files
-only, and wraps the locator Numba would have picked (same folder, same file
-names), salting its source stamp. Numba compares the stamp stored in a
-function's cache index with the current one and recompiles when they differ.
+numba.core.caching.CacheImpl._locator_classes (_CacheImpl in older Numba),
+the first one that accepts the function's file: SaltedLocator goes first,
+accepts this package's files only, and wraps the locator Numba would have
+picked (same folder, same file names), salting its source stamp. Numba
+compares the stamp stored in a function's cache index with the current one
+and recompiles when they differ.
 """
 import hashlib
 import os
+import sys
 
 from numba.core import caching, config
 
@@ -70,7 +72,7 @@ class SaltedLocator(caching._CacheLocator):
     def from_function(cls, py_func, py_file):
         if os.path.dirname(os.path.abspath(py_file)) != HERE:
             return None  # another module's function: Numba's own locators
-        for other in caching._CacheImpl._locator_classes:
+        for other in _locators:
             if other is not cls:
                 inner = other.from_function(py_func, py_file)
                 if inner is not None:
@@ -81,7 +83,11 @@ class SaltedLocator(caching._CacheLocator):
 # Numba's locator list is not public API: if a Numba release moves it, or the
 # user names the locators (NUMBA_CACHE_LOCATOR_CLASSES, which bypasses the
 # list), the package compiles afresh in every process rather than risk stale code.
-_locators = getattr(getattr(caching, "_CacheImpl", None), "_locator_classes", None)
+_impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+_locators = getattr(_impl, "_locator_classes", None)
 salted = isinstance(_locators, list) and not getattr(config, "CACHE_LOCATOR_CLASSES", "")
 if salted:
     _locators.insert(0, SaltedLocator)
+else:
+    print("dsconv: warning: this Numba's cache cannot be keyed by all of dsconv.kernels' sources; the kernels "
+          "compile afresh in every process (about 10-20 s)", file=sys.stderr)
