@@ -40,7 +40,7 @@ from .layers import dense, depthwise, global_avg_pool, pointwise, softmax, stem
 from .forward import Buffers, Packed, network, network_buffers, pack_network, threads
 from .config import DW_LANES, JIT, MR, NR, NV, SKEW, tile_rows
 from .conv import pack_depthwise, same_padding, stem_rows, _depthwise_row
-from .product import PLAN, THIRD, gemm, pack, tile_plan
+from .product import PLAN, MR_SHORT, gemm, pack, tile_plan
 from .vector import F32, I32, I64, _IR
 from .fused import _block_weights, _stem_weights
 from .crew import MAIL, _passes, _post
@@ -51,5 +51,5 @@ from .layers import _pointwise
 __all__ = ["stem", "depthwise", "pointwise", "global_avg_pool", "dense", "softmax",
            "Packed", "Buffers", "pack_network", "network_buffers", "network", "threads",
            "MR", "NV", "NR", "DW_LANES", "SKEW", "JIT", "tile_rows", "same_padding", "pack", "pack_depthwise",
-           "gemm", "THIRD", "PLAN", "tile_plan", "stem_rows", "_depthwise_row", "_pointwise", "F32", "I32", "I64",
+           "gemm", "MR_SHORT", "PLAN", "tile_plan", "stem_rows", "_depthwise_row", "_pointwise", "F32", "I32", "I64",
            "_IR", "_stem_weights", "_block_weights", "MAIL", "_post", "_passes", "_NO_MAPS"]

@@ -13,11 +13,11 @@ from the one-layer kernels and the fused pass alike.
     _depthwise_row, _call_depthwise_row   one row of a depthwise layer
 """
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, njit
 from numba.extending import intrinsic
 
 from .config import DW_LANES, JIT, NR
-from .entry import _ENTRY, _FLOATS, _INT, _by_name, _call_entry
+from .entry import C_FLAGS, FLAT, INT, PACKED, _by_name, _call_entry, c_signature
 from .product import _call_product
 from .vector import depthwise_row
 
@@ -47,8 +47,7 @@ def pack_depthwise(k):
 _depthwise_s1, _depthwise_s2 = depthwise_row(1), depthwise_row(2)
 
 
-@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _INT,
-                  _FLOATS, _INT), **_ENTRY)
+@cfunc(c_signature(FLAT, INT, INT, PACKED, FLAT, INT, FLAT, INT, INT, FLAT), **C_FLAGS)
 def _stem_rows(px, nx, h, w, pk, panels, taps, pb, c, stride, py, ny, t0, t1, ptile, ntile):
     # Output rows [t0, t1) of a stack of images (G * Ho rows) as a matrix
     # product with the kernel (9 Cin, C) packed in k. A pixel whose 3x3
@@ -137,9 +136,9 @@ def _depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo):
         _depthwise_s2(x, h, w, b.shape[0], k, b, iy, -left, lo, hi, wo, y)
 
 
-@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _INT, _FLOATS,
-                  _INT, _INT), **_ENTRY)
+@cfunc(c_signature(FLAT, INT, INT, PACKED, FLAT, INT, INT, INT, INT, FLAT, INT), **C_FLAGS)
 def _depthwise_row_entry(x, nx, h, w, k, blocks, taps, b, c, oy, stride, top, left, y, ny, wo):
+    # _depthwise_row compiled once: called as _call_depthwise_row(x, h, w, k, b, oy, stride, top, left, y, wo)
     _depthwise_row(carray(x, nx), h, w, carray(k, (blocks, taps, DW_LANES)), carray(b, c), oy, stride, top, left,
                    carray(y, ny), wo)
 

@@ -7,7 +7,8 @@ however the threads are scheduled, even one after another.
 
     _counters, _layer_counters        the counters of a pass and their layout
     _atomic_add, _atomic_load, _relax, _wait   atomics and spin-waiting
-    MAIL, _post, _pass_counters, _join   a pass described in a mail array, and the caller's wait
+    PASS ... COUNTERS, MAIL           the words of a mail array, which describes a pass
+    _post, _pass_counters, _join      a pass posted in mail, and the caller's wait
     _part, _call_part                 thread t's part of a pass, a C function called by name
     _passes                           a thread's loop over passes (both roles)
     _Crew, _crew                      the helper threads, per process
@@ -22,8 +23,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .config import IDLE, JIT, SPINS, STACKS, TASKS
-from .entry import _ENTRY, _INT, _INTS, _by_name, _call_entry, _floats_at, _ints_at
-from .fused import _call_layer, _out_side, _pool_flat, _shared_tasks, _stack, _sums
+from .entry import C_FLAGS, FLAT_INTS, INT, _by_name, _call_entry, _floats_at, _ints_at, c_signature
+from .fused import BLOCKS, _call_layer, _out_side, _pool_flat, _shared_tasks, _stack, _sums
 from .vector import I32, I64
 
 
@@ -98,13 +99,18 @@ def _wait(counters, index, target):
 
 
 
-# A pass as the threads take it: mail[0] is its number, counted up by
+# A pass as the threads take it: mail[PASS] is its number, counted up by
 # _post after it wrote the pass's thread count and sizes and its arrays'
 # addresses in the words after. Every thread, the caller's included, makes
 # its views of the arrays from there (_part, in _passes): a call unboxes one array, not
 # sixty, and a helper runs pass after pass without leaving compiled code
 # (no GIL to take back between passes). The arrays stay alive because the
-# caller holds them until every helper has finished.
+# caller holds them until every helper has finished. The words of mail (int64):
+PASS, THREADS, IMAGES, SIDE, STACK_IMAGES = 0, 1, 2, 3, 4  # number; T; N; r; images per stack at most
+# Each array: its address at mail[A], at mail[A + 1] its size (flat ones) or its last dimension.
+X, WEIGHTS, TABLE = 5, 7, 9  # images flat (N, r, r, 3); Packed.weights; Packed.table
+ACT, TILE, POOLED = 11, 13, 15  # (T, 2, S): S; (T, tile): tile; (N, F): F
+MAPS, COUNTERS = 17, 19  # last maps flat (N, s, s, F) or empty; _counters
 MAIL = 21
 
 
@@ -113,22 +119,22 @@ def _post(mail, threads, x, n_img, r, stack, weights, table, act, tile, pooled, 
     # Describes a pass in mail, then counts up its number: a thread that sees the number sees the rest.
     for i in range(counters.size):
         counters[i] = 0
-    mail[1], mail[2], mail[3], mail[4] = threads, n_img, r, stack
-    mail[5], mail[6] = x.ctypes.data, x.size
-    mail[7], mail[8] = weights.ctypes.data, weights.size
-    mail[9], mail[10] = table.ctypes.data, table.size
-    mail[11], mail[12] = act.ctypes.data, act.shape[2]
-    mail[13], mail[14] = tile.ctypes.data, tile.shape[1]
-    mail[15], mail[16] = pooled.ctypes.data, pooled.shape[1]
-    mail[17], mail[18] = maps.ctypes.data, maps.size
-    mail[19], mail[20] = counters.ctypes.data, counters.size
-    _atomic_add(mail, 0, 1)
+    mail[THREADS], mail[IMAGES], mail[SIDE], mail[STACK_IMAGES] = threads, n_img, r, stack
+    mail[X], mail[X + 1] = x.ctypes.data, x.size
+    mail[WEIGHTS], mail[WEIGHTS + 1] = weights.ctypes.data, weights.size
+    mail[TABLE], mail[TABLE + 1] = table.ctypes.data, table.size
+    mail[ACT], mail[ACT + 1] = act.ctypes.data, act.shape[2]
+    mail[TILE], mail[TILE + 1] = tile.ctypes.data, tile.shape[1]
+    mail[POOLED], mail[POOLED + 1] = pooled.ctypes.data, pooled.shape[1]
+    mail[MAPS], mail[MAPS + 1] = maps.ctypes.data, maps.size
+    mail[COUNTERS], mail[COUNTERS + 1] = counters.ctypes.data, counters.size
+    _atomic_add(mail, PASS, 1)
 
 
 @njit(inline="always", **JIT)
 def _pass_counters(mail):
     # the counters of the pass posted in mail: the last one counts the helpers that have finished their part
-    return carray(_ints_at(mail[19]), mail[20])
+    return carray(_ints_at(mail[COUNTERS]), mail[COUNTERS + 1])
 
 
 @njit(**JIT)
@@ -136,10 +142,10 @@ def _join(mail):
     # The caller's wait for the helpers' parts of the pass in mail: they may
     # still read the buffers after the last task is done.
     counters = _pass_counters(mail)
-    _wait(counters, counters.size - 1, mail[1] - 1)
+    _wait(counters, counters.size - 1, mail[THREADS] - 1)
 
 
-@cfunc(types.void(_INT, _INTS, _INT), **_ENTRY)
+@cfunc(c_signature(INT, FLAT_INTS), **C_FLAGS)
 def _part(t, words, size):
     # Thread t's part of the fused pass posted in the mail array at words
     # (_post), whose arrays it makes its views of: x flat (N, r, r, 3) -> pooled (N, F),
@@ -153,13 +159,14 @@ def _part(t, words, size):
     # one after another. maps: the last feature maps, flat (N, s, s, F), or
     # empty. counters: _counters(blocks, T).
     mail = carray(words, size)
-    threads, n_img, r, stack = mail[1], mail[2], mail[3], mail[4]
-    x = carray(_floats_at(mail[5]), mail[6])
-    weights, table = carray(_floats_at(mail[7]), mail[8]), carray(_ints_at(mail[9]), mail[10])
-    act = carray(_floats_at(mail[11]), (threads, 2, mail[12]))
-    tile = carray(_floats_at(mail[13]), (threads, mail[14]))
-    pooled = carray(_floats_at(mail[15]), (n_img, mail[16]))
-    maps = carray(_floats_at(mail[17]), mail[18])
+    threads, n_img, r, stack = mail[THREADS], mail[IMAGES], mail[SIDE], mail[STACK_IMAGES]
+    x = carray(_floats_at(mail[X]), mail[X + 1])
+    weights = carray(_floats_at(mail[WEIGHTS]), mail[WEIGHTS + 1])
+    table = carray(_ints_at(mail[TABLE]), mail[TABLE + 1])
+    act = carray(_floats_at(mail[ACT]), (threads, 2, mail[ACT + 1]))
+    tile = carray(_floats_at(mail[TILE]), (threads, mail[TILE + 1]))
+    pooled = carray(_floats_at(mail[POOLED]), (n_img, mail[POOLED + 1]))
+    maps = carray(_floats_at(mail[MAPS]), mail[MAPS + 1])
     counters = _pass_counters(mail)
     size = r * r * 3
     per_map = maps.size // max(n_img, 1)  # s s F, or 0
@@ -182,7 +189,7 @@ def _part(t, words, size):
     _wait(counters, np.int64(1), stacks)  # act[0] is free
     a, b = act[0, 0], act[0, 1]
     side = r
-    blocks = table[0]
+    blocks = table[BLOCKS]
     for i in range(blocks + 1):
         src, dst = (a, b) if i % 2 else (b, a)
         tasks = _shared_tasks(i, side, g, r, table, tile[t], threads)
@@ -228,14 +235,14 @@ def _passes(t, mail, done):
     while True:
         if t > 0:
             spins = 0
-            while _atomic_load(mail, 0) <= done and spins < IDLE:
+            while _atomic_load(mail, PASS) <= done and spins < IDLE:
                 _relax(spins)
                 spins += 1
-            number = _atomic_load(mail, 0)
+            number = _atomic_load(mail, PASS)
             if number <= done:
                 return done
-            threads = _atomic_load(mail, 1)
-            if _atomic_load(mail, 0) != number:
+            threads = _atomic_load(mail, THREADS)
+            if _atomic_load(mail, PASS) != number:
                 continue
             done = number
             if t >= threads:
@@ -273,14 +280,14 @@ class _Crew:
                 self.n += 1
                 threading.Thread(target=self._helper, args=(self.n,), name=f"dsconv-network-{self.n}",
                                  daemon=True).start()
-            number = self.mail[0] + 1
+            number = self.mail[PASS] + 1
             try:
                 with self.posted:
                     _post(self.mail, threads, *args)
                     self.posted.notify_all()
                 _passes(0, self.mail, 0)
             finally:  # the buffers are not free before every helper has finished, even on Ctrl-C
-                if self.mail[0] == number:  # (the helpers complete the pass: any thread takes any task)
+                if self.mail[PASS] == number:  # (the helpers complete the pass: any thread takes any task)
                     _join(self.mail)
 
     def _helper(self, t):
@@ -288,7 +295,7 @@ class _Crew:
         while True:
             done = _passes(t, self.mail, done)
             with self.posted:
-                while self.mail[0] <= done:
+                while self.mail[PASS] <= done:
                     self.posted.wait()
 
 

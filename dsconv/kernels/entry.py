@@ -5,7 +5,7 @@ makes an intrinsic that calls it from compiled code, arrays passed as
 pointer and sizes; and the pointer intrinsics the C functions make their
 views with (_address_of, _floats_at, _ints_at, _doubles_at).
 
-    _FLOATS, _INTS, _INT, _ENTRY   a C function's argument types, and its compile flags
+    FLAT, FLAT_INTS, PACKED, INT, c_signature, C_FLAGS   a C function's arguments, signature and compile flags
     _by_name, _call_entry          register a C function; call it by name
     _address_of                    &array[index]
     _floats_at, _ints_at, _doubles_at   an address (int64) -> a typed pointer
@@ -29,8 +29,25 @@ from numba.extending import intrinsic
 
 from .config import JIT
 
-_FLOATS, _INTS, _INT = types.CPointer(types.float32), types.CPointer(types.int64), types.int64
-_ENTRY = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
+# A C function called by name takes the arguments of its call (_call_*), each
+# array as its data pointer and its size(s), in this order; a C function's
+# comment names its call's arguments. Their kinds, for c_signature:
+FLAT = types.float32[::1]  # a flat float32 array: pointer, size
+FLAT_INTS = types.int64[::1]  # a flat int64 array: pointer, size
+PACKED = types.float32[:, :, ::1]  # packed weights (pack, pack_depthwise): pointer, first two sizes
+INT = types.int64
+C_FLAGS = dict(cache=JIT["cache"], error_model="numpy")  # no division by zero to check for, and nothing to raise
+
+
+def c_signature(*args):
+    """The signature of a C function called by name with arguments of these kinds (FLAT, PACKED, INT...)."""
+    flat = []
+    for ty in args:
+        if isinstance(ty, types.Array):
+            flat += [types.CPointer(ty.dtype)] + [types.int64] * (1 if ty.ndim == 1 else 2)
+        else:
+            flat.append(types.int64)
+    return types.void(*flat)
 
 
 def _by_name(name, function):

@@ -20,7 +20,8 @@ from numba.np.ufunc import parallel as _numba_threads
 from .config import SKEW, STACK, TILE
 from .conv import pack_depthwise
 from .crew import MAIL, _counters, _crew, _passes, _post
-from .fused import COUT, ENTRY, HEAD, STRIDE
+from .fused import (BLOCK_WORDS, BLOCKS, CIN, COUT, DW_BIAS, DW_BLOCKS, DW_KERNEL, HEAD, PW_BIAS, PW_KERNEL,
+                    PW_PANELS, STEM_BIAS, STEM_C, STEM_K, STEM_KERNEL, STEM_PANELS, STRIDE)
 from .product import pack
 
 
@@ -35,8 +36,8 @@ def pack_network(stem, blocks):
     block (depthwise kernel (3, 3, C), its bias (C,), pointwise kernel
     (C, Cout), its bias (Cout,), depthwise stride), in order. weights: every
     layer's packed kernel and bias in one float32 array, each starting
-    SKEW floats past a 64-byte boundary; table: where they lie (see
-    _stem_weights), int64.
+    SKEW floats past a 64-byte boundary; table: where they lie (its
+    layout: fused.py), int64.
     """
     kernel, bias = stem
     parts = [pack(np.ascontiguousarray(kernel, np.float32).reshape(27, -1)), np.ascontiguousarray(bias, np.float32)]
@@ -48,12 +49,18 @@ def pack_network(stem, blocks):
     weights = space[(-space.ctypes.data // 4) % 16 + SKEW:][:offsets[-1]]
     for p, o in zip(parts, offsets):
         weights[o:o + p.size] = p.ravel()
-    table = [len(blocks), offsets[0], *parts[0].shape[:2], offsets[1], parts[1].size]
+    table = np.zeros(HEAD + len(blocks) * BLOCK_WORDS, np.int64)
+    table[BLOCKS] = len(blocks)
+    table[STEM_KERNEL], (table[STEM_PANELS], table[STEM_K]) = offsets[0], parts[0].shape[:2]
+    table[STEM_BIAS], table[STEM_C] = offsets[1], parts[1].size
     for j, (*_, stride) in enumerate(blocks):
         kd, bd, wp, bp = parts[2 + 4 * j:6 + 4 * j]
         o = offsets[2 + 4 * j:6 + 4 * j]
-        table += [o[0], kd.shape[0], o[1], bd.size, o[2], wp.shape[0], o[3], bp.size, stride]
-    return Packed(weights, np.array(table, np.int64))
+        e = HEAD + j * BLOCK_WORDS
+        table[e + DW_KERNEL], table[e + DW_BLOCKS], table[e + DW_BIAS], table[e + CIN] = o[0], len(kd), o[1], bd.size
+        table[e + PW_KERNEL], table[e + PW_PANELS], table[e + PW_BIAS], table[e + COUT] = o[2], len(wp), o[3], bp.size
+        table[e + STRIDE] = stride
+    return Packed(weights, table)
 
 
 def network_buffers(packed, resolution, threads):
@@ -66,17 +73,17 @@ def network_buffers(packed, resolution, threads):
     for; shapes: of one image's input, pooled features and last maps.
     """
     table = packed.table
-    side, c = resolution // 2, table[5]
+    side, c = resolution // 2, table[STEM_C]
     largest, row = side * side * c, side * (27 + c)  # a row of the stem's patches and their outputs
-    for j in range(table[0]):
-        e = HEAD + j * ENTRY
+    for j in range(table[BLOCKS]):
+        e = HEAD + j * BLOCK_WORDS
         stride, cout = table[e + STRIDE], table[e + COUT]
         row = max(row, -(-side // stride) * c)
         side, c = -(-side // stride), cout
         largest = max(largest, side * side * c)
     stack = max(1, STACK // largest)
     return Buffers(stack, np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32),
-                   np.empty((threads, max(TILE, row)), np.float32), _counters(table[0], threads), table,
+                   np.empty((threads, max(TILE, row)), np.float32), _counters(table[BLOCKS], threads), table,
                    ((resolution, resolution, 3), (c,), (side, side, c)))
 
 

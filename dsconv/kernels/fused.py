@@ -9,19 +9,19 @@ allocates; crew.py shares the work between threads.
 
     _block_rows, _block_cols          one depthwise-separable block: a band of rows, or a range of channels
     _pool_flat, _sums                 global average pooling, summed in float64
-    HEAD, ENTRY, COUT, STRIDE         the table's layout
+    BLOCKS, STEM_*, HEAD, DW_*, CIN, PW_*, COUT, STRIDE, BLOCK_WORDS   the table's layout
     _stem_weights, _block_weights     a layer's packed weights: views of Packed.weights
     _by_channels, _shared_tasks, _out_side   how a shared layer is split, and its output's side
     _layer, _call_layer               a task of one layer, a C function called by name
     _stack                            the whole network on a stack of images, serially
 """
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, njit
 from numba.extending import intrinsic
 
 from .config import DW_LANES, FEW_PIXELS, GRAIN, JIT, NR, TASKS
 from .conv import _call_depthwise_row, _call_stem_rows, same_padding
-from .entry import _ENTRY, _FLOATS, _INT, _INTS, _address_of, _by_name, _call_entry, _doubles_at
+from .entry import C_FLAGS, FLAT, FLAT_INTS, INT, _address_of, _by_name, _call_entry, _doubles_at, c_signature
 from .product import gemm
 
 
@@ -78,31 +78,38 @@ def _sums(tile, c):
     return carray(_doubles_at(tile.ctypes.data), c)
 
 
-# Where the fused pass's weights lie in Packed.weights: Packed.table holds
-# the number of blocks, then the stem's kernel offset, panels and K, and
-# bias offset and size (HEAD words in all), then ENTRY words per block:
-# depthwise kernel offset and blocks of DW_LANES channels, bias offset and
-# size, pointwise kernel offset and panels, bias offset and size, stride.
-HEAD, ENTRY, COUT, STRIDE = 6, 9, 7, 8  # COUT, STRIDE: where in a block's entry
+# Where the fused pass's weights lie in Packed.weights: Packed.table (int64)
+# holds HEAD words, then BLOCK_WORDS words per block, at e = HEAD + j BLOCK_WORDS
+# for block j. Offsets are in floats from the start of Packed.weights.
+BLOCKS = 0  # the number of depthwise-separable blocks
+STEM_KERNEL, STEM_PANELS, STEM_K = 1, 2, 3  # the stem's packed kernel: offset, (panels, K = 27, NR)
+STEM_BIAS, STEM_C = 4, 5  # its bias: offset, size (the stem's output channels)
+HEAD = 6
+DW_KERNEL, DW_BLOCKS = 0, 1  # block e's packed depthwise kernel: table[e + DW_KERNEL], (blocks, 9, DW_LANES)
+DW_BIAS, CIN = 2, 3  # its bias: offset, size (the block's input channels)
+PW_KERNEL, PW_PANELS = 4, 5  # the packed pointwise kernel: offset, (panels, C, NR)
+PW_BIAS, COUT = 6, 7  # its bias: offset, size (the block's output channels)
+STRIDE = 8  # the depthwise layer's stride
+BLOCK_WORDS = 9
 
 
 @njit(inline="always", **JIT)
 def _stem_weights(weights, table):
     # the stem's packed kernel (panels, 27, NR) and its bias (C,): views of weights
-    return carray(_address_of(weights, table[1]), (table[2], table[3], NR)), carray(_address_of(weights, table[4]),
-                                                                                   table[5])
+    return (carray(_address_of(weights, table[STEM_KERNEL]), (table[STEM_PANELS], table[STEM_K], NR)),
+            carray(_address_of(weights, table[STEM_BIAS]), table[STEM_C]))
 
 
 @njit(inline="always", **JIT)
 def _block_weights(weights, table, j):
     # block j's packed depthwise kernel (blocks, 9, DW_LANES), its bias (C,),
     # packed pointwise kernel (panels, C, NR), its bias (Cout,), and its stride
-    e = HEAD + j * ENTRY
-    c = table[e + 3]
-    return (carray(_address_of(weights, table[e]), (table[e + 1], 9, DW_LANES)),
-            carray(_address_of(weights, table[e + 2]), c),
-            carray(_address_of(weights, table[e + 4]), (table[e + 5], c, NR)),
-            carray(_address_of(weights, table[e + 6]), table[e + COUT]), table[e + STRIDE])
+    e = HEAD + j * BLOCK_WORDS
+    c = table[e + CIN]
+    return (carray(_address_of(weights, table[e + DW_KERNEL]), (table[e + DW_BLOCKS], 9, DW_LANES)),
+            carray(_address_of(weights, table[e + DW_BIAS]), c),
+            carray(_address_of(weights, table[e + PW_KERNEL]), (table[e + PW_PANELS], c, NR)),
+            carray(_address_of(weights, table[e + PW_BIAS]), table[e + COUT]), table[e + STRIDE])
 
 
 @njit(inline="always", **JIT)
@@ -112,7 +119,7 @@ def _stack(x, g, r, weights, table, act0, act1, tile, pooled, maps):
     # maps (flat (g, s, s, F)) unless it is empty. Activations alternate
     # between the flat buffers act0 and act1.
     side, src, dst = r, act1, act0
-    for i in range(table[0] + 1):
+    for i in range(table[BLOCKS] + 1):
         _call_layer(i, np.int64(0), np.int64(1), src, side, g, r, weights, table, dst, tile, x)
         side, src, dst = _out_side(i, side, table), dst, src
     c = pooled.shape[1]
@@ -141,10 +148,10 @@ def _shared_tasks(i, side, g, r, table, tile, threads):
     # How many tasks layer i (0: the stem) of the g shared images is split into.
     if i == 0:
         units = g * -(-r // 2)
-        macs = units * -(-r // 2) * table[3] * table[2] * NR
+        macs = units * -(-r // 2) * table[STEM_K] * table[STEM_PANELS] * NR
     else:
-        e = HEAD + (i - 1) * ENTRY
-        out, panels, c = -(-side // table[e + STRIDE]), table[e + 5], table[e + 3]
+        e = HEAD + (i - 1) * BLOCK_WORDS
+        out, panels, c = -(-side // table[e + STRIDE]), table[e + PW_PANELS], table[e + CIN]
         macs = g * out * out * (9 + panels * NR) * c
         units = panels if _by_channels(g, out, c, tile) else g * out
     return max(1, min(units, TASKS * threads, macs // GRAIN))
@@ -153,11 +160,10 @@ def _shared_tasks(i, side, g, r, table, tile, threads):
 @njit(inline="always", **JIT)
 def _out_side(i, side, table):
     # the side of layer i's output maps (0: the stem), from its input's
-    return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * ENTRY + STRIDE])
+    return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * BLOCK_WORDS + STRIDE])
 
 
-@cfunc(types.void(_INT, _INT, _INT, _FLOATS, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INTS, _INT, _FLOATS, _INT,
-                  _FLOATS, _INT, _FLOATS, _INT), **_ENTRY)
+@cfunc(c_signature(INT, INT, INT, FLAT, INT, INT, INT, FLAT, FLAT_INTS, FLAT, FLAT, FLAT), **C_FLAGS)
 def _layer(i, task, tasks, psrc, nsrc, side, g, r, pw, nw, ptable, nt, pdst, nd, ptile, ntile, px, nx):
     # Task `task` of `tasks` of layer i (0: the stem, from x) on a stack of g
     # images, side x side pixels each, src -> dst (flat): a band of output

@@ -7,18 +7,19 @@ and the tiles the product is cut into, with PLAN, the cut of a product's
 last rows.
 
     pack                              w (K, N) -> panels (panels, K, NR)
-    _wide, _half, _third, _narrow, _halfv   the micro-kernel's five tiles (gemm_block)
-    THIRD, tile_plan, PLAN            the last rows' tiles: fewest rows computed, then fewest tiles
+    _tile_mr, _tile_short, _tile_half   the micro-kernel's tiles of MR, MR_SHORT, MR_HALF rows x NV vectors
+    _tile_tall_vector, _tile_tall_half_vector   2 MR rows x one vector, x half a vector
+    MR_SHORT, MR_HALF, tile_plan, PLAN   the last rows' tiles: fewest rows computed, then fewest tiles
     _block                            rows x one panel, tile by tile
     _product, _call_product           the product, a C function called by name
     gemm                              the product as the other kernels call it
 """
 import numpy as np
-from numba import carray, cfunc, njit, types
+from numba import carray, cfunc, njit
 from numba.extending import intrinsic
 
 from .config import JIT, LANES, MR, NR, NV, SMALL_B
-from .entry import _ENTRY, _FLOATS, _INT, _by_name, _call_entry
+from .entry import C_FLAGS, FLAT, INT, PACKED, _by_name, _call_entry, c_signature
 from .vector import gemm_block
 
 
@@ -36,24 +37,27 @@ def pack(w):
 
 
 
-_wide = gemm_block(MR, NV)  # MR x NV LANES
+# The micro-kernel's tiles, each named rows x columns:
+_tile_mr = gemm_block(MR, NV)  # MR x NV vectors of LANES: most of every product
 # For the last rows of a product (a tile costs its full height, whatever
-# rows it has): tiles of MR // 2 and MR - 2 rows (MR // 2 only below 5), so
-# that as few rows as can be are computed for nothing: on AVX2 (6, 4 and 3)
-# none from 3 rows up but 5; 49 rows, a 7 x 7 map, are 6 x 7 + 4 + 3, where
-# 6 x 8 + a tile of 3 for the last row took 4% longer. (AVX-512: 14, 12, 7.)
-_half = gemm_block(max(1, MR // 2), NV)
-THIRD = MR - 2 if MR >= 5 else MR // 2
-_third = gemm_block(THIRD, NV)
+# rows it has): tiles of MR_SHORT = MR - 2 rows (MR // 2 below 5) and of
+# MR_HALF = MR // 2, so that as few rows as can be are computed for nothing:
+# on AVX2 (6, 4 and 3) none from 3 rows up but 5; 49 rows, a 7 x 7 map, are
+# 6 x 7 + 4 + 3, where 6 x 8 + a tile of 3 for the last row took 4% longer.
+# (AVX-512: 14, 12, 7.)
+MR_SHORT = MR - 2 if MR >= 5 else MR // 2
+MR_HALF = max(1, MR // 2)
+_tile_short = gemm_block(MR_SHORT, NV)
+_tile_half = gemm_block(MR_HALF, NV)
 
 
-def tile_plan(mr, third):
-    """plan[R]: the height of the first tile for R rows, cut into tiles of mr, third and mr // 2 rows.
+def tile_plan(mr, short):
+    """plan[R]: the height of the first tile for R rows, cut into tiles of mr, short and mr // 2 rows.
 
     The fewest rows computed (the last tile may stick out), then the fewest
     tiles; R < 4 mr (the last block of a product, see _product).
     """
-    sizes = sorted({mr, third, max(1, mr // 2)}, reverse=True)
+    sizes = sorted({mr, short, max(1, mr // 2)}, reverse=True)
     best, plan = [(0, 0)], [0]
     for rows in range(1, 4 * mr):
         options = [((s, 1) if s >= rows else (s + best[rows - s][0], 1 + best[rows - s][1]), s) for s in sizes]
@@ -63,12 +67,13 @@ def tile_plan(mr, third):
     return np.array(plan, np.int64)
 
 
-PLAN = tile_plan(MR, THIRD)
-_narrow = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used (NV = 2)
+PLAN = tile_plan(MR, MR_SHORT)
+# Tall tiles for few columns:
+_tile_tall_vector = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at most LANES columns used (NV = 2)
 # 2 MR x LANES / 2, for a last vector of at most LANES / 2 columns (NV = 1): the
 # stem's 8 or 24 channels at alpha 0.25 or 0.75 take half the multiply-adds
 # and, at exactly 8, an unmasked store (AMD's masked stores are slow).
-_halfv = gemm_block(2 * MR, 1, LANES // 2)
+_tile_tall_half_vector = gemm_block(2 * MR, 1, LANES // 2)
 
 
 @njit(inline="always")
@@ -82,24 +87,23 @@ def _block(a, a0, lda, seg, gap, wp, b, y, y0, n, i0, i1, j0, n1):
         rows = i1 - r
         ar, yr = a0 + r * lda, y0 + r * n + j0
         if NV == 2 and cols <= LANES:
-            _narrow(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
+            _tile_tall_vector(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
             r += 2 * MR
         elif NV == 1 and cols <= LANES // 2:
-            _halfv(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
+            _tile_tall_half_vector(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(2 * MR, rows), cols)
             r += 2 * MR
         else:
             size = PLAN[rows]
             if size == MR:
-                _wide(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(MR, rows), cols)
-            elif size == THIRD:
-                _third(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(THIRD, rows), cols)
+                _tile_mr(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(MR, rows), cols)
+            elif size == MR_SHORT:
+                _tile_short(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(MR_SHORT, rows), cols)
             else:
-                _half(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(size, rows), cols)
+                _tile_half(a, ar, lda, seg, gap, wp, w0, NR, k, y, yr, n, b, j0, min(size, rows), cols)
             r += size
 
 
-@cfunc(types.void(_FLOATS, _INT, _INT, _INT, _INT, _INT, _INT, _FLOATS, _INT, _INT, _FLOATS, _INT, _FLOATS, _INT,
-                  _INT, _INT, _INT), **_ENTRY)
+@cfunc(c_signature(FLAT, INT, INT, INT, INT, INT, PACKED, FLAT, FLAT, INT, INT, INT), **C_FLAGS)
 def _product(pa, na, a0, lda, seg, gap, m, pw, panels, k, pb, n, py, ny, y0, n0, n1):
     # Columns [n0, n1) of m rows of y (from y[y0], N apart) = relu6(a @ w + b), row i of a from a[a0 + i lda]
     # as the micro-kernel takes it (seg, gap: see gemm_block); wp (panels, K, NR), b (N,). Called as
