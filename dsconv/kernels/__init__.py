@@ -13,7 +13,7 @@ The public API, where a reader starts:
                  network (whole images per thread, or one image shared by the threads layer
                  by layer); threads(), the thread count it runs on
 
-Below them, each file calling only those after it:
+Below them, each file importing only those after it:
 
     crew.py      the fused pass's threads: the caller's and helpers, claiming work by atomic counters
     fused.py     a layer of the fused pass, a stack of images through the network; the weights' table

@@ -22,6 +22,10 @@ from .product import _call_product
 from .vector import depthwise_row
 
 
+# ---------------------------------------------------------------------------
+# Padding and packing
+
+
 @njit(inline="always", **JIT)
 def same_padding(size, stride):
     """TensorFlow "SAME" for a 3x3 window: (output size, padding before).
@@ -45,6 +49,10 @@ def pack_depthwise(k):
 
 
 _depthwise_s1, _depthwise_s2 = depthwise_row(1), depthwise_row(2)
+
+
+# ---------------------------------------------------------------------------
+# The stem's rows
 
 
 @cfunc(c_signature(FLAT, INT, INT, PACKED, FLAT, INT, FLAT, INT, INT, FLAT), **C_FLAGS)
@@ -117,6 +125,10 @@ def stem_rows(x, h, w, k, b, stride, y, t0, t1, tile):
     (G, Ho, Wo, C), tile: room for the patches of the padding's pixels.
     """
     _call_stem_rows(x, h, w, k, b, stride, y, t0, t1, tile)
+
+
+# ---------------------------------------------------------------------------
+# A depthwise row
 
 
 @njit(inline="always", **JIT)

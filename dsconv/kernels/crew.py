@@ -28,6 +28,10 @@ from .fused import BLOCKS, _call_layer, _out_side, _pool_flat, _shared_tasks, _s
 from .vector import I32, I64
 
 
+# ---------------------------------------------------------------------------
+# Counters and atomics
+
+
 # Counters the threads of the fused pass share: a task is claimed by adding 1
 # to a claim counter (the old value is the task's number) or to the task's
 # own flag (0: it is ours), and counted done by adding 1 to a done counter.
@@ -99,6 +103,10 @@ def _wait(counters, index, target):
 
 
 
+# ---------------------------------------------------------------------------
+# A pass posted in a mail array
+
+
 # A pass as the threads take it: mail[PASS] is its number, counted up by
 # _post after it wrote the pass's thread count and sizes and its arrays'
 # addresses in the words after. Every thread, the caller's included, makes
@@ -143,6 +151,10 @@ def _join(mail):
     # still read the buffers after the last task is done.
     counters = _pass_counters(mail)
     _wait(counters, counters.size - 1, mail[THREADS] - 1)
+
+
+# ---------------------------------------------------------------------------
+# A thread's part of a pass, and its loop over passes
 
 
 @cfunc(c_signature(INT, FLAT_INTS), **C_FLAGS)
@@ -252,6 +264,10 @@ def _passes(t, mail, done):
             return done
         counters = _pass_counters(mail)
         _atomic_add(counters, counters.size - 1, 1)  # this helper's part is finished (_join)
+
+
+# ---------------------------------------------------------------------------
+# The helper threads
 
 
 class _Crew:

@@ -29,6 +29,10 @@ from numba.extending import intrinsic
 
 from .config import JIT
 
+# ---------------------------------------------------------------------------
+# C functions called by name
+
+
 # A C function called by name takes the arguments of its call (_call_*), each
 # array as its data pointer and its size(s), in this order; a C function's
 # comment names its call's arguments. Their kinds, for c_signature:
@@ -81,6 +85,10 @@ def _call_entry(name, args):
         return context.get_dummy_value()
 
     return types.void(*args), codegen
+
+
+# ---------------------------------------------------------------------------
+# Pointers
 
 
 @intrinsic

@@ -25,6 +25,10 @@ from .fused import (BLOCK_WORDS, BLOCKS, CIN, COUT, DW_BIAS, DW_BLOCKS, DW_KERNE
 from .product import pack
 
 
+# ---------------------------------------------------------------------------
+# Packed weights and buffers
+
+
 Packed = namedtuple("Packed", "weights table")
 Buffers = namedtuple("Buffers", "stack act tile counters table shapes")
 
@@ -85,6 +89,10 @@ def network_buffers(packed, resolution, threads):
     return Buffers(stack, np.empty((threads, 2, largest * max(stack, threads - 1)), np.float32),
                    np.empty((threads, max(TILE, row)), np.float32), _counters(table[BLOCKS], threads), table,
                    ((resolution, resolution, 3), (c,), (side, side, c)))
+
+
+# ---------------------------------------------------------------------------
+# A pass
 
 
 def network(x, packed, buffers, pooled, maps=None):

@@ -25,6 +25,10 @@ from .entry import C_FLAGS, FLAT, FLAT_INTS, INT, _address_of, _by_name, _call_e
 from .product import gemm
 
 
+# ---------------------------------------------------------------------------
+# One depthwise-separable block, and the pooling
+
+
 @njit(inline="always", **JIT)
 def _block_rows(x, h, w, kd, bd, wp, bp, stride, y, t0, t1, tile):
     # One depthwise-separable block on output rows [t0, t1) of a stack of
@@ -78,6 +82,10 @@ def _sums(tile, c):
     return carray(_doubles_at(tile.ctypes.data), c)
 
 
+# ---------------------------------------------------------------------------
+# The weights' table
+
+
 # Where the fused pass's weights lie in Packed.weights: Packed.table (int64)
 # holds HEAD words, then BLOCK_WORDS words per block, at e = HEAD + j BLOCK_WORDS
 # for block j. Offsets are in floats from the start of Packed.weights.
@@ -110,6 +118,10 @@ def _block_weights(weights, table, j):
             carray(_address_of(weights, table[e + DW_BIAS]), c),
             carray(_address_of(weights, table[e + PW_KERNEL]), (table[e + PW_PANELS], c, NR)),
             carray(_address_of(weights, table[e + PW_BIAS]), table[e + COUT]), table[e + STRIDE])
+
+
+# ---------------------------------------------------------------------------
+# A stack of images through the network; how a shared layer is split
 
 
 @njit(inline="always", **JIT)
@@ -161,6 +173,10 @@ def _shared_tasks(i, side, g, r, table, tile, threads):
 def _out_side(i, side, table):
     # the side of layer i's output maps (0: the stem), from its input's
     return -(-side // 2) if i == 0 else -(-side // table[HEAD + (i - 1) * BLOCK_WORDS + STRIDE])
+
+
+# ---------------------------------------------------------------------------
+# A task of one layer, called by name
 
 
 @cfunc(c_signature(INT, INT, INT, FLAT, INT, INT, INT, FLAT, FLAT_INTS, FLAT, FLAT, FLAT), **C_FLAGS)

@@ -20,6 +20,10 @@ from .fused import _pool_flat
 from .product import gemm, pack
 
 
+# ---------------------------------------------------------------------------
+# The public kernels: check, allocate, call
+
+
 def stem(x, k, b, stride=2):
     """3x3 convolution, 3 -> C channels, SAME padding, + bias + ReLU6.
 
@@ -100,6 +104,10 @@ def softmax(z):
     p = np.empty_like(z)
     _softmax(z, p)
     return p
+
+
+# ---------------------------------------------------------------------------
+# Their compiled bodies
 
 
 def _check(x, name, ndim):

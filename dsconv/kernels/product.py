@@ -23,6 +23,10 @@ from .entry import C_FLAGS, FLAT, INT, PACKED, _by_name, _call_entry, c_signatur
 from .vector import gemm_block
 
 
+# ---------------------------------------------------------------------------
+# Packed weights
+
+
 def pack(w):
     """w (K, N) -> (panels, K, NR) float32: columns [p NR, (p + 1) NR) of w in panel p, zero-padded.
 
@@ -35,6 +39,10 @@ def pack(w):
     padded[:, :n] = w
     return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
 
+
+
+# ---------------------------------------------------------------------------
+# The tiles, and the cut of the last rows
 
 
 # The micro-kernel's tiles, each named rows x columns:
@@ -74,6 +82,10 @@ _tile_tall_vector = gemm_block(2 * MR, 1)  # 2 MR x LANES, for panels with at mo
 # stem's 8 or 24 channels at alpha 0.25 or 0.75 take half the multiply-adds
 # and, at exactly 8, an unmasked store (AMD's masked stores are slow).
 _tile_tall_half_vector = gemm_block(2 * MR, 1, LANES // 2)
+
+
+# ---------------------------------------------------------------------------
+# The product
 
 
 @njit(inline="always")

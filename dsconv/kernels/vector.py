@@ -30,6 +30,10 @@ from .config import DW_LANES, LANES
 F32, I1, I32, I64 = ir.FloatType(), ir.IntType(1), ir.IntType(32), ir.IntType(64)
 
 
+# ---------------------------------------------------------------------------
+# LLVM helpers
+
+
 class _IR:
     """The LLVM helpers both micro-kernels use, bound to one builder, on vectors of `lanes` floats."""
 
@@ -110,6 +114,10 @@ class _IR:
         return out
 
 
+# ---------------------------------------------------------------------------
+# The matrix product's micro-kernel
+
+
 def gemm_block(mr, nv, lanes=LANES):
     """The intrinsic for an mr x (nv lanes) block of y = relu6(a @ w + b).
 
@@ -167,6 +175,10 @@ def gemm_block(mr, nv, lanes=LANES):
         return types.void(a, a0, lda, seg, gap, w, w0, ldw, k, y, y0, ldy, b, b0, rows, cols), codegen
 
     return kernel
+
+
+# ---------------------------------------------------------------------------
+# One output row of the depthwise convolution
 
 
 def depthwise_row(stride):
