@@ -38,7 +38,6 @@ def same_padding(size, stride):
     return out, total // 2
 
 
-
 def pack_depthwise(k):
     """k (3, 3, C) -> (blocks, 9, DW_LANES) float32: block b holds the nine taps of channels b DW_LANES onwards."""
     c = k.shape[2]

@@ -100,9 +100,6 @@ def _wait(counters, index, target):
         spins += 1
 
 
-
-
-
 # ---------------------------------------------------------------------------
 # A pass posted in a mail array
 

@@ -155,7 +155,6 @@ def _pointwise(x, w, b, y, threads):
              min(cout, NR * (panels * (j + 1) // groups)))
 
 
-
 @njit(parallel=True, **JIT)
 def _global_avg_pool(x, y, sums):
     # x (N, H, W, C), y (N, C): the fused pass's pooling, image by image, summing in sums (N, C) float64

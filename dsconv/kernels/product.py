@@ -40,7 +40,6 @@ def pack(w):
     return np.ascontiguousarray(padded.reshape(k, panels, NR).transpose(1, 0, 2))
 
 
-
 # ---------------------------------------------------------------------------
 # The tiles, and the cut of the last rows
 
