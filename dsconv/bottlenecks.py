@@ -58,8 +58,12 @@ def default_cache_dir():
     return files.default_dir("DSCONV_CACHE", "cache", Path(".cache", "dsconv"))
 
 
-def attrs(net, kind, tta="none"):
-    """The attributes that decide a bottleneck, besides the image; every cache file carries them."""
+def attrs(net, kind, tta="none", form=None, blur=0.0):
+    """The attributes that decide a bottleneck, besides the image; every cache file carries them.
+
+    ``form``: a dsconv.forms.Form applied to each image file first, or None;
+    ``blur``: see dsconv.images.resized.
+    """
     if kind not in KINDS:
         raise DsconvError(f"bottleneck must be one of {KINDS}, got {kind!r}")
     if tta not in TTAS:
@@ -68,9 +72,11 @@ def attrs(net, kind, tta="none"):
         raise DsconvError("the logits bottleneck needs the network with its ImageNet head "
                          "(dsconv.weights.load(..., head=True))")
     a = {"alpha": float(net.alpha), "resolution": int(net.resolution), "kind": kind,
-         "tensors_sha256": net.tensors_sha256(head=kind == "logits"), "preprocessing": images.PREPROCESSING}
+         "tensors_sha256": net.tensors_sha256(head=kind == "logits"), "preprocessing": images.preprocessing(blur)}
     if tta != "none":  # absent for plain bottlenecks, so that their caches keep their names
         a["tta"] = tta
+    if form is not None:
+        a["form"] = form.description
     return a
 
 
@@ -78,7 +84,8 @@ def folder(cache_dir, a):
     """The cache folder of the bottlenecks with attrs ``a``."""
     prep = hashlib.sha256(a["preprocessing"].encode()).hexdigest()[:8]
     tta = f"-{a['tta']}" if "tta" in a else ""
-    return Path(cache_dir) / (f"mobilenet-{a['alpha']:g}-{a['resolution']}-{a['kind']}{tta}-"
+    form = f"-form-{hashlib.sha256(a['form'].encode()).hexdigest()[:8]}" if "form" in a else ""
+    return Path(cache_dir) / (f"mobilenet-{a['alpha']:g}-{a['resolution']}-{a['kind']}{tta}{form}-"
                               f"{a['tensors_sha256'][:16]}-{prep}")
 
 
@@ -246,14 +253,16 @@ class Progress:
         self.stream.flush()
 
 
-def _decode(path, sizes):
+def _decode(path, sizes, key=None, form=None, blur=0.0):
     """({size: network input (r, r, 3) float32} or None, error message or None) of one file.
 
     Scaled here, in the decoding threads, so that the thread running the
-    network only stacks the batch.
+    network only stacks the batch. ``form``: applied to the file's bytes
+    (content ``key``) first.
     """
     try:
-        return {r: images.scale(px) for r, px in images.decode_sizes(path, sizes).items()}, None
+        source = path if form is None else form.apply(images.read_bytes(path), key)
+        return {r: images.scale(px) for r, px in images.decode_sizes(source, sizes, path, blur).items()}, None
     except images.ImageError as e:
         return None, str(e)
 
@@ -272,20 +281,23 @@ def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=WORK
     return feats[kind], failed
 
 
-def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=WORKERS, progress=True, tta="none"):
+def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=WORKERS, progress=True, tta="none", form=None,
+                     blur=0.0):
     """As extract, the bottlenecks of several networks concatenated in the order of ``nets``.
 
     Each image is decoded once for all of them (extract_nets); a path that
     fails has no row.
     """
-    feats, failed = extract_nets(paths, nets, (kind,), cache_dir, workers=workers, progress=progress, tta=tta)
+    feats, failed = extract_nets(paths, nets, (kind,), cache_dir, workers=workers, progress=progress, tta=tta,
+                                 form=form, blur=blur)
     return np.concatenate([f[kind] for f in feats], axis=1), failed
 
 
-def extract_dataset(ds, nets, kinds=KINDS, cache_dir=None, workers=WORKERS, progress=True, tta="none", seconds=None):
+def extract_dataset(ds, nets, kinds=KINDS, cache_dir=None, workers=WORKERS, progress=True, tta="none", seconds=None,
+                    form=None, blur=0.0):
     """As extract_nets for a data.Dataset: (the Dataset of its readable images, [{kind: features} per net], failed)."""
     feats, failed = extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, progress=progress, tta=tta,
-                                 seconds=seconds)
+                                 seconds=seconds, form=form, blur=blur)
     return ds.subset(np.array([p not in failed for p in ds.paths], bool)), feats, failed
 
 
@@ -300,15 +312,17 @@ def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
 
 
 def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none",
-                 seconds=None):
+                 seconds=None, form=None, blur=0.0):
     """As extract_kinds, for several networks (an alpha at several resolutions) decoding each image once.
 
     Returns ([{kind: features} per net], failed). An image missing from any
     cache goes through every network; ``seconds``, a list with one number
-    per net, accumulates each network's forward time.
+    per net, accumulates each network's forward time. ``form``: a
+    dsconv.forms.Form applied to every file first, cached as its own variant;
+    ``blur``: see dsconv.images.resized.
     """
     kinds = tuple(dict.fromkeys(kinds))
-    per_net = [{kind: attrs(net, kind, tta) for kind in kinds} for net in nets]
+    per_net = [{kind: attrs(net, kind, tta, form, blur) for kind in kinds} for net in nets]
     sizes = [{kind: net.pooled_width if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
               for kind in kinds} for net in nets]
     paths = [Path(p) for p in paths]
@@ -332,8 +346,9 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
         if todo:
             label = "+".join(f"{net.alpha:g}-{net.resolution}" for net in nets)
             _run(todo, nets, tta, caches, computed, failed, pool, batch,
-                 Progress(len(todo), f"bottlenecks {label} {'+'.join(kinds)}" + (f" {tta}" if tta != "none" else ""))
-                 if progress else None, seconds if seconds is not None else [0.0] * len(nets))
+                 Progress(len(todo), f"bottlenecks {label} {'+'.join(kinds)}" + (f" {tta}" if tta != "none" else "")
+                          + (f" {form.name}" if form else "")) if progress else None,
+                 seconds if seconds is not None else [0.0] * len(nets), form, blur)
         for c in caches:
             for cache in c.values():
                 if cache.parts:
@@ -356,13 +371,13 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
     return out, failed
 
 
-def _run(todo, nets, tta, caches, computed, failed, pool, batch, bar, seconds):
+def _run(todo, nets, tta, caches, computed, failed, pool, batch, bar, seconds, form=None, blur=0.0):
     """Forward (key, path) pairs in batches through every net, decoding the next batch while this one runs."""
     batches = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     resolutions = [net.resolution for net in nets]
 
     def submit(chunk):
-        return [pool.submit(_decode, p, resolutions) for _, p in chunk]
+        return [pool.submit(_decode, p, resolutions, k, form, blur) for k, p in chunk]
 
     ahead = submit(batches[0])
     done = 0

@@ -28,8 +28,8 @@ import json
 import time
 from pathlib import Path
 
-from dsconv import (DsconvError, HelpFormatter, classifier, data, fail, files, images, interrupted, metrics, repeats,
-                    report)
+from dsconv import (DsconvError, HelpFormatter, classifier, data, fail, files, forms, images, interrupted, metrics,
+                    repeats, report)
 from dsconv.model import load_model
 
 
@@ -102,6 +102,12 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
         head.info["borderline"] = repeats.borderline(
             lambda yy, ss: metrics.choose_threshold(yy, ss, rule_name, target_sensitivity)[0], rule, y, s, kept,
             head.threshold)
+        record["by_form"] = repeats.by_form(kept, y, s, head.threshold)
+    if val is not None or site_paths is not None:  # the forms its threshold and statistics now come from
+        site = forms.summary([forms.describe(p) for p in (val.paths if val is not None else site_paths)])
+        old = head.info.get("forms") or {}
+        head.info["forms"] = forms.contract((old.get("summaries") or {}).get("training"), site, site,
+                                            old.get("draws", 0), old.get("invariance", 0), old.get("input", ""))
     return record
 
 
@@ -136,9 +142,12 @@ def main(argv=None):
           + (f" ({rec['threshold_rule']})" if val else " (unchanged: no --val-dir)"))
     if val:
         e = rec["on_threshold_dir"]
-        print(f"on {args.val_dir} (optimistic: the threshold was chosen there): accuracy {report.pct(e['accuracy'])}%, "
-              f"sensitivity {report.pct(e['sensitivity'])}%, specificity {report.pct(e['specificity'])}%, "
-              f"AUC {e['auc']:.3f}")
+        print(f"on {args.val_dir} [{model.head.info['forms']['site']}] (optimistic: the threshold was chosen there): "
+              f"accuracy {report.pct(e['accuracy'])}%, sensitivity {report.pct(e['sensitivity'])}%, "
+              f"specificity {report.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
+        for kind, f in (rec["by_form"] or {}).items():
+            print(f"    of which {f['images']} {kind}: accuracy {report.pct(f['accuracy'])}%, sensitivity "
+                  f"{report.pct(f['sensitivity'])}%, specificity {report.pct(f['specificity'])}%, AUC {f['auc']:.3f}")
     print(f"wrote {out}")
 
 

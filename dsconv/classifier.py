@@ -11,10 +11,16 @@ mean softmax cross-entropy L = -1/B sum_i log p_i[y_i]:
     W <- W - lr * (z^T G + wd * W)
     b <- b - lr * sum_i G_i
 
-lr = 0.01, 4000 steps, no momentum. Options beyond retrain.py, both off by
+lr = 0.01, 4000 steps, no momentum. Options beyond retrain.py, all off by
 default: feature standardisation (mu, sigma: the training rows' mean and
-standard deviation, stored with the model; off means mu = 0, sigma = 1) and
-L2 weight decay wd (the gradient of wd/2 |W|^2; off means wd = 0).
+standard deviation, stored with the model; off means mu = 0, sigma = 1), L2
+weight decay wd (the gradient of wd/2 |W|^2; off means wd = 0), and form
+invariance K: given differences d between the (standardised) bottlenecks
+of two forms of one image (dsconv.forms), U (D, K) holds the K leading
+eigenvectors of S = mean d d^T, the steps above run on z A with the
+projection A = I - U U^T, and the model keeps W = A W'. The decision then
+ignores the K directions along which the form an X-ray comes in moves its
+bottleneck most (off: A = I).
 
 Site adaptation (dsconv.calibrate): the training rows' mean m and standard
 deviation s are stored with every model; a model adapted to a site also
@@ -296,9 +302,19 @@ def load(path):
     return model
 
 
+def invariant_basis(nuisance, std, invariance):
+    """A = I - U U^T (D, D) of the module docstring, or None when there is nothing to be invariant to."""
+    if nuisance is None or not invariance or not len(nuisance):
+        return None
+    d = np.asarray(nuisance, np.float64) / (1.0 if std is None else std)
+    _, v = np.linalg.eigh(d.T @ d / len(d))  # eigenvalues ascending
+    u = v[:, -min(int(invariance), d.shape[1]):]
+    return np.eye(d.shape[1]) - u @ u.T
+
+
 def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH,
           sampling="balanced", eval_every=EVAL_EVERY, standardize=False, weight_decay=0.0, seed=0,
-          snapshots=()):
+          snapshots=(), nuisance=None, invariance=0):
     """Train the head on bottlenecks x (N, D), labels y; returns (Classifier, curves).
 
     curves: dict of lists ``step``, ``train_loss``, ``train_accuracy``,
@@ -306,7 +322,9 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
     ``snapshots``: step counts at which to keep a copy of the model, returned
     as curves["snapshots"] = {step: Classifier}; since the random draws of a
     step do not depend on ``steps``, each copy is bitwise the model that a
-    run of that many steps gives.
+    run of that many steps gives. ``nuisance`` (M, D): differences between
+    the raw bottlenecks of two forms of one image, and ``invariance`` (K):
+    see the module docstring.
     """
     from dsconv import kernels
     x = np.asarray(x)
@@ -325,6 +343,10 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         x = model.prepare(x)
     xv = model.prepare(x_val) if x_val is not None and len(x_val) else np.zeros((0, x.shape[1]))
     yv = np.asarray(y_val if xv.shape[0] else [], np.int64)
+    a = invariant_basis(nuisance, model.std if standardize else None, invariance)
+    if a is not None:
+        x, xv = x @ a, xv @ a
+    unfold = (lambda w: w) if a is None else (lambda w: a @ w)  # W = A W'
     idx = batches(y, steps, batch, sampling, rng)
     curves = {k: [] for k in ("step", "train_loss", "train_accuracy", "val_loss", "val_accuracy")}
     keep = set(snapshots)
@@ -340,7 +362,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
         done = stop
         w = wt.T
         if stop in keep:
-            curves["snapshots"][stop] = Classifier(w.copy(), b.copy(), list(classes), model.mean, model.std,
+            curves["snapshots"][stop] = Classifier(unfold(w.copy()), b.copy(), list(classes), model.mean, model.std,
                                                    train_mean=model.train_mean, train_std=model.train_std)
         if stop % eval_every == 0 or stop == steps:
             xb, yb = x[idx[stop - 1]], y[idx[stop - 1]]
@@ -349,7 +371,7 @@ def train(x, y, classes, x_val=None, y_val=None, lr=LR, steps=STEPS, batch=BATCH
             for k, v in zip(("train_loss", "train_accuracy", "val_loss", "val_accuracy"),
                             loss_accuracy(p_train, yb) + loss_accuracy(p_val, yv)):
                 curves[k].append(v)
-    model.weights = wt.T.copy()
+    model.weights = unfold(wt.T.copy())
     if not (np.all(np.isfinite(model.weights)) and np.all(np.isfinite(b))):
         raise DsconvError(f"training diverged (non-finite weights) at learning rate {lr:g}; use a "
                          "lower --lr")

@@ -126,3 +126,47 @@ def _window(x, ds):
 def _to_8bit(values, lo, hi):
     scaled = (values - lo) * (255.0 / max(float(hi) - float(lo), 1e-12))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def write_bytes(stored, photometric="MONOCHROME2", window="full", rescale=None, deflated=False, tags=None):
+    """A DICOM file's bytes holding grey stored values (H, W) uint8 or uint16.
+
+    ``window``: (centre, width), "full" for the stored values' whole range, or
+    None for none; ``rescale``: (slope, intercept); ``deflated``: the data set
+    zlib-compressed (Deflated Explicit VR Little Endian); ``tags``: {DICOM
+    keyword: value}, such as PatientID. The instance's UID comes from the
+    pixels: the same image gives the same file (and so hits the bottleneck
+    cache).
+    """
+    import hashlib
+    import io
+
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
+                             generate_uid)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[hashlib.sha256(stored.tobytes()).hexdigest()])
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
+    ds = FileDataset("image.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    bits = stored.dtype.itemsize * 8
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    if window:
+        ds.WindowCenter, ds.WindowWidth = (2 ** (bits - 1), 2 ** bits) if window == "full" else window
+    if rescale:
+        ds.RescaleSlope, ds.RescaleIntercept = rescale
+    for keyword, value in (tags or {}).items():
+        setattr(ds, keyword, value)
+    ds.PixelData = np.ascontiguousarray(stored).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -15,13 +15,18 @@ pydicom (dsconv.dicom) and then take the same path.
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 
 from dsconv import DsconvError
 
 # Recorded in bottleneck caches and model files: change it when the
 # preprocessing changes, so that old bottlenecks are not reused.
 PREPROCESSING = "pillow-rgb, jpeg-draft>=r, bilinear-resize-r-x-r (no crop), x/127.5-1"
+
+
+def preprocessing(blur=0.0):
+    """PREPROCESSING, with the Gaussian blur after the resize when there is one."""
+    return PREPROCESSING if not blur else PREPROCESSING.replace(", x/", f", gaussian-blur-{blur:g}px, x/")
 SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
@@ -32,6 +37,11 @@ class ImageError(DsconvError):
 def _dicom_name(source):
     """A path named .dcm or .dicom: read as DICOM without asking Pillow."""
     return not isinstance(source, bytes) and str(source).lower().endswith((".dcm", ".dicom"))
+
+
+def read_bytes(path):
+    """The bytes of an image file; ImageError naming it if it cannot be read."""
+    return _read(path, path)
 
 
 def _read(source, name):
@@ -85,18 +95,26 @@ def open_image(source, size=None, name=None):
         raise ImageError(f"{name}: cannot be read as an image ({e})") from None
 
 
-def decode(source, size, name=None):
-    """An image file (path or bytes) as (size, size, 3) uint8 RGB."""
-    return _resized(open_image(source, size, name), size)
+def decode(source, size, name=None, blur=0.0):
+    """An image file (path or bytes) as (size, size, 3) uint8 RGB; ``blur``: see resized."""
+    return resized(open_image(source, size, name), size, blur)
 
 
-def _resized(im, size):
-    """Resized, then copied to RGB: Pillow resizes each channel alike, so a grey image is resized once, not thrice."""
+def resized(im, size, blur=0.0):
+    """Resized, blurred, then copied to RGB: Pillow resizes each channel alike, so a grey image is resized once.
+
+    ``blur``: the standard deviation, in pixels of the r x r image, of a
+    Gaussian blur after the resize (Pillow's GaussianBlur). It smooths away
+    what differs most between forms of one X-ray (JPEG blocks and ringing,
+    the resampling filter) and keeps what the diagnosis rests on: opacities
+    many pixels wide (dsconv.forms; docs/forms.md).
+    """
     im = im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+    im = im.filter(ImageFilter.GaussianBlur(blur)) if blur else im
     return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
-def decode_sizes(source, sizes, name=None):
+def decode_sizes(source, sizes, name=None, blur=0.0):
     """{size: decode(source, size)} for several sizes: the file read once, decoded once where that gives the same pixels.
 
     Pillow's JPEG draft decodes at a reduced scale only for images at least
@@ -108,9 +126,9 @@ def decode_sizes(source, sizes, name=None):
     if not _dicom_name(source):
         source = _read(source, name)
     if _header_side(source) >= 2 * sizes[0]:
-        return {r: decode(source, r, name) for r in sizes}
+        return {r: decode(source, r, name, blur) for r in sizes}
     im = open_image(source, None, name)
-    return {r: _resized(im, r) for r in sizes}
+    return {r: resized(im, r, blur) for r in sizes}
 
 
 def _header_side(source):

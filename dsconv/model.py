@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, images, weights, xraycheck
+from dsconv import bottlenecks, cam, classifier, forms, images, weights, xraycheck
 
 
 class Model:
@@ -37,6 +37,7 @@ class Model:
             raise classifier.ModelError(f"{path}: the model file does not record {e}; train it again "
                                         "with `python -m dsconv.train`") from None
         self.tta = info.get("tta", "none")
+        self.blur = float(info.get("blur", 0.0))
         if self.tta not in bottlenecks.TTAS:
             raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
                                         f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
@@ -48,21 +49,24 @@ class Model:
         self.threshold = self.head.threshold if threshold is None else float(threshold)
         self.cache_dir = cache_dir
         self.xray_check = xraycheck.from_head(self.head)  # None: a model file from before the check
-        if info.get("preprocessing") not in (None, images.PREPROCESSING):
+        if info.get("preprocessing") not in (None, images.preprocessing(self.blur)):
             print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
-                  f"this version does {images.PREPROCESSING!r}", file=sys.stderr)
+                  f"this version does {images.preprocessing(self.blur)!r}", file=sys.stderr)
 
     @property
     def variant(self):
         return variant_name(self.head.info)
 
-    def bottlenecks(self, paths, progress=False):
-        """(features (N, D) of the readable paths, {path: reason} of the others); cached."""
+    def bottlenecks(self, paths, progress=False, form=None):
+        """(features (N, D) of the readable paths, {path: reason} of the others); cached.
+
+        ``form``: a dsconv.forms.Form applied to each file first (its own cache variant).
+        """
         return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
-                                         progress=progress, tta=self.tta)
+                                         progress=progress, tta=self.tta, form=form, blur=self.blur)
 
     def _pixels_bottlenecks(self, arrays):
-        x = np.stack([_prepare(a, self.resolution) for a in arrays])
+        x = np.stack([_prepare(a, self.resolution, self.blur) for a in arrays])
         out = []
         for net in self.nets:
             pooled, logits = bottlenecks.forward(net, x, self.tta)
@@ -116,6 +120,16 @@ class Model:
             pixels = _pixel_warnings(source)
             out.append(xraycheck.join(pixels) if pixels or far is None else self.xray_check.warning(far[i]))
         return out
+
+    def form_warning(self, source):
+        """"" or why an image file (path or bytes) lies outside the forms the model was trained and calibrated on.
+
+        dsconv.forms.caution against the model file's record (info["forms"]);
+        the decision stands. Arrays and models that record no forms: "".
+        """
+        if isinstance(source, np.ndarray) or not self.head.info.get("forms"):
+            return ""
+        return forms.caution(forms.describe(source), self.head.info["forms"])
 
     def predict(self, images_):
         """Class names: the positive class where its probability reaches the threshold."""
@@ -185,7 +199,7 @@ class Model:
         """
         with ThreadPoolExecutor(1) as pool:  # the X-ray at its size decoded beside the network's input and pass
             decoding = pool.submit(images.open_image, source, size)
-            x = images.scale(images.decode(source, self.resolution))
+            x = images.scale(images.decode(source, self.resolution, blur=self.blur))
             w, _ = cam.contrast(*self.linear(), self.head.positive)
             feats, m = self._one_pass(x, w)
             original = decoding.result()
@@ -243,11 +257,11 @@ def _network(part, resolution, bottleneck):
     return net
 
 
-def _prepare(a, size):
+def _prepare(a, size, blur=0.0):
     if a.dtype == np.uint8:
         from PIL import Image
         im = Image.fromarray(a if a.ndim == 2 or a.shape[2] == 3 else a[..., :3])
-        return images.scale(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)))
+        return images.scale(images.resized(im.convert("RGB"), size, blur))
     if a.shape != (size, size, 3):
         raise ValueError(f"a float image must be ({size}, {size}, 3) scaled to [-1, 1], got {a.shape}")
     return a.astype(np.float32)

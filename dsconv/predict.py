@@ -10,7 +10,9 @@ frontal chest X-ray (dsconv.xraycheck: a photo, a document, noise, another
 kind of scan) gets a warning instead of a decision: its row keeps the
 probability, its decision is empty and its `warning` says why (warnings of
 several checks are joined by "; "); the exit status does not change for
-it. An unreadable image is reported on its
+it. An image in a form the model was neither trained nor calibrated on (a
+DICOM file, an original for a model of 224 copies, a JPEG quality below any
+it saw: dsconv.forms) keeps its decision and gets a `form_warning`. An unreadable image is reported on its
 own row and the rest go on; the exit status is 1 if any image failed, 2 if
 nothing could be done (a missing or damaged model file, no images), 3 if the
 output could not be written (dsconv's table of exit statuses). Ctrl-C
@@ -132,7 +134,7 @@ def rows_for(model, paths, heatmap_dir=None, progress=True):
 
 def _row(model, path, error=None):
     return {"path": str(path), "probability": None, "decision": None, "threshold": model.threshold,
-            "variant": model.variant, "warning": "", "error": error}
+            "variant": model.variant, "warning": "", "form_warning": "", "error": error}
 
 
 def _rows(model, paths):
@@ -149,8 +151,9 @@ def _rows(model, paths):
 
 
 def _decided(model, row, p, warning):
-    """The row with its probability, and its decision unless there is a warning."""
+    """The row with its probability, and its decision unless there is a warning; a form warning leaves it."""
     row["probability"], row["warning"] = float(p[model.head.positive]), warning
+    row["form_warning"] = model.form_warning(row["path"])
     row["decision"] = None if warning else model.decide(p)
     return row
 
@@ -227,7 +230,7 @@ def stamp(rows, model, when=None):
 def render(rows, fmt, positive):
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
-    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "error"] + \
+    keys = ["path", "probability", "decision", "threshold", "variant", "warning", "form_warning", "error"] + \
         (["heatmap"] if any("heatmap" in r for r in rows) else [])
     keys += [k for k in RECORD if any(k in r for r in rows)]
     if fmt == "csv":
@@ -246,6 +249,7 @@ def render(rows, fmt, positive):
             lines.append(f"{r['path']:{width}s}  {r['probability']:{len(positive) + 3}.3f}  "
                          f"{r['decision'] or 'none':10s}  {r['variant']}"
                          + (f"  warning: {r['warning']}" if r["warning"] else "")
+                         + (f"  caution: {r['form_warning']}" if r.get("form_warning") else "")
                          + (f"  error: {r['error']}" if r["error"] else ""))
     return "\n".join(lines) + "\n"
 
@@ -318,6 +322,10 @@ def main(argv=None):
     warned = sum(bool(r["warning"]) for r in rows)
     if warned:
         print(f"{warned} of {len(rows)} images got a warning instead of a decision", file=sys.stderr)
+    cautioned = sum(bool(r.get("form_warning")) for r in rows)
+    if cautioned:
+        print(f"{cautioned} of {len(rows)} images come in a form the model was not trained or calibrated on "
+              "(column form_warning)", file=sys.stderr)
     failed = sum(r["error"] is not None for r in rows)
     if failed:
         print(f"{failed} of {len(rows)} images failed", file=sys.stderr)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import classifier, data, metrics
+from dsconv import classifier, data, forms, metrics
 
 FOLDS = 5
 BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
@@ -18,10 +18,15 @@ REPORT_SENSITIVITY = 0.95  # the specificity reported at this test sensitivity, 
 
 
 class Part(NamedTuple):
-    """Bottlenecks with their labels and files: a validation or test set."""
+    """Bottlenecks with their labels and files: a validation or test set.
+
+    ``forms``: bottlenecks of other forms of the same images (dsconv.forms),
+    one array per form, rows aligned with ``x``; they train, never score.
+    """
     x: np.ndarray
     labels: np.ndarray
     paths: list
+    forms: tuple = ()
 
 
 def choose_threshold(args, y, scores):
@@ -60,6 +65,16 @@ def borderline(choose, rule, y, scores, paths, threshold):
                     "patients it was chosen on"}
 
 
+def by_form(paths, y, scores, threshold):
+    """{form: metrics at threshold} of a set that mixes forms (224 copies, originals, DICOM; dsconv.forms.kind),
+    else None: a threshold chosen on a mix may suit one form and not another."""
+    kinds = np.array([forms.kind(forms.describe(p)) for p in paths])
+    if len(set(kinds)) < 2:
+        return None
+    return {k: dict(metrics.evaluate(y[kinds == k], scores[kinds == k], threshold), images=int(np.sum(kinds == k)))
+            for k in sorted(set(kinds))}
+
+
 def folds(paths, labels, k, seed):
     """Fold 0..k-1 per image: whole patients, dealt round-robin per class in a random order."""
     groups = np.array([data.patient_id(q) for q in paths])
@@ -72,13 +87,17 @@ def folds(paths, labels, k, seed):
     return fold
 
 
-def fit(args, x, y, classes, val, site, positive, seed):
+def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
     """Train the head for every --weight-decay, snapshots at every --steps; keep the best on validation.
 
     Returns (Classifier adapted to ``site``, its curves, its validation
     scores, the choice: every candidate's validation AUC and loss and the one
     taken). Best: highest validation AUC, then lowest validation loss, then
     fewer steps and more weight decay (the simpler model).
+
+    ``x_forms``: the training images' bottlenecks in other forms, rows
+    aligned with x; they train beside x (and val.forms beside the validation
+    images that train).
 
     With --val-dir and --site-weight W > 0 the validation images train too,
     each W times (as they are: mapping them onto the training statistics
@@ -97,15 +116,20 @@ def fit(args, x, y, classes, val, site, positive, seed):
     candidates = {}
     for wd in args.weight_decay:
         for extra, scored in runs:
-            xs, ys = x, y
+            xs = np.concatenate([x, *x_forms]) if len(x_forms) else x
+            ys = np.concatenate([y] * (1 + len(x_forms)))
+            nuisance = [f - x for f in x_forms]
             if extra is not None:
-                xs = np.concatenate([x] + [val.x[extra]] * args.site_weight)
-                ys = np.concatenate([y] + [val.labels[extra]] * args.site_weight)
+                site_rows = [v[extra] for v in (val.x, *val.forms)]
+                xs = np.concatenate([xs] + site_rows * args.site_weight)
+                ys = np.concatenate([ys] + [val.labels[extra]] * (len(site_rows) * args.site_weight))
+                nuisance += [f[extra] - val.x[extra] for f in val.forms]
             # with cross-fitting no validation image is held out of the kept model: no validation curve
             last, curves = classifier.train(
                 xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps),
                 batch=args.batch_size, sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
-                weight_decay=wd, seed=seed, snapshots=args.steps[:-1])
+                weight_decay=wd, seed=seed, snapshots=args.steps[:-1],
+                nuisance=np.concatenate(nuisance) if nuisance else None, invariance=args.invariance)
             for steps in args.steps:
                 model = curves["snapshots"][steps] if steps != max(args.steps) else last
                 model.positive = positive
@@ -144,11 +168,13 @@ def fit(args, x, y, classes, val, site, positive, seed):
     return best["model"], curves, best["scores"], choice
 
 
-def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
+def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
     """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
 
     ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
-    them out of ``ds``; ``site``: bottlenecks of --site-dir or None.
+    them out of ``ds``; ``site``: bottlenecks of --site-dir or None;
+    ``x_forms``: bottlenecks of other forms of ds's images (those of the
+    training partition train beside them).
     """
     groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
     part = data.split(ds.labels, pct, seed, groups)
@@ -159,7 +185,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
                              "larger training share in --split")
-    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed)
+    model, curves, s_val, choice = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed,
+                                       tuple(f[tr] for f in x_forms))
     y_val = val.labels == positive
     model.threshold, rule = choose_threshold(args, y_val, s_val)
     y_test, s_test = test.labels == positive, model.scores(test.x)
@@ -180,6 +207,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive):
         "borderline": borderline(lambda yy, ss: choose_threshold(args, yy, ss)[0], rule, y_val, s_val, val.paths,
                                  model.threshold),
         "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
+        "validation_by_form": by_form(val.paths, y_val, s_val, model.threshold),
+        "test_by_form": by_form(test.paths, y_test, s_test, model.threshold),
     }
     return result, model, curves, (y_test, s_test)
 

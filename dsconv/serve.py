@@ -18,6 +18,9 @@ Loads the model once and serves, with the standard library only:
 
 "warning" is "" or why the file does not look like a chest X-ray (as
 predict's `warning`); with a warning, "label" is null: no decision.
+"form_warning" is "" or why the file's form (DICOM, an original, a low JPEG
+quality) lies outside those the model was trained and calibrated on (as
+predict's `form_warning`); the decision stands.
 
 No file is a 400, a body over --max-upload-mb a 413; every error is JSON.
 Probabilities are those of `python -m dsconv.predict` for the same files.
@@ -187,7 +190,7 @@ def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True)
             continue
         result = {"name": name, "probability": record["probability"],
                   "label": None if row["warning"] else model.decide(row["p"]),
-                  "threshold": model.threshold, "warning": row["warning"]}
+                  "threshold": model.threshold, "warning": row["warning"], "form_warning": row["form_warning"]}
         result.update({k: record[k] for k in predict.RECORD})
         if send_images:
             heat, original = row["heatmap"], row["image"]
@@ -203,7 +206,7 @@ def _diagnose(model, path, size):
         p, heat, original, warning = model.diagnose(path, size, with_warning=True)
     except (DsconvError, OSError) as e:
         return {"p": None, "error": e}
-    return {"p": p, "heatmap": heat, "image": original, "warning": warning}
+    return {"p": p, "heatmap": heat, "image": original, "warning": warning, "form_warning": model.form_warning(path)}
 
 
 def _data_url(im, fmt):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, fail, files,
-                    images, interrupted, metrics, paper, repeats, report, weights, xraycheck)
+                    forms, images, interrupted, metrics, paper, repeats, report, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
 
 ALPHA = 0.75
@@ -36,17 +36,21 @@ BOTTLENECK = "pooled"
 SAMPLING = "balanced"
 # Upper bounds checked when the arguments are parsed, so that a typo ends in a message, not out of memory
 LIMITS = {"repeats": 100, "steps": 1_000_000, "batch_size": 10_000, "eval_every": 1_000_000, "workers": 64,
-          "site_weight": 100}
+          "site_weight": 100, "forms": 8}
 MAX_DRAWS = 50_000_000  # steps x batch size: the row indices drawn up front, 400 MB
-# Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (README: External validation)
+# Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (docs/external-validation.md)
 TTA = "flip"
+BLUR = 1.0
+FORMS = 2
+INVARIANCE = 32
 SITE_WEIGHT = 5
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
 STEPS = [classifier.STEPS]
 WEIGHT_DECAY = [0.1]
 # The paper's protocol, one flag away: retrain.py's head and the paper's best cell's split and steps
-PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "site_dir": "none", "site_weight": 0,
+PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "blur": 0.0, "forms": 0, "invariance": 0,
+         "site_dir": "none", "site_weight": 0,
          "threshold_rule": "youden", "group_by": paper.BEST_CELL[3], "split": paper.BEST_CELL[4],
          "steps": [paper.BEST_SETTING[1]]}
 
@@ -77,6 +81,18 @@ def parse_args(argv):
     p.add_argument("--tta", default=TTA, choices=bottlenecks.TTAS,
                    help="test-time augmentation: flip averages each image's bottleneck with its mirror "
                         "image's, in training and prediction alike")
+    p.add_argument("--forms", type=int, default=FORMS, metavar="N",
+                   help="train on N more forms of each training (and --val-dir) image too: re-encoded at a random "
+                        "JPEG quality or as PNG, rescaled, its grey levels bent a little (dsconv.forms), so that "
+                        "the decision depends less on the form an X-ray comes in; each costs one more "
+                        "bottleneck pass over the images (cached)")
+    p.add_argument("--invariance", type=int, default=INVARIANCE, metavar="K",
+                   help="with --forms: the decision ignores the K directions along which the forms of an image "
+                        "move its bottleneck most (dsconv.classifier: form invariance); 0: none")
+    p.add_argument("--blur", type=float, default=BLUR, metavar="SIGMA",
+                   help="Gaussian blur of every input after its resize to r x r, in pixels (training and "
+                        "prediction alike): it smooths away JPEG blocks and resampling, in which the forms of "
+                        "an X-ray differ most; 0: none (retrain.py)")
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="input size r (r x r), a multiple of 32")
     p.add_argument("--bottleneck", default=BOTTLENECK, choices=bottlenecks.KINDS,
                    help="pooled 1024*alpha features, or the 1000 ImageNet logits (retrain.py's choice)")
@@ -124,9 +140,13 @@ def parse_args(argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
     for name, most in LIMITS.items():
-        least, values = 0 if name == "site_weight" else 1, np.atleast_1d(getattr(args, name))
+        least, values = 0 if name in ("site_weight", "forms") else 1, np.atleast_1d(getattr(args, name))
         if not least <= values.min() <= values.max() <= most:
             p.error(f"--{name.replace('_', '-')} must be from {least} to {most}")
+    if not 0 <= args.invariance <= 256:
+        p.error("--invariance must be from 0 to 256 directions")
+    if not (math.isfinite(args.blur) and 0 <= args.blur <= 8):
+        p.error(f"--blur {args.blur} must be from 0 to 8 pixels")
     if args.max_pixels < 1:
         p.error("--max-pixels must be positive")
     images.set_max_pixels(args.max_pixels)
@@ -200,12 +220,25 @@ def clean(x):
 def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
     ds, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
-                                                    tta=args.tta)
+                                                    tta=args.tta, blur=args.blur)
     skipped.update({str(p): msg for p, msg in failed.items()})
     for c, n in ds.counts().items():
         if n == 0:
             raise data.DataError(f"{ds.root / c}: no readable image in this class folder")
     return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
+
+
+def forms_of(ds, nets, args, cache_dir):
+    """The bottlenecks of --forms random forms of the (readable) images of ds, one array per form, rows aligned."""
+    out = []
+    for form in forms.draws(args.forms):
+        _, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
+                                                       tta=args.tta, form=form, blur=args.blur)
+        if failed:
+            raise data.DataError(f"{len(failed)} image(s) could not be read in their {form.name} form, such as "
+                                 f"{next(iter(failed.values()))}; remove them or give --forms 0")
+        out.append(np.concatenate([f[args.bottleneck] for f in feats], axis=1))
+    return out
 
 
 def versions():
@@ -224,10 +257,12 @@ def network_info(nets, args, width):
             "trained_resolution": one([n.trained_resolution for n in nets]),
             "weights_file": one([Path(n.weights_path).name for n in nets]),
             "weights_sha256": one([n.weights_sha256 for n in nets]),
-            "bottleneck": args.bottleneck, "features": int(width), "preprocessing": images.PREPROCESSING,
+            "bottleneck": args.bottleneck, "features": int(width), "preprocessing": images.preprocessing(args.blur),
             "dsconv": __version__}
     if args.tta != "none":
         info["tta"] = args.tta
+    if args.blur:
+        info["blur"] = args.blur
     return info
 
 
@@ -250,6 +285,13 @@ def decision_info(args, r, val_ds):
             scores=r["choice"]["validation_scores"],
             confusion=rep["at_threshold"]["confusion"])
     return out
+
+
+def print_by_form(figures):
+    """The figures of each form of a set that mixes them (repeats.by_form), one line each."""
+    for kind, e in (figures or {}).items():
+        print(f"    of which {e['images']} {kind}: accuracy {report.pct(e['accuracy'])}%, sensitivity "
+              f"{report.pct(e['sensitivity'])}%, specificity {report.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
 
 
 def main(argv=None):
@@ -293,16 +335,18 @@ def main(argv=None):
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
         ds, x = bottlenecks_of(ds, nets, args, cache_dir, skipped)
+        x_forms = forms_of(ds, nets, args, cache_dir)
         val = test = site = None
         if val_ds is not None:
             val_ds, x_val = bottlenecks_of(val_ds, nets, args, cache_dir, skipped)
-            val = repeats.Part(x_val, val_ds.labels, val_ds.paths)
+            val = repeats.Part(x_val, val_ds.labels, val_ds.paths,
+                               tuple(forms_of(val_ds, nets, args, cache_dir)) if args.site_weight else ())
         if test_ds is not None:
             test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
             test = repeats.Part(x_test, test_ds.labels, test_ds.paths)
         if site_paths is not None:
             site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
-                                                     workers=args.workers, tta=args.tta)
+                                                     workers=args.workers, tta=args.tta, blur=args.blur)
             skipped.update({str(q): msg for q, msg in failed.items()})
             classifier.check_site(site, x.std(axis=0), args.site_dir)
         times["bottlenecks_s"] = time.perf_counter() - t
@@ -319,7 +363,7 @@ def main(argv=None):
         runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
             result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site,
-                                                               positive)
+                                                               positive, x_forms)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))
@@ -361,6 +405,10 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
                all_curves, test_scores, times, t_start):
     """Print the tables; return {file name: bytes} of every output, results.json first."""
     info = network_info(nets, args, x.shape[1])
+    described = {name: forms.summary([forms.describe(p) for p in d.paths]) if d else None
+                 for name, d in (("training", ds), ("site", val_ds), ("test", test_ds or ds))}
+    info["forms"] = forms.contract(described["training"], described["site"], described["test"], args.forms,
+                                   args.invariance, info["preprocessing"])
     settings = dict(vars(args))
     training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers", "overwrite", "max_pixels")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
@@ -373,7 +421,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
                           evaluation={test_name: dict(
                               {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
                               images=r["sizes"]["test"], patients=rep["patients"], ci95=rep["ci95_at_threshold"],
-                              threshold=r["threshold"])})
+                              threshold=r["threshold"], form=info["forms"]["evaluation"])})
         if site is not None or val_ds is not None:
             model.info["calibration"] = {
                 "site_dir": str(args.site_dir) if site is not None else None,
@@ -382,6 +430,8 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
                 "threshold_images": int(len(val.labels)) if val_ds else 0,
                 "threshold_rule": r["threshold_rule"], "target_sensitivity": args.target_sensitivity}
         model.info.update(decision_info(args, r, val_ds))
+        if "site_evaluation" in model.info:
+            model.info["site_evaluation"]["form"] = info["forms"]["site"]
         model.info = clean(model.info)
         model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
     model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]
@@ -409,9 +459,13 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
           + ("; n/a: a test partition lacks that class)" if missing else ")"))
     r = runs[best]
     if r["validation_report"] and args.val_dir:
-        print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir}, {r['choice']['validation_scores']} scores, "
-              "threshold chosen on them (optimistic): " + report.describe(r["validation_report"], r["threshold"]))
-    print(f"model.h5 (seed {r['seed']}) on {test_name}: " + report.describe(r["test_report"], r["threshold"]))
+        print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir} [{info['forms']['site']}], "
+              f"{r['choice']['validation_scores']} scores, threshold chosen on them (optimistic): "
+              + report.describe(r["validation_report"], r["threshold"]))
+        print_by_form(r["validation_by_form"])
+    print(f"model.h5 (seed {r['seed']}) on {test_name} [{info['forms']['evaluation']}]: "
+          + report.describe(r["test_report"], r["threshold"]))
+    print_by_form(r["test_by_form"])
     figures = report.curve_files(all_curves, title)
     figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
     times["total_s"] = time.perf_counter() - t_start
@@ -425,7 +479,7 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
                  "site_dir": str(args.site_dir) if args.site_dir else None,
                  "site_images": int(len(site)) if site is not None else None,
                  "skipped": len(skipped), "skipped_files": skipped, "warnings": warnings},
-        "repeats": runs, "summary": summary, "std": "sample standard deviation (ddof=1) over repeats",
+        "repeats": runs, "summary": dict(summary, form=info["forms"]["evaluation"]), "std": "sample standard deviation (ddof=1) over repeats",
         "ci95": "2.5th and 97.5th percentiles over 2000 resamples of whole patients",
         "model": "model.h5", "model_seed": runs[best]["seed"],
         "model_choice": "the repeat with the lowest final validation loss",

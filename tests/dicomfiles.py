@@ -6,33 +6,8 @@ def write(path, stored, photometric="MONOCHROME2", window=None, rescale=None, de
     """stored: (H, W) uint8 or uint16 stored values; window (centre, width); rescale (slope, intercept);
     deflated: the whole data set zlib-compressed (Deflated Explicit VR Little Endian);
     ids: {DICOM keyword: value}, such as PatientID."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
-                             generate_uid)
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    bits = stored.dtype.itemsize * 8
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    if rescale:
-        ds.RescaleSlope, ds.RescaleIntercept = rescale
-    for keyword, value in (ids or {}).items():
-        setattr(ds, keyword, value)
-    ds.PixelData = np.ascontiguousarray(stored).tobytes()
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    from dsconv import dicom
+    path.write_bytes(dicom.write_bytes(stored, photometric, window, rescale, deflated, ids))
     return path
 
 

@@ -39,6 +39,7 @@ def calls(net, monkeypatch):
     return seen
 
 
+@pytest.mark.slow
 def test_matches_network_and_cache_hit(net, paths, calls, tmp_path):
     feats, failed = bottlenecks.extract(paths, net, "pooled", tmp_path, batch=5, progress=False)
     assert not failed and feats.shape == (16, 256) and sum(calls) == 16

@@ -10,6 +10,7 @@ from dsconv import cam, images, weights
 from tests.conftest import CHEST
 
 
+@pytest.mark.slow
 def test_map_mean_plus_bias_is_the_logit(converted):
     net = weights.load(0.25, 128, quiet=True)
     paths = sorted((CHEST / "NORMAL").glob("*.jpeg"))[:3]
@@ -28,6 +29,7 @@ def test_map_mean_plus_bias_is_the_logit(converted):
             assert abs(cam.class_map(A[n], w).mean() + c - (logits[n, k] - logits[n].mean())) < 1e-5
 
 
+@pytest.mark.slow
 def test_overlay_keeps_the_image_size_and_colours_by_sign():
     image = Image.fromarray(np.full((60, 90), 128, np.uint8), "L")
     m = np.zeros((6, 6))

@@ -41,6 +41,7 @@ def test_sgd_matches_reference(sampling):
     assert np.abs(w - w0).max() > 0.1  # it did learn
 
 
+@pytest.mark.slow
 def test_standardize_is_sgd_on_standardized_features():
     x, y = toy()
     model, _ = classifier.train(x, y, ["n", "p"], steps=100, standardize=True, seed=3)

@@ -23,6 +23,7 @@ def chest():
 TABLE1 = {"80/10/10": (4172, 522, 522), "70/15/15": (3652, 782, 782), "60/20/20": (3130, 1043, 1043)}
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("split", sorted(TABLE1))
 def test_table1_sizes_and_stratification(chest, split):
     assert chest.counts() == {"NORMAL": 1341, "PNEUMONIA": 3875}
@@ -34,12 +35,14 @@ def test_table1_sizes_and_stratification(chest, split):
             assert abs(n_normal - TABLE1[split][p] * 1341 / 5216) < 1
 
 
+@pytest.mark.shared
 def test_split_deterministic_and_seeded(chest):
     pct = data.parse_split("80/10/10")
     a, b, c = (data.split(chest.labels, pct, s) for s in (0, 0, 1))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+@pytest.mark.shared
 def test_grouped_split_keeps_patients_together(chest):
     groups = [data.patient_id(p) for p in chest.paths]
     assert len(set(groups)) < len(groups) * 0.6  # patients do have several images

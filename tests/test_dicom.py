@@ -15,6 +15,7 @@ def xray():
     path = sorted((CHEST / "PNEUMONIA").glob("*.jpeg"))[0]
     return np.asarray(Image.open(path).convert("L"))
 
+@pytest.mark.shared
 def test_every_kind_gives_the_same_pixels(xray, tmp_path):
     for name, path in dicomfiles.variants(xray, tmp_path).items():
         got = np.asarray(dicom.read(path))
@@ -32,6 +33,7 @@ def test_window_clips(tmp_path):
     # values at or below c - 0.5 - (w-1)/2 = 100 are black, above c - 0.5 + (w-1)/2 = 200 white
     assert got.tolist() == [[0, 0, 255, 255]]
 
+@pytest.mark.shared
 def test_dicom_without_its_suffix_is_recognised(xray, tmp_path):
     path = dicomfiles.write(tmp_path / "IM0001", xray, window=(128, 256))
     assert np.array_equal(images.decode(path, 64), images.decode(dicomfiles.write(tmp_path / "a.dcm", xray,

@@ -10,6 +10,8 @@ import pytest
 from dsconv import DsconvError, bottlenecks, classifier, data, experiments, report, runlog, weights
 from tests.conftest import copy_xrays
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

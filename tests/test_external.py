@@ -7,7 +7,9 @@ import pytest
 
 import dsconv
 from dsconv import bottlenecks, calibrate, cam, classifier, data, images, metrics, predict, repeats, train, weights
-from tests.conftest import SHARED, copy_xrays
+from tests.conftest import PLAIN, SHARED, copy_xrays
+
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
 
 EXTERNAL = SHARED / "data" / "chest_xray" / "external"
 
@@ -35,7 +37,7 @@ def run(*args):
 
 def common(folders, tmp_path, *extra):
     return ["--data", folders["train"], "--alpha", "0.25", "--resolution", "128", "--steps", "200",
-            "--lr", "0.1", "--repeats", "1", "--standardize", "--cache", tmp_path / "cache", *extra]
+            "--lr", "0.1", "--repeats", "1", "--standardize", "--cache", tmp_path / "cache", *PLAIN, *extra]
 
 
 def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders, tmp_path, capsys):

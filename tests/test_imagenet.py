@@ -5,6 +5,7 @@ from dsconv import imagenet
 from tests.conftest import SAMPLES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ["0.25", "0.75", "1.0"])
 def test_elephant(converted, capsys, alpha):
     with pytest.raises(SystemExit) as e:

@@ -53,6 +53,7 @@ def test_undecodable_names_file(tmp_path):
         images.load(bad, 32)
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("size", [224, 128])
 def test_large_originals_draft_close_to_full_decode(size):
     # The reduced-scale JPEG decode must not change what the network sees
@@ -66,6 +67,7 @@ def test_large_originals_draft_close_to_full_decode(size):
     assert np.mean(diffs) < 1.5 and max(diffs) < 4
 
 
+@pytest.mark.shared
 def test_decode_sizes_equals_decode_per_size():
     # one decode for all sizes where JPEG draft would not reduce, one per size where it would
     sizes = (224, 192, 160, 128)

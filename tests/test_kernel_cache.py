@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 
 # Run in a fresh process on a copy of the package (as the top-level package kcopy): relu6 of
 # 3 x 4 through a pointwise layer, and whether the matrix product's C function was read from the cache.
@@ -18,6 +20,7 @@ print(json.dumps({"top": float(y.max()), "from_cache": kcopy.product._product.ca
 """
 
 
+@pytest.mark.slow  # three processes, two of which compile the package: a minute
 def test_cached_caller_recompiles_when_a_helper_in_another_file_changes(tmp_path):
     # product.py's cached C function _product inlines the micro-kernel that vector.py's LLVM IR
     # builder writes, whose ReLU6 clamps at 6. Change the clamp to 5 in vector.py only: the

@@ -99,6 +99,7 @@ def test_runs_at_other_multiples_of_32(converted):
     assert pooled.shape == (2, 256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, numba.config.NUMBA_NUM_THREADS])
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
 def test_fused_forward_matches_layer_by_layer(converted, n, threads):
@@ -117,6 +118,7 @@ def test_fused_forward_matches_layer_by_layer(converted, n, threads):
     assert largest(pooled, want) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha,resolution", [(0.25, 128), (1.0, 224)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n", [1, 2, 4, 7])

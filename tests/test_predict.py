@@ -14,6 +14,8 @@ from dsconv.mobilenet import MobileNet
 from tests import dicomfiles
 from tests.conftest import CHEST, copy_xrays, train_small
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, weights_dir):

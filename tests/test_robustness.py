@@ -69,6 +69,7 @@ def exit_of(call):
 # ---- 1. integrity
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["one weight", "nan weight", "threshold", "class names"])
 def test_changed_model_file_refused(model_file, tmp_path, damage):
     path = tmp_path / "model.h5"
@@ -101,6 +102,7 @@ def test_non_finite_or_out_of_range_model_refused(tmp_path, field, value, messag
         classifier.load(tmp_path / "m.h5")
 
 
+@pytest.mark.slow
 def test_predict_refuses_a_changed_model_in_one_line(converted, model_file, tmp_path, capsys):
     path = tmp_path / "model.h5"
     shutil.copyfile(model_file, path)
@@ -127,6 +129,7 @@ def changed_copy(tmp_path):
     return out, good
 
 
+@pytest.mark.shared
 def test_changed_weight_file_is_rebuilt_from_keras(tmp_path, capsys):
     out, good = changed_copy(tmp_path)
     net = weights.load_file(out, 0.25, 128)
@@ -135,6 +138,7 @@ def test_changed_weight_file_is_rebuilt_from_keras(tmp_path, capsys):
     assert net.weights_sha256 == good == weights.sha256(out)
 
 
+@pytest.mark.shared
 def test_changed_weight_file_refused_without_keras(tmp_path, monkeypatch):
     out, _ = changed_copy(tmp_path)
     monkeypatch.setattr(weights, "keras_dirs", lambda: [])
@@ -145,6 +149,7 @@ def test_changed_weight_file_refused_without_keras(tmp_path, monkeypatch):
 # ---- 2. atomic outputs, writability checked first
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_ends_in_one_line(weights_dir, model_file, small, cache, tmp_path):
     # model_file's run has filled the cache and converted the weights: the only writes left are the outputs
     out = tmp_path / "out"
@@ -175,6 +180,7 @@ def test_train_checks_out_before_any_work(converted, small, tmp_path, readonly, 
     assert code == 2 and f"{ro}: cannot write here" in err and "--out" in err
 
 
+@pytest.mark.slow
 def test_predict_checks_output_before_any_work(converted, model_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(predict, "rows_for", lambda *a, **k: pytest.fail("worked before checking -o"))
     code = exit_of(lambda: predict.main([str(model_file), str(CHEST / "NORMAL"), "-o",
@@ -189,6 +195,7 @@ def test_predict_checks_output_before_any_work(converted, model_file, tmp_path, 
 @pytest.mark.parametrize("flag, value", [
     ("--lr", "nan"), ("--lr", "inf"), ("--lr", "-0.01"), ("--lr", "0"), ("--weight-decay", "-1"),
     ("--weight-decay", "nan"), ("--workers", "-3"), ("--split", "80/10/20")])
+@pytest.mark.shared
 def test_train_settings_refused_at_parse_time(small, tmp_path, capsys, flag, value):
     code = exit_of(lambda: train.parse_args(["--data", str(small), flag, value]))
     assert code == 2 and flag in capsys.readouterr().err
@@ -199,6 +206,7 @@ def test_experiments_workers_refused(capsys):
     assert "--workers" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_split_leaving_a_partition_empty_refused(converted, small, cache, tmp_path, capsys):
     args = train_args(small, cache, tmp_path / "o")
     args[args.index("--split") + 1] = "99/0.5/0.5"
@@ -236,6 +244,7 @@ def test_second_experiments_writer_refused(tmp_path, capsys):
     assert code == 2 and "another dsconv.experiments grid is writing there" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_from_other_data_refused(converted, small, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(experiments, "run_grid", lambda *a, **k: None)
     monkeypatch.setattr(experiments, "write_reports", lambda *a, **k: [])
@@ -258,6 +267,7 @@ def test_resume_from_other_data_refused(converted, small, tmp_path, monkeypatch,
 # ---- 5. interruptions
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_outputs_leaves_no_model(converted, model_file, small, cache, tmp_path, monkeypatch,
                                                    capsys):
     clean = train.clean
@@ -272,6 +282,7 @@ def test_ctrl_c_before_the_outputs_leaves_no_model(converted, model_file, small,
     assert not (out / "model.h5").exists() or (out / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_writing_completes_the_outputs(converted, model_file, small, cache, tmp_path, monkeypatch,
                                                     capsys):
     write_all = files.write_all
@@ -287,6 +298,7 @@ def test_ctrl_c_while_writing_completes_the_outputs(converted, model_file, small
     classifier.load(out / "model.h5")
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tmp_path, capsys, monkeypatch):
     paths = sorted((small / "NORMAL").glob("*.jpeg"))[:5]
     bottlenecks = Model.bottlenecks
@@ -312,6 +324,7 @@ def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tm
 # ---- 6. degraded environments
 
 
+@pytest.mark.slow
 def test_read_only_cache_runs_without_one(converted, small, tmp_path, readonly, capsys):
     net = weights.load(0.25, 128, quiet=True)
     paths = sorted((small / "NORMAL").glob("*.jpeg"))
@@ -329,6 +342,7 @@ def test_read_only_cache_runs_without_one(converted, small, tmp_path, readonly, 
     assert feats.shape == (2, 256) and "running without saving bottlenecks" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_stray_temporary_files_cleaned(converted, model_file, small, cache, tmp_path):
     variant_dir = next(p for p in cache.iterdir() if p.is_dir())
     out = tmp_path / "out"
@@ -344,6 +358,7 @@ def test_stray_temporary_files_cleaned(converted, model_file, small, cache, tmp_
 # ---- 7. data hygiene
 
 
+@pytest.mark.shared
 def test_hygiene_functions(small, tmp_path):
     root = copy_xrays(tmp_path / "d", 3, 200)
     normal = sorted((root / "NORMAL").iterdir())
@@ -363,6 +378,7 @@ def test_hygiene_functions(small, tmp_path):
     assert data.fingerprint(data.scan(renamed)) == data.fingerprint(ds)
 
 
+@pytest.mark.slow
 def test_train_warns_about_the_data(converted, small, cache, tmp_path, capsys):
     root = tmp_path / "d"
     shutil.copytree(small, root)
@@ -395,6 +411,7 @@ def test_bad_tile_override_warns(capsys):
     assert "DSCONV_MR=1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_other_tile_computes_the_same(tmp_path):
     # the AVX2 tile on this machine, compiled afresh: the pointwise kernel against NumPy
     script = """

@@ -16,6 +16,8 @@ import pytest
 from dsconv import DsconvError, bottlenecks, classifier, hdf5, weights
 from tests.conftest import copy_xrays, train_small
 
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
+
 FLIPS = 40
 
 

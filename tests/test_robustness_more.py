@@ -61,6 +61,7 @@ def exit_of(call):
 # ---- 2. divergence by what the model does
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lr", ["25", "1000"])
 def test_overshooting_rate_refused_and_no_model_written(converted, small, cache, tmp_path, capsys, lr):
     out = tmp_path / "run"
@@ -70,6 +71,7 @@ def test_overshooting_rate_refused_and_no_model_written(converted, small, cache,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_paper_rates_train_without_alarm(converted, small, cache, tmp_path):
     for lr in ("0.01", "0.1"):
         model = train_small(small, tmp_path / lr, cache, 300, "--paper", "--lr", lr, "--split", "50/25/25")
@@ -85,6 +87,7 @@ def predict_csv(model_file, paths, output, capsys):
     return code, capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_predict_output_onto_a_fifo_a_symlink_and_stdout(converted, model_file, small, tmp_path, capsys):
     paths = sorted((small / "NORMAL").glob("*.jpeg"))[:2]
     fifo = tmp_path / "fifo"
@@ -107,6 +110,7 @@ def test_predict_output_onto_a_fifo_a_symlink_and_stdout(converted, model_file, 
     assert code == 0 and out.out.startswith("path,probability") and not (tmp_path / "-").exists()
 
 
+@pytest.mark.slow
 def test_predict_to_a_full_standard_output_says_so(converted, model_file, small):
     with open("/dev/full", "w") as full:
         r = subprocess.run([sys.executable, "-m", "dsconv.predict", str(model_file), str(small / "NORMAL"),
@@ -115,6 +119,7 @@ def test_predict_to_a_full_standard_output_says_so(converted, model_file, small)
     assert r.stderr.strip().splitlines()[-1].startswith("error: could not write standard output")
 
 
+@pytest.mark.slow
 def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(converted, model_file, small, tmp_path, capsys,
                                                            monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -126,6 +131,7 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(converted, model_file
     assert rows[0]["error"] == "" and rows[1]["error"].startswith("'@SUM(1).jpeg: cannot be read")
 
 
+@pytest.mark.slow
 def test_second_train_into_a_run_refused_then_overwritten(converted, small, cache, tmp_path, capsys):
     out = tmp_path / "run"
     train_small(small, out, cache, 50, "--tta", "none", "--repeats", "2")
@@ -140,6 +146,7 @@ def test_second_train_into_a_run_refused_then_overwritten(converted, small, cach
 # ---- 4. inputs: broken links counted, images known by content, a site sample that means something
 
 
+@pytest.mark.slow
 def test_broken_links_and_unnamed_images_get_rows(converted, model_file, small, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -159,6 +166,7 @@ def test_broken_links_and_unnamed_images_get_rows(converted, model_file, small, 
     assert rows["dangling.jpeg"]["error"] and rows["loop"]["error"]
 
 
+@pytest.mark.slow
 def test_broken_links_in_training_data_are_counted(converted, small, cache, tmp_path):
     data_dir = tmp_path / "data"
     shutil.copytree(small, data_dir)
@@ -169,6 +177,7 @@ def test_broken_links_in_training_data_are_counted(converted, small, cache, tmp_
     assert {os.path.basename(p) for p in skipped} == {"dangling.jpeg", "loop.jpeg"}
 
 
+@pytest.mark.slow
 def test_calibrate_refuses_copies_of_one_image(converted, model_file, small, tmp_path, capsys):
     site = tmp_path / "site"
     site.mkdir()
@@ -182,6 +191,7 @@ def test_calibrate_refuses_copies_of_one_image(converted, model_file, small, tmp
     assert not out.exists() and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_calibrate_removes_stale_temporary_files(converted, model_file, small, tmp_path):
     stray = tmp_path / f".site.h5.{DEAD_PID}.0.tmp"
     stray.write_bytes(b"left by a killed run")
@@ -193,6 +203,7 @@ def test_calibrate_removes_stale_temporary_files(converted, model_file, small, t
 # ---- 5. resources: pixel limits before decoding, bounds when parsed
 
 
+@pytest.mark.slow
 def test_huge_dicom_refused_before_decoding(converted, model_file, tmp_path, capsys):
     # The limit lowered to 100,000 pixels stands for the default 178,956,970: a deflated DICOM that inflates
     # beyond it is refused before pydicom inflates it, any other before its pixels are decoded.
@@ -209,6 +220,7 @@ def test_huge_dicom_refused_before_decoding(converted, model_file, tmp_path, cap
 @pytest.mark.parametrize("flag, value", [
     ("--resolution", "4096"), ("--batch-size", "1000000000"), ("--steps", "100000000"), ("--repeats", "100000"),
     ("--split", "80/nan/20"), ("--split", "inf/0/20"), ("--max-pixels", "0")])
+@pytest.mark.shared
 def test_train_bounds_refused_at_parse_time(small, capsys, flag, value):
     assert exit_of(lambda: train.parse_args(["--data", str(small), flag, value])) == USER_ERROR
     err = capsys.readouterr().err
@@ -218,6 +230,7 @@ def test_train_bounds_refused_at_parse_time(small, capsys, flag, value):
 # ---- 7. exit statuses
 
 
+@pytest.mark.slow
 def test_exit_statuses_are_the_table(converted, model_file, small, tmp_path, capsys, monkeypatch):
     assert exit_of(lambda: predict.main([str(tmp_path / "none.h5"), str(small)])) == USER_ERROR
     assert exit_of(lambda: calibrate.main([str(tmp_path / "none.h5"), "--val-dir", str(small), "--out",
@@ -236,6 +249,7 @@ def test_exit_statuses_are_the_table(converted, model_file, small, tmp_path, cap
     assert "interrupted: nothing" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_heatmaps_keeps_the_rows_done(converted, model_file, small, tmp_path, capsys, monkeypatch):
     paths = sorted((small / "NORMAL").glob("*.jpeg"))[:5]
     diagnose = Model.diagnose
@@ -278,6 +292,7 @@ def exchange(port, data):
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_hostile_clients_leave_no_name_in_the_log(converted, model_file, tmp_path):
     tmp = tmp_path / "tmp"
     dead, live = tmp / f"dsconv-serve-{DEAD_PID}-abc", tmp / f"dsconv-serve-{os.getpid()}-abc"
@@ -314,6 +329,7 @@ def test_hostile_clients_leave_no_name_in_the_log(converted, model_file, tmp_pat
     assert sorted(os.listdir(tmp)) == [live.name]
 
 
+@pytest.mark.slow
 def test_killed_server_uploads_removed_at_next_start(converted, model_file, tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -334,6 +350,7 @@ def test_killed_server_uploads_removed_at_next_start(converted, model_file, tmp_
 @pytest.mark.parametrize("flag, value", [("--port", "70000"), ("--port", "-1"), ("--max-upload-mb", "inf"),
                                          ("--max-upload-mb", "nan"), ("--max-upload-mb", "-5"),
                                          ("--max-upload-mb", "0")])
+@pytest.mark.slow
 def test_server_settings_refused_in_one_line(model_file, capsys, flag, value):
     assert exit_of(lambda: serve.main([str(model_file), flag, value])) == USER_ERROR
     err = capsys.readouterr().err.strip().splitlines()
@@ -366,6 +383,7 @@ def test_runs_csv_on_a_full_disk_keeps_whole_rows(tmp_path):
     assert len(lines) == 2 and lines[1].split(",")[5] == "0"
 
 
+@pytest.mark.slow
 def test_read_only_cache_warns_once_in_predict(converted, model_file, small, tmp_path, readonly, capsys,
                                                monkeypatch):
     cache = tmp_path / "ro"

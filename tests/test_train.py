@@ -7,7 +7,9 @@ import pytest
 
 from dsconv import bottlenecks, classifier, data, report, train, weights
 from dsconv.mobilenet import MobileNet
-from tests.conftest import CHEST, copy_xrays
+from tests.conftest import CHEST, PLAIN, copy_xrays
+
+pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
 
 BAD = ("empty.jpeg", "corrupt.jpeg", "notes.txt")
 
@@ -30,7 +32,7 @@ def run(capsys, *args):
 def common(small, tmp_path):
     return ["--data", str(small), "--alpha", "0.25", "--resolution", "128", "--split", "50/25/25",
             "--group-by", "image", "--repeats", "2", "--steps", "300", "--lr", "0.1", "--tta", "none",
-            "--cache", str(tmp_path / "cache")]
+            "--cache", str(tmp_path / "cache"), *PLAIN]
 
 
 def test_end_to_end_and_exact_rerun(converted, small, tmp_path, capsys, monkeypatch):

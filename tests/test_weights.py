@@ -16,6 +16,7 @@ BROKEN = SHARED / "weights" / "broken" / "mobilenet_1_0_224_tf_no_top_missing_co
     ("mobilenet_7_5_224_tf.h5", 0.75, True),
     ("mobilenet_7_5_224_tf_no_top.h5", 0.75, False),
 ])
+@pytest.mark.shared
 def test_convert_folds_batch_norm(tmp_path, name, alpha, head):
     out = weights.convert(KERAS / name, tmp_path)
     info = weights.describe(out)
@@ -33,18 +34,21 @@ def test_convert_folds_batch_norm(tmp_path, name, alpha, head):
         assert ("conv_preds" in d) == head
 
 
+@pytest.mark.shared
 def test_broken_file_names_the_layer(tmp_path):
     with pytest.raises(weights.WeightsError, match="conv_pw_13"):
         weights.convert(BROKEN, tmp_path)
     assert not list(tmp_path.iterdir()), "nothing is written for a refused file"
 
 
+@pytest.mark.shared
 def test_broken_file_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         weights.main(["convert", str(BROKEN), "--out", str(tmp_path)])
     assert e.value.code == 2 and "conv_pw_13" in capsys.readouterr().err
 
 
+@pytest.mark.shared
 def test_misshapen_layer_refused(tmp_path):
     bad = tmp_path / "bad.h5"
     with h5py.File(KERAS / "mobilenet_2_5_224_tf_no_top.h5") as src, h5py.File(bad, "w") as dst:
@@ -63,6 +67,7 @@ def test_wrong_alpha_refused(converted):
         weights.load_file(converted / "mobilenet_0.25_224.h5", alpha=0.75)
 
 
+@pytest.mark.shared
 def test_keras_file_is_not_a_dsconv_file():
     with pytest.raises(weights.WeightsError, match="dsconv.weights convert"):
         weights.load_file(KERAS / "mobilenet_2_5_224_tf.h5")
@@ -82,6 +87,7 @@ def test_missing_weights_say_what_to_convert(tmp_path, monkeypatch):
         weights.load(0.5, 224)
 
 
+@pytest.mark.shared
 def test_converts_on_first_use(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DSCONV_WEIGHTS", str(tmp_path / "converted"))
     monkeypatch.setattr(weights, "keras_dirs", lambda: [KERAS])
@@ -152,6 +158,7 @@ def naive_forward(keras, x):
     return pooled, None if head is None else pooled @ head["kernel"][0, 0].astype(np.float64) + head["bias"]
 
 
+@pytest.mark.slow
 def test_alpha_half_converts_loads_and_runs(tmp_path, monkeypatch, capsys):
     # no alpha 0.5 file is at hand here: Keras-layout files of its shapes, random tensors, prove the path
     keras_dir = tmp_path / "keras"
