@@ -88,19 +88,24 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
 
     # interrupted after 5 trainings, killed in the middle of writing a row, then resumed
     train = classifier.train
-    grid_calls = []
+    grid_calls, finished = [], []
 
     def interrupted(*a, **k):
         if k.get("snapshots"):
             if len(grid_calls) == 5:
                 raise KeyboardInterrupt
             grid_calls.append(1)
-        return train(*a, **k)
+        out = train(*a, **k)
+        if k.get("snapshots"):
+            finished.append(1)
+        return out
     monkeypatch.setattr(classifier, "train", interrupted)
     with pytest.raises(SystemExit) as e:
         experiments.main(grid_args(small, tmp_path, "b"))
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
-    assert len(read_csv(tmp_path / "b" / "runs.csv")) == 5 * len(q.steps)
+    # the trainings done are kept; one still running beside the interrupted one (two at a time) may be lost
+    done = len(read_csv(tmp_path / "b" / "runs.csv")) // len(q.steps)
+    assert done in (4, 5) and done <= len(finished)
     with open(tmp_path / "b" / "runs.csv", "a") as f:
         f.write("0.25,128,pooled,image,80/1")
 
@@ -111,9 +116,9 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     grid_calls.clear()
     monkeypatch.setattr(classifier, "train", counting)
     experiments.main(grid_args(small, tmp_path, "b"))
-    assert len(grid_calls) == trainings - 5  # nothing redone
+    assert len(grid_calls) == trainings - done  # nothing redone
     assert without_time(read_csv(tmp_path / "b" / "runs.csv")) == without_time(rows)
-    assert "resuming: 10 runs" in capsys.readouterr().err
+    assert f"resuming: {done * len(q.steps)} runs" in capsys.readouterr().err
 
     # a finished grid reruns nothing and writes the same tables
     grid_calls.clear()
