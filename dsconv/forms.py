@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image
 
+from dsconv import dicom, images
+
 # Recorded in bottleneck caches and model files: change it when augment changes.
 AUGMENT = ("augment-v2: with p 0.5 each side cropped or padded with black by up to 8%; upscaled x1.5-4 "
            "(bilinear, bicubic or Lanczos) with p 0.5, else downscaled x0.6-1 and back; gamma 0.8-1.25 and "
@@ -30,7 +32,6 @@ COPY_SIZE = 224  # the training copies' size (../shared/data/README.md)
 
 
 def _image(data):
-    from dsconv import images
     return images.open_image(data, name="image")
 
 
@@ -64,7 +65,6 @@ def png(data):
 
 def dicom16(data):
     """A 16-bit MONOCHROME2 DICOM of the grey pixels (x * 257), windowed over the full range."""
-    from dsconv import dicom
     return dicom.write_bytes(np.asarray(_image(data).convert("L"), np.uint16) * 257)
 
 
