@@ -51,6 +51,17 @@ def copy_xrays(root, per_class, step):
 PLAIN = ("--forms", "0", "--invariance", "0", "--blur", "0")
 
 
+def exit_of(call):
+    """The SystemExit code of call(), failing the test (not the session) on any other way out."""
+    try:
+        call()
+    except SystemExit as e:
+        return e.code
+    except BaseException as e:  # a KeyboardInterrupt must not end the test session
+        pytest.fail(f"ended with {type(e).__name__}: {e}")
+    pytest.fail("did not exit")
+
+
 def train_small(data, out, cache, steps, *extra):
     """A small 0.25-128 model trained on `data` (split by image, 50/25/25, one repeat), written to out/model.h5."""
     from dsconv import train

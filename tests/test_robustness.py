@@ -23,7 +23,7 @@ import pytest
 from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train,
                     weights)
 from dsconv.model import Model
-from tests.conftest import CHEST, KERAS, REPO, copy_xrays
+from tests.conftest import CHEST, KERAS, REPO, copy_xrays, exit_of
 
 DEAD_PID = 999999999
 
@@ -53,17 +53,6 @@ def model_file(tmp_path_factory, weights_dir, small, cache):
         mp.setenv("DSCONV_KERAS_WEIGHTS", "")
         train.main(train_args(small, cache, out))
     return out / "model.h5"
-
-
-def exit_of(call):
-    """The SystemExit code of call(), failing the test (not the session) on any other way out."""
-    try:
-        call()
-    except SystemExit as e:
-        return e.code
-    except BaseException as e:  # a KeyboardInterrupt must not end the test session
-        pytest.fail(f"ended with {type(e).__name__}: {e}")
-    pytest.fail("did not exit")
 
 
 # ---- 1. integrity

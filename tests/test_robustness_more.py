@@ -22,7 +22,7 @@ from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, da
                     train, weights)
 from dsconv.model import Model
 from tests import dicomfiles
-from tests.conftest import CHEST, REPO, copy_xrays, train_small
+from tests.conftest import CHEST, REPO, copy_xrays, exit_of, train_small
 
 DEAD_PID = 999999999
 
@@ -45,17 +45,6 @@ def model_file(tmp_path_factory, weights_dir, small, cache):
         mp.setenv("DSCONV_WEIGHTS", str(weights_dir))
         mp.setenv("DSCONV_KERAS_WEIGHTS", "")
         return train_small(small, out, cache, 100, "--tta", "none")
-
-
-def exit_of(call):
-    """The SystemExit code of call(), failing the test (not the session) on any other way out."""
-    try:
-        call()
-    except SystemExit as e:
-        return e.code
-    except BaseException as e:  # a KeyboardInterrupt must not end the test session
-        pytest.fail(f"ended with {type(e).__name__}: {e}")
-    pytest.fail("did not exit")
 
 
 # ---- 2. divergence by what the model does
