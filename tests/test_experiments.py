@@ -132,6 +132,21 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     assert cost.count(f"| {timing[0]['started']} |") + cost.count(f"| {timing[1]['started']} |") >= 3
 
 
+def test_grid_keeps_an_overshooting_training():
+    # noisy features of large scale: the training loss ends above where it began, which train refuses; the grid
+    # (lr 0.1 on the whole training folder's logits does this) keeps the run, and validation judges it
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 60)
+    x = rng.standard_normal((120, 8)) * 20 + 5 * y[:, None]
+    with pytest.raises(DsconvError, match="diverged"):
+        classifier.train(x, y, ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0)
+    part = np.repeat([0, 1, 2], 40)
+    rows = experiments.train_cell(x, y, part, ["NORMAL", "PNEUMONIA"], 0, 0.1, (100, 200))
+    assert [r["steps"] for r in rows] == [100, 200]
+    model, _ = classifier.train(x[:40], y[:40], ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0, check=False)
+    assert rows[1]["test_accuracy"] == np.mean(model.predict(x[80:]) == y[80:])
+
+
 @pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
 def test_snapshot_equals_separate_run(sampling):
     rng = np.random.default_rng(0)
