@@ -20,6 +20,16 @@ rate and step count with the best mean validation accuracy over the shuffles
 (ties: lower mean validation loss) is chosen, and that setting's test accuracy
 is reported as mean +/- sample std. The test partition plays no part in it.
 
+Bacterial or viral (--subtypes): every training also trains a head of three
+classes, NORMAL, BACTERIAL and VIRAL (dsconv.subtypes, the pneumonia class
+split by file name), on the same partition with the same seed, rate and
+snapshots. Its subtype threshold is chosen on the validation partition's
+pneumonia X-rays (Youden's J, as dsconv.train --subtypes), and bacterial
+against viral is measured on the test partition's pneumonia X-rays, beside
+the binary head's figures in the same runs.csv row. Selection stays on the
+binary head's validation accuracy; the subtype figures of the chosen setting
+are reported, never chosen on.
+
 Written to --out: runs.csv (one row per run, appended as runs finish: an
 interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
@@ -43,7 +53,7 @@ import numba
 import numpy as np
 
 from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, interrupted, metrics,
-                    mobilenet, paper, report, runlog, weights)
+                    mobilenet, paper, report, runlog, subtypes, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -64,6 +74,7 @@ class Grid:
     steps: tuple = STEPS
     group_bys: tuple = GROUP_BYS
     bottlenecks: tuple = BOTTLENECKS
+    subtypes: bool = False
 
 
 QUICK = Grid(variants=((0.25, 128),), schemes=("80/10/10",), shuffles=2, lrs=(0.1, 0.01), steps=(100, 200))
@@ -78,6 +89,13 @@ def parse_args(argv):
                    help="a reduced grid: MobileNet 0.25-128, split 80/10/10, 2 shuffles, lr 0.1 and "
                         "0.01, 100 and 200 steps (seconds once its bottlenecks are cached); its tables "
                         "replace those in --out, its runs join runs.csv")
+    p.add_argument("--subtypes", action="store_true",
+                   help="also bacterial against viral: every training trains a three-class head too (NORMAL, "
+                        "BACTERIAL, VIRAL from the file names, dsconv.subtypes) on the same partition, its "
+                        "subtype threshold chosen on the validation pneumonia X-rays; runs.csv gets its test "
+                        "figures on the pneumonia X-rays and summary.md a column of them for the setting chosen "
+                        "on the binary validation accuracy (a second training per run, about as long as the "
+                        "first; the runs of a grid without the option get theirs on resuming)")
     p.add_argument("--cache", help=f"bottleneck cache folder (default $DSCONV_CACHE or "
                                    f"{bottlenecks.default_cache_dir()})")
     p.add_argument("--workers", type=int, default=bottlenecks.WORKERS, help="image decoding threads")
@@ -106,24 +124,56 @@ def evaluate(model, x, y, positive):
     return loss, metrics.evaluate(y == positive, p[:, positive], 0.5)
 
 
-def train_cell(x, labels, part, classes, seed, lr, steps):
-    """One training to max(steps), evaluated at each step count: [metrics dict per step count]."""
+def evaluate_subtypes(model, x, ds3, group, part):
+    """runs.csv's subtype figures of a three-class head (runlog.SUBTYPES): the subtype threshold chosen on the
+    validation partition's pneumonia X-rays, bacterial against viral on the test partition's, the two-step
+    decision (pneumonia at 0.5, as the binary figures) over the whole test partition."""
+    va, te = part == 1, part == 2
+    p_val = model.probabilities(x[va])
+    pneumonia = np.isin(ds3.labels[va], group)
+    t, _ = subtypes.choose_threshold(ds3.labels[va][pneumonia] == group[0],
+                                     subtypes.subtype_scores(p_val[pneumonia], group))
+    paths = [q for q, m in zip(ds3.paths, te) if m]
+    test = subtypes.assess(ds3.labels[te], model.probabilities(x[te]), group, 0.5, t, ds3.classes, paths,
+                           intervals=False)
+    e = test["bacterial_vs_viral"]
+    return {"subtype_threshold": t, "subtype_test_accuracy": e["accuracy"], "subtype_test_sensitivity":
+            e["sensitivity"], "subtype_test_specificity": e["specificity"], "subtype_test_auc": e["auc"],
+            "subtype_test_classes_accuracy": test["accuracy"]}
+
+
+def train_cell(x, labels, part, classes, seed, lr, steps, binary=True, three=None):
+    """One training to max(steps), evaluated at each step count: [metrics dict per step count].
+
+    ``binary``: train the two-class head (runlog.BINARY's figures); ``three``: (Dataset of the three
+    classes, their subtype indices) to train the three-class head too (runlog.SUBTYPES'), or None.
+    """
     positive = data.positive_index(classes)
     tr, va, te = part == 0, part == 1, part == 2
-    t = time.perf_counter()
-    _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
-                                 seed=seed, snapshots=steps, check=False)
-    train_s = time.perf_counter() - t
-    out = []
-    for s in steps:
-        model = curves["snapshots"][s]
-        val_loss, val = evaluate(model, x[va], labels[va], positive)
-        _, test = evaluate(model, x[te], labels[te], positive)
-        out.append({"steps": s, "n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
-                    "val_accuracy": val["accuracy"], "val_loss": val_loss,
-                    "test_accuracy": test["accuracy"], "test_sensitivity": test["sensitivity"],
-                    "test_specificity": test["specificity"], "test_auc": test["auc"],
-                    "train_s": train_s / len(steps)})
+    out = [{"steps": s} for s in steps]
+    if binary:
+        t = time.perf_counter()
+        _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
+                                     seed=seed, snapshots=steps, check=False)
+        train_s = time.perf_counter() - t
+        for row, s in zip(out, steps):
+            model = curves["snapshots"][s]
+            val_loss, val = evaluate(model, x[va], labels[va], positive)
+            _, test = evaluate(model, x[te], labels[te], positive)
+            row.update({"n_train": int(tr.sum()), "n_val": int(va.sum()), "n_test": int(te.sum()),
+                        "val_accuracy": val["accuracy"], "val_loss": val_loss,
+                        "test_accuracy": test["accuracy"], "test_sensitivity": test["sensitivity"],
+                        "test_specificity": test["specificity"], "test_auc": test["auc"],
+                        "train_s": train_s / len(steps)})
+    if three:
+        ds3, group = three
+        t = time.perf_counter()
+        _, curves = classifier.train(x[tr], ds3.labels[tr], ds3.classes, lr=lr, steps=max(steps),
+                                     eval_every=max(steps), seed=seed, snapshots=steps, check=False)
+        train_s = time.perf_counter() - t
+        for row, s in zip(out, steps):
+            row.update(evaluate_subtypes(curves["snapshots"][s], x, ds3, group, part), subtype_train_s=train_s /
+                       len(steps))
     return out
 
 
@@ -148,9 +198,15 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
         def key(kind, g, scheme, seed, lr, s):
             return runlog.key_of(dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
                                       seed=seed, lr=lr, steps=s))
-        todos[variant] = [(kind, g, scheme, seed, lr) for (v, kind, g, scheme) in cells if v == variant
-                          for seed in range(grid.shuffles) for lr in grid.lrs
-                          if any(key(kind, g, scheme, seed, lr, s) not in log.rows for s in steps)]
+        def needs(*setting):
+            """(binary, subtypes): which heads of a training are still to run."""
+            rows = [log.rows.get(key(*setting, s)) for s in steps]
+            return (any(r is None for r in rows),
+                    grid.subtypes and any(r is None or math.isnan(r["subtype_threshold"]) for r in rows))
+        todos[variant] = [(kind, g, scheme, seed, lr) + needs(kind, g, scheme, seed, lr)
+                          for (v, kind, g, scheme) in cells if v == variant
+                          for seed in range(grid.shuffles) for lr in grid.lrs]
+        todos[variant] = [t for t in todos[variant] if t[-2] or t[-1]]
         done += len(cells) // len(grid.variants) * per_cell - len(todos[variant])
     pool = ThreadPoolExecutor(numba.get_num_threads())
     try:
@@ -163,19 +219,25 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
             for net, x in zip(nets, feats):
                 res, todo = net.resolution, todos[alpha, net.resolution]
                 groups = {"image": None, "patient": [data.patient_id(p) for p in vds.paths]}
+                three = subtypes.split(vds, data.positive_index(vds.classes)) if grid.subtypes else None
                 parts = {}
-                for kind, g, scheme, seed, lr in todo:
+                for kind, g, scheme, seed, lr, _, _ in todo:
                     if (g, scheme, seed) not in parts:
                         parts[g, scheme, seed] = data.split(vds.labels, data.parse_split(scheme), seed, groups[g])
                 jobs = [pool.submit(train_cell, x[kind], vds.labels, parts[g, scheme, seed], vds.classes, seed, lr,
-                                    steps) for kind, g, scheme, seed, lr in todo]
+                                    steps, binary, three if sub else None)
+                        for kind, g, scheme, seed, lr, binary, sub in todo]
                 t = time.perf_counter()
                 last = None
-                for (kind, g, scheme, seed, lr), job in zip(todo, jobs):
+                for (kind, g, scheme, seed, lr, binary, _), job in zip(todo, jobs):
                     results = job.result()
                     setting = dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
                                    seed=seed, lr=lr, trained_resolution=net.trained_resolution)
-                    log.add([dict(setting, **r) for r in results])
+                    # a run trained before without its subtypes keeps its binary figures; empty cells stay NaN
+                    before = [{} if binary else log.rows[runlog.key_of(dict(setting, steps=r["steps"]))]
+                              for r in results]
+                    log.add([{**dict.fromkeys(runlog.SUBTYPES, math.nan), **b, **setting, **r}
+                             for b, r in zip(before, results)])
                     done += 1
                     trained += 1
                     timing["trainings"] += 1
@@ -226,7 +288,9 @@ def select(rows):
     ties go to the lower mean validation loss, then fewer steps, then the
     higher rate. Test accuracy is only read for the chosen setting.
     Returns {Cell: {"lr", "steps", "val", "test", "test_std", "sensitivity",
-    "specificity", "n", "trained_resolution"}} (accuracies as fractions).
+    "specificity", "n", "trained_resolution", "subtypes"}} (accuracies as
+    fractions); "subtypes": the chosen setting's bacterial against viral
+    figures (mean_std of each runlog.SUBTYPES figure), NaN where a run lacks them.
     """
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -244,8 +308,14 @@ def select(rows):
                      "test": float(np.mean(test)), "test_std": float(np.std(test, ddof=1)) if len(test) > 1
                      else math.nan, "sensitivity": float(np.mean([r["test_sensitivity"] for r in rs])),
                      "specificity": float(np.mean([r["test_specificity"] for r in rs])), "n": len(rs),
-                     "trained_resolution": int(rs[0]["trained_resolution"])}
+                     "trained_resolution": int(rs[0]["trained_resolution"]),
+                     "subtypes": {k: mean_std([r.get(k, math.nan) for r in rs]) for k in runlog.SUBTYPES}}
     return out
+
+
+def mean_std(values):
+    """(mean, sample std) of the shuffles' figures; std NaN for one."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def paper_setting(rows):
@@ -340,7 +410,7 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
 def main(argv=None):
     wall_start = time.perf_counter()
     args = parse_args(argv)
-    grid = QUICK if args.quick else Grid()
+    grid = replace(QUICK if args.quick else Grid(), subtypes=args.subtypes)
     out = Path(args.out)
     cache_dir = Path(args.cache) if args.cache else None
     timing = {"started": time.strftime("%Y-%m-%d %H:%M"), "grid": "quick" if args.quick else "full",
@@ -357,6 +427,8 @@ def main(argv=None):
                              "finish or give another --out") from None
         files.remove_strays(out)
         ds = data.scan(args.data)
+        if grid.subtypes:
+            subtypes.split(ds, data.positive_index(ds.classes))  # every pneumonia file name says which, or stop now
         grid = replace(grid, variants=grid.variants or available_variants())
         if not grid.variants:
             raise weights.WeightsError("no MobileNet weights with the ImageNet head found; see "

@@ -19,16 +19,27 @@ DATA = "data.json"
 
 # A run is keyed by its settings; its train_s is its share of the one training that serves every step count.
 KEY = ("alpha", "resolution", "bottleneck", "group_by", "split", "seed", "lr", "steps")
-COLUMNS = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
-                 "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
+BINARY = KEY + ("trained_resolution", "n_train", "n_val", "n_test", "val_accuracy", "val_loss",
+                "test_accuracy", "test_sensitivity", "test_specificity", "test_auc", "train_s")
+# --subtypes (dsconv.experiments): the three-class head of the same training, empty without it. Bacterial against
+# viral on the test partition's pneumonia X-rays (bacterial positive: sensitivity is the bacterial recall,
+# specificity the viral recall) at the subtype threshold chosen on the validation partition's; classes_accuracy:
+# the two-step decision over NORMAL, BACTERIAL and VIRAL on the whole test partition.
+SUBTYPES = ("subtype_threshold", "subtype_test_accuracy", "subtype_test_sensitivity", "subtype_test_specificity",
+            "subtype_test_auc", "subtype_test_classes_accuracy", "subtype_train_s")
+COLUMNS = BINARY + SUBTYPES
 
 
 def fmt(name, value):
-    """A CSV cell: settings in their canonical spelling, metrics to 6 significant digits."""
+    """A CSV cell: settings in their canonical spelling, metrics to 6 significant digits, thresholds exact."""
     if name in ("alpha", "lr"):
         return f"{float(value):g}"
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if name == "subtype_threshold":  # exactly: saturated scores sit within 1e-9 of 1, and it decides them
+        return repr(float(value))
     if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
+        return f"{value:.6g}"
     return str(value)
 
 
@@ -37,7 +48,11 @@ def key_of(row):
 
 
 def read_runs(path):
-    """{key: row} of a runs.csv; a last line cut short by an interruption is dropped from the file."""
+    """{key: row} of a runs.csv; a last line cut short by an interruption is dropped from the file.
+
+    A later row of the same settings replaces an earlier one (a resumed --subtypes grid appends the subtype
+    figures of runs that lacked them). A runs.csv from before --subtypes is given its columns, empty.
+    """
     if not path.exists():
         return {}
     text = path.read_text()
@@ -47,6 +62,11 @@ def read_runs(path):
     lines = text.splitlines()
     if not lines:
         return {}
+    if tuple(lines[0].split(",")) == BINARY:
+        # written before --subtypes: its runs get empty subtype cells, and the file the header they now have
+        lines = [",".join(COLUMNS)] + [line + "," * len(SUBTYPES) for line in lines[1:]]
+        files.write_text(path, "\n".join(lines) + "\n")
+        print(f"note: {path} predates --subtypes; its columns are added (empty)", file=sys.stderr)
     if tuple(lines[0].split(",")) != COLUMNS:
         raise data.DataError(f"{path}: not a runs.csv of this version of dsconv.experiments (columns "
                              f"differ); give another --out or move the file away")

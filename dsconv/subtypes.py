@@ -82,10 +82,11 @@ def decide(p, classes, group, threshold, subtype_threshold):
     return classes[max(others, key=lambda k: p[k])]
 
 
-def assess(labels, p, group, threshold, subtype_threshold, classes, paths):
+def assess(labels, p, group, threshold, subtype_threshold, classes, paths, intervals=True):
     """results.json's subtypes record of a labelled set: bacterial against viral on its pneumonia X-rays (at the
-    subtype threshold, bacterial positive, with patient-bootstrap 95% intervals) and the classes' accuracy and
-    confusion matrix (rows: true, columns: decided) of the two-step decision."""
+    subtype threshold, bacterial positive, with patient-bootstrap 95% intervals unless not ``intervals``: ci95
+    None) and the classes' accuracy and confusion matrix (rows: true, columns: decided) of the two-step
+    decision."""
     labels = np.asarray(labels)
     pneumonia = np.isin(labels, group)
     y, s = labels[pneumonia] == group[0], subtype_scores(p[pneumonia], group)
@@ -95,7 +96,8 @@ def assess(labels, p, group, threshold, subtype_threshold, classes, paths):
     pneumonia_paths = [q for q, m in zip(paths, pneumonia) if m]
     groups = [data.patient_id(q) for q in pneumonia_paths]
     return {"bacterial_vs_viral": dict(metrics.evaluate(y, s, subtype_threshold), images=int(pneumonia.sum()),
-                                       ci95=metrics.bootstrap(y, s, subtype_threshold, groups) if len(y) else None),
+                                       ci95=metrics.bootstrap(y, s, subtype_threshold, groups)
+                                       if intervals and len(y) else None),
             "accuracy": float(np.mean(decided == labels)) if len(labels) else float("nan"),
             "confusion": {"classes": list(classes), "rows": "true class", "columns": "decided class",
                           "matrix": matrix.tolist()}}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dsconv import DsconvError, bottlenecks, classifier, data, experiments, report, runlog, weights
-from tests.conftest import copy_xrays
+from tests.conftest import copy_xrays, exit_of
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
 
@@ -241,7 +241,185 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         experiments.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--data", "--out", "--quick", "--cache", "--workers"):
+    for flag in ("--data", "--out", "--quick", "--subtypes", "--cache", "--workers"):
         assert flag in text
     parser_flags = text.count("  --")
     assert parser_flags >= 5 and "(default: results)" in text
+
+
+# ---- --subtypes: bacterial against viral beside every training
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """100 chest X-rays per class: at least 3 bacterial and 3 viral in every validation and test partition of
+    the quick grid."""
+    return copy_xrays(tmp_path_factory.mktemp("mixed"), 100, 10)
+
+
+def naive_auc(y, s):
+    """P(score of a bacterial X-ray > score of a viral one), ties one half, by every pair."""
+    pos, neg = s[y], s[~y]
+    return sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+
+
+def youden_j(y, s, t):
+    return np.mean(s[y] >= t) + np.mean(s[~y] < t) - 1
+
+
+def naive_subtype_figures(p, names, t):
+    """runs.csv's subtype figures at threshold t, recomputed: p (N, 3) NORMAL, BACTERIAL, VIRAL; names: file names."""
+    truth = np.array([0 if "bacteria" not in n and "virus" not in n else 1 if "bacteria" in n else 2 for n in names])
+    pneumonia = truth > 0
+    s = p[pneumonia, 1] / (p[pneumonia, 1] + p[pneumonia, 2])
+    y = truth[pneumonia] == 1
+    decided = [0 if q[1] + q[2] < 0.5 else 1 if q[1] / (q[1] + q[2]) >= t else 2 for q in p]
+    return {"subtype_test_accuracy": np.mean((s >= t) == y), "subtype_test_sensitivity": np.mean(s[y] >= t),
+            "subtype_test_specificity": np.mean(s[~y] < t), "subtype_test_auc": naive_auc(y, s),
+            "subtype_test_classes_accuracy": np.mean(np.array(decided) == truth)}
+
+
+def binary_part(rows):
+    return sorted(tuple((k, r[k]) for k in runlog.BINARY if k != "train_s") for r in rows)
+
+
+def subtype_part(rows):
+    return sorted(tuple((k, r[k]) for k in runlog.KEY + runlog.SUBTYPES if k != "subtype_train_s") for r in rows)
+
+
+def headline_row(summary, kind):
+    """The cells of the summary's headline row of a bottleneck."""
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| 0.25-128") and f"| {kind} |" in ln)
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_quick_grid_subtypes(quarter, mixed, tmp_path, monkeypatch, capsys):
+    experiments.main(grid_args(mixed, tmp_path, "plain"))
+    experiments.main(grid_args(mixed, tmp_path, "sub") + ["--subtypes"])
+    plain, sub = read_csv(tmp_path / "plain" / "runs.csv"), read_csv(tmp_path / "sub" / "runs.csv")
+    # the binary figures do not change with the option; the subtype columns are filled only with it
+    assert len(sub) == len(plain) == 32 and binary_part(sub) == binary_part(plain)
+    assert all(r[k] == "" for r in plain for k in runlog.SUBTYPES)
+    assert all(r[k] != "" for r in sub for k in runlog.SUBTYPES)
+    assert (tmp_path / "sub" / "table4.md").read_text() == (tmp_path / "plain" / "table4.md").read_text()
+    summary = (tmp_path / "sub" / "summary.md").read_text()
+    assert "bacterial vs viral, by image | by patient |" in summary
+    assert "bacterial vs viral" not in (tmp_path / "plain" / "summary.md").read_text()
+    for kind in ("logits", "pooled"):
+        with_, without = headline_row(summary, kind), headline_row((tmp_path / "plain" / "summary.md").read_text(),
+                                                                  kind)
+        assert with_[:6] == without and len(with_) == 8
+
+    # each row's figures, recomputed from a three-class head trained apart, labels read from the names here
+    ds = data.scan(mixed)
+    net = weights.load(0.25, 128, head=True, quiet=True)
+    names = [p.name for p in ds.paths]
+    three = np.array([0 if y == 0 else 1 if "_bacteria_" in n else 2 for y, n in zip(ds.labels, names)])
+    checked = 0
+    for kind, group_by, seed, lr in (("pooled", "patient", 1, 0.1), ("logits", "image", 0, 0.01)):
+        x, _ = bottlenecks.extract(ds.paths, net, kind, tmp_path / "cache", progress=False)
+        groups = [data.patient_id(p) for p in ds.paths] if group_by == "patient" else None
+        part = data.split(ds.labels, (80, 10, 10), seed, groups)
+        for steps in experiments.QUICK.steps:
+            r = next(r for r in sub if (r["bottleneck"], r["group_by"], r["seed"], r["lr"], r["steps"])
+                     == (kind, group_by, str(seed), f"{lr:g}", str(steps)))
+            model, _ = classifier.train(x[part == 0], three[part == 0], ["NORMAL", "BACTERIAL", "VIRAL"], lr=lr,
+                                        steps=steps, seed=seed, check=False)
+            t = float(r["subtype_threshold"])
+            # the threshold is one with the largest Youden's J on the validation pneumonia X-rays
+            pv = model.probabilities(x[part == 1])[three[part == 1] > 0]
+            sv, yv = pv[:, 1] / (pv[:, 1] + pv[:, 2]), three[part == 1][three[part == 1] > 0] == 1
+            assert yv.any() and (~yv).any()
+            assert youden_j(yv, sv, t) == pytest.approx(max(youden_j(yv, sv, c) for c in list(sv) + [np.inf]))
+            te = np.flatnonzero(part == 2)
+            expected = naive_subtype_figures(model.probabilities(x[te]), [names[i] for i in te], t)
+            for k, v in expected.items():
+                assert float(r[k]) == pytest.approx(v, abs=1e-5), (k, r)
+            checked += 1
+    assert checked == 4
+
+    # the summary's column: the chosen setting's mean ± std over the shuffles, read from runs.csv here
+    for kind in ("logits", "pooled"):
+        cells = headline_row(summary, kind)
+        for g, setting, cell in zip(("image", "patient"), cells[5].split("; "), cells[6:]):
+            lr, steps = setting.split("/")
+            rs = [r for r in sub if (r["bottleneck"], r["group_by"], r["lr"], r["steps"]) == (kind, g, lr, steps)]
+            assert len(rs) == experiments.QUICK.shuffles
+            acc = [100 * float(r["subtype_test_accuracy"]) for r in rs]
+            auc = [float(r["subtype_test_auc"]) for r in rs]
+            assert cell.startswith(f"{np.mean(acc):.1f} ± {np.std(acc, ddof=1):.2f}, AUC {np.mean(auc):.3f} ± "
+                                   f"{np.std(auc, ddof=1):.3f} ("), cell
+
+
+def test_subtypes_never_choose():
+    # selection is on the binary validation accuracy: any subtype figures leave every choice as it was
+    rows = [dict(row(lr, steps, s, val, 0.9), **dict.fromkeys(runlog.SUBTYPES, math.nan))
+            for lr, steps, val in ((0.1, 100, 0.9), (0.01, 200, 0.8)) for s in range(2)]
+    rng = np.random.default_rng(0)
+    noisy = [dict(r, **{k: rng.random() for k in runlog.SUBTYPES}) for r in rows]
+    noisy[2]["subtype_test_accuracy"] = noisy[3]["subtype_test_accuracy"] = 1.0  # the setting not chosen is best
+    (plain,), (chosen,) = experiments.select(rows).values(), experiments.select(noisy).values()
+    assert (plain["lr"], plain["steps"]) == (chosen["lr"], chosen["steps"]) == (0.1, 100)
+    acc = [noisy[0]["subtype_test_accuracy"], noisy[1]["subtype_test_accuracy"]]
+    assert chosen["subtypes"]["subtype_test_accuracy"] == pytest.approx((np.mean(acc), np.std(acc, ddof=1)))
+
+
+def test_subtypes_resume(quarter, mixed, tmp_path, monkeypatch, capsys):
+    experiments.main(grid_args(mixed, tmp_path, "whole") + ["--subtypes"])
+    whole = read_csv(tmp_path / "whole" / "runs.csv")
+    train = classifier.train
+    calls = []
+
+    def counting(x, y, classes, *a, **k):
+        if k.get("snapshots"):
+            calls.append(len(classes))
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+        return train(x, y, classes, *a, **k)
+    monkeypatch.setattr(classifier, "train", counting)
+
+    # interrupted, then resumed: the same figures, nothing trained twice but what the interruption lost
+    stop_at = 9
+    assert exit_of(lambda: experiments.main(grid_args(mixed, tmp_path, "cut") + ["--subtypes"])) == 130
+    kept = len(read_csv(tmp_path / "cut" / "runs.csv")) // len(experiments.QUICK.steps)
+    assert 0 < kept < 16
+    calls.clear()
+    stop_at = None
+    experiments.main(grid_args(mixed, tmp_path, "cut") + ["--subtypes"])
+    assert calls.count(2) == calls.count(3) == 16 - kept
+    resumed = read_csv(tmp_path / "cut" / "runs.csv")
+    assert binary_part(resumed) == binary_part(whole) and subtype_part(resumed) == subtype_part(whole)
+
+    # a runs.csv from before the option (its columns only): resumed, only the three-class heads trained
+    experiments.main(grid_args(mixed, tmp_path, "old"))
+    path = tmp_path / "old" / "runs.csv"
+    n = len(runlog.BINARY)
+    path.write_text("".join(",".join(line.split(",")[:n]) + "\n" for line in path.read_text().splitlines()))
+    assert path.read_text().splitlines()[0] == ",".join(runlog.BINARY)
+    calls.clear()
+    experiments.main(grid_args(mixed, tmp_path, "old") + ["--subtypes"])
+    assert "predates --subtypes" in capsys.readouterr().err
+    assert calls == [3] * 16
+    log = runlog.RunLog(path)
+    log.close()
+    rows = [{k: runlog.fmt(k, v) for k, v in r.items()} for r in log.rows.values()]
+    assert binary_part(rows) == binary_part(whole) and subtype_part(rows) == subtype_part(whole)
+    # resumed again, nothing is left to train
+    calls.clear()
+    experiments.main(grid_args(mixed, tmp_path, "old") + ["--subtypes"])
+    assert calls == []
+
+
+def test_subtypes_need_the_names(quarter, small, tmp_path, capsys):
+    root = tmp_path / "data"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((small / cls).iterdir())[:6]:
+            (root / cls / f.name).symlink_to(f)
+    odd = root / "PNEUMONIA" / "person9_unknown_1.jpeg"
+    odd.symlink_to(next((small / "PNEUMONIA").iterdir()))
+    code = exit_of(lambda: experiments.main(["--data", str(root), "--out", str(tmp_path / "out"), "--quick",
+                                             "--subtypes", "--cache", str(tmp_path / "cache")]))
+    err = capsys.readouterr().err
+    assert code == 2 and "person9_unknown_1.jpeg" in err and "_bacteria_" in err
+    assert not (tmp_path / "out" / "runs.csv").exists()
