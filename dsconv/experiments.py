@@ -233,11 +233,10 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
                     results = job.result()
                     setting = dict(alpha=alpha, resolution=res, bottleneck=kind, group_by=g, split=scheme,
                                    seed=seed, lr=lr, trained_resolution=net.trained_resolution)
-                    # a run trained before without its subtypes keeps its binary figures; empty cells stay NaN
+                    # a run trained before without its subtypes keeps its binary figures
                     before = [{} if binary else log.rows[runlog.key_of(dict(setting, steps=r["steps"]))]
                               for r in results]
-                    log.add([{**dict.fromkeys(runlog.SUBTYPES, math.nan), **b, **setting, **r}
-                             for b, r in zip(before, results)])
+                    log.add([{**b, **setting, **r} for b, r in zip(before, results)])
                     done += 1
                     trained += 1
                     timing["trainings"] += 1

@@ -114,7 +114,10 @@ class RunLog:
             raise
 
     def add(self, rows):
-        """Append runs; they are kept as read back from the file, so a resumed grid selects the same."""
+        """Append runs; they are kept as read back from the file, so a resumed grid selects the same.
+
+        A run without the SUBTYPES figures gets them empty."""
+        rows = [{**dict.fromkeys(SUBTYPES, math.nan), **row} for row in rows]
         cells = [{k: fmt(k, row[k]) for k in COLUMNS} for row in rows]
         self._append("".join(",".join(c.values()) + "\n" for c in cells))
         for row, c in zip(rows, cells):
