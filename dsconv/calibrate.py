@@ -87,9 +87,9 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
             check.info["widened_to_site"] = record["xray_check"]
             check.store(head)
     if val is not None:
-        x, failed = model.bottlenecks(val.paths, progress=True)
+        x, proba, failed = model.scored(val.paths, progress=True)
         labels = val.labels[[p not in failed for p in val.paths]]
-        y, s = np.isin(labels, head.positives()), head.scores(x)
+        y, s = np.isin(labels, head.positives()), proba[:, head.positives()].sum(axis=1)
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")
@@ -108,7 +108,7 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
             head.threshold)
         record["by_form"] = repeats.by_form(kept, y, s, head.threshold)
         if model.subtypes:
-            record["subtypes"] = choose_subtype_threshold(model, labels, head.probabilities(x), kept)
+            record["subtypes"] = choose_subtype_threshold(model, labels, proba, kept)
     if val is not None or site_paths is not None:  # the forms its threshold and statistics now come from
         site = forms.summary([forms.describe(p) for p in (val.paths if val is not None else site_paths)])
         old = head.info.get("forms") or {}

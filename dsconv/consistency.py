@@ -37,11 +37,11 @@ def score(model, ds, names, compare=None, progress=True):
     out = {}
     for name in ["as given"] + list(names) + ([compare] if compare else []):
         paths = ds.paths if name != compare else [Path(compare) / p.relative_to(ds.root) for p in ds.paths]
-        x, failed = model.bottlenecks(paths, progress=progress, form=form_of(name) if name in forms.REPORT else None)
+        _, p, failed = model.scored(paths, progress=progress, form=form_of(name) if name in forms.REPORT else None)
         if failed:
             raise DsconvError(f"{len(failed)} image(s) could not be read as {name}, such as "
                               f"{next(iter(failed.values()))}; remove them and run again")
-        out[name] = model.head.scores(x)
+        out[name] = p[:, model.head.positives()].sum(axis=1)
     return out
 
 

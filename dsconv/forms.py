@@ -47,6 +47,11 @@ def _jpeg(im, quality):
     return buf.getvalue()
 
 
+def array_bytes(a):
+    """uint8 pixels (H, W) or (H, W, 3 or 4) as PNG bytes."""
+    return _png(Image.fromarray(a if a.ndim == 2 or a.shape[2] == 3 else a[..., :3]))
+
+
 def copy224(data):
     """The form of the training copies: RGB, resized to 224 x 224 (Pillow's bicubic), JPEG quality 75."""
     return _jpeg(_image(data).convert("RGB").resize((COPY_SIZE, COPY_SIZE), Image.BICUBIC), 75)
@@ -96,6 +101,32 @@ class Form(NamedTuple):
     name: str
     description: str
     apply: Callable
+
+
+# Test-time forms (python -m dsconv.train --form-tta K): the same for every image, so that two forms of one X-ray
+# are averaged over the same transformations. Recorded in bottleneck caches and model files.
+TEST_SEED = "0" * 16
+TEST_FORMS = ("form-tta-v1: brought to 224 x 224 (the network's resize, as PNG), then augment's draw k "
+              f"with the fixed seed {TEST_SEED}")
+
+
+def canonical(data):
+    """The image brought to the training copies' size (the network's own resize, no blur), as PNG bytes."""
+    return _png(Image.fromarray(images.decode(data, COPY_SIZE)))
+
+
+def test_form(data, draw):
+    """Test-time form ``draw`` (1, 2, ...) of an image file (bytes): canonical, then augment's draw with TEST_SEED."""
+    return augment(canonical(data), TEST_SEED, draw)
+
+
+def test_forms(n, first=None):
+    """The n test-time forms as Forms, each applied after the Form ``first`` if given (a consistency report's)."""
+    if first is None:
+        return [Form(f"tta{k}", f"{TEST_FORMS}; draw {k}", lambda data, key, k=k: test_form(data, k))
+                for k in range(1, n + 1)]
+    return [Form(f"{first.name}+tta{k}", f"{first.description}; then {TEST_FORMS}; draw {k}",
+                 lambda data, key, k=k: test_form(first.apply(data, key), k)) for k in range(1, n + 1)]
 
 
 def draws(n):

@@ -38,6 +38,7 @@ class Model:
                                         "with `python -m dsconv.train`") from None
         self.tta = info.get("tta", "none")
         self.blur = float(info.get("blur", 0.0))
+        self.form_tta = int(info.get("form_tta", 0))
         if self.tta not in bottlenecks.TTAS:
             raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
                                         f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
@@ -67,13 +68,43 @@ class Model:
         return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
                                          progress=progress, tta=self.tta, form=form, blur=self.blur)
 
+    def scored(self, paths, progress=False, form=None):
+        """(bottlenecks (N, D), probabilities (N, C)) of the readable paths, and {path: reason} of the others; cached.
+
+        With test-time forms (info["form_tta"] K, dsconv.forms.test_forms),
+        the probabilities are the mean of the file's as given and of its K
+        forms'; the bottlenecks are the file's as given. ``form``: as
+        bottlenecks().
+        """
+        x, failed = self.bottlenecks(paths, progress, form)
+        p = self.head.probabilities(x)
+        if self.form_tta and len(x):
+            kept = [q for q in paths if q not in failed]
+            for f in forms.test_forms(self.form_tta, form):
+                xf, lost = self.bottlenecks(kept, progress, f)
+                if lost:
+                    raise images.ImageError(next(iter(lost.values())))
+                p += self.head.probabilities(xf)
+            p /= 1 + self.form_tta
+        return x, p, failed
+
+    def _forms_probabilities(self, source, p):
+        """p (C,) of one image (path, bytes or uint8 array) averaged with its test-time forms' (form_tta)."""
+        if not self.form_tta or (isinstance(source, np.ndarray) and source.dtype != np.uint8):
+            return p  # a float array is the network's input already: no file to take forms of
+        data = forms.array_bytes(source) if isinstance(source, np.ndarray) else images.read_bytes(source)
+        x = np.stack([images.scale(images.decode(forms.test_form(data, k), self.resolution, blur=self.blur))
+                      for k in range(1, self.form_tta + 1)])
+        feats = np.concatenate([self._forward(x, net) for net in self.nets], axis=1)
+        return (p + self.head.probabilities(feats).sum(axis=0)) / (1 + self.form_tta)
+
+    def _forward(self, x, net):
+        pooled, logits = bottlenecks.forward(net, x, self.tta)
+        return pooled if self.bottleneck == "pooled" else logits
+
     def _pixels_bottlenecks(self, arrays):
         x = np.stack([_prepare(a, self.resolution, self.blur) for a in arrays])
-        out = []
-        for net in self.nets:
-            pooled, logits = bottlenecks.forward(net, x, self.tta)
-            out.append(pooled if self.bottleneck == "pooled" else logits)
-        return np.concatenate(out, axis=1)
+        return np.concatenate([self._forward(x, net) for net in self.nets], axis=1)
 
     def predict_proba(self, images_):
         """(N, classes) probabilities of image paths and/or arrays.
@@ -84,16 +115,17 @@ class Model:
         """
         items = list(images_) if isinstance(images_, (list, tuple)) else [images_]
         paths = [p for p in items if not isinstance(p, np.ndarray)]
-        feats = np.zeros((len(items), self.head.weights.shape[0]), np.float32)
+        out = np.zeros((len(items), len(self.classes)))
         if paths:
-            got, failed = self.bottlenecks(paths)
+            _, got, failed = self.scored(paths)
             if failed:
                 raise images.ImageError(next(iter(failed.values())))
-            feats[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
+            out[[i for i, p in enumerate(items) if not isinstance(p, np.ndarray)]] = got
         arrays = [i for i, a in enumerate(items) if isinstance(a, np.ndarray)]
         if arrays:
-            feats[arrays] = self._pixels_bottlenecks([items[i] for i in arrays])
-        return self.head.probabilities(feats)
+            p = self.head.probabilities(self._pixels_bottlenecks([items[i] for i in arrays]))
+            out[arrays] = [self._forms_probabilities(items[i], row) for i, row in zip(arrays, p)]
+        return out
 
     def warnings(self, images_):
         """One string per image (paths and/or arrays as predict_proba): "" or why it is not taken for a chest X-ray.
@@ -211,6 +243,9 @@ class Model:
     def diagnose(self, source, size=None, with_warning=False):
         """(probabilities (C,), heatmap, the X-ray) of one image file: one decode for the network, one pass.
 
+        With test-time forms (form_tta) the probabilities are averaged with
+        theirs, as predict_proba's; the map is the image's as given.
+
         ``with_warning``: a fourth item, the image's warnings() string.
 
         The heatmap is the class activation map of the positive class (with
@@ -228,7 +263,7 @@ class Model:
             original = decoding.result()
         if size:
             original.thumbnail((size, size))
-        p = self.head.probabilities(feats[None])[0]
+        p = self._forms_probabilities(source, self.head.probabilities(feats[None])[0])
         caption = f"P({self.positive}) {probability_text(self.positive_probability(p))}"
         if self.subtypes:
             decided = self.decide(p)

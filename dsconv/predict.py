@@ -141,8 +141,8 @@ def _row(model, path, error=None):
 
 
 def _rows(model, paths):
-    feats, failed = model.bottlenecks(paths)
-    probs = iter(model.head.probabilities(feats) if len(feats) else [])
+    feats, probs, failed = model.scored(paths)
+    probs = iter(probs)
     warnings = iter(model.warnings_of([p for p in paths if p not in failed], feats))
     rows = []
     for path in paths:

@@ -22,11 +22,20 @@ class Part(NamedTuple):
 
     ``forms``: bottlenecks of other forms of the same images (dsconv.forms),
     one array per form, rows aligned with ``x``; they train, never score.
+    ``tta``: bottlenecks of the images' test-time forms (forms.test_forms),
+    rows aligned; the images are scored by the mean of the probabilities of
+    x and of these (as the model file then predicts).
     """
     x: np.ndarray
     labels: np.ndarray
     paths: list
     forms: tuple = ()
+    tta: tuple = ()
+
+
+def probabilities(model, part, rows=slice(None)):
+    """(N, C) probabilities of a Part's images (``rows``), the mean over the images as given and their part.tta."""
+    return np.mean([model.probabilities(a[rows]) for a in (part.x, *part.tta)], axis=0)
 
 
 def choose_threshold(args, y, scores):
@@ -137,7 +146,7 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
                 model.positive = positive
                 # validation images of the training clinic are scored as they are: the site's
                 # statistics would move them, not bring them closer to the training distribution
-                unadapted = model.probabilities(val.x) if site is not None and args.val_dir is None else None
+                unadapted = probabilities(model, val) if site is not None and args.val_dir is None else None
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
@@ -145,9 +154,9 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
                 if scored is None:
                     c["model"] = model
                     if not cross:
-                        c["proba"] = model.probabilities(val.x) if unadapted is None else unadapted
+                        c["proba"] = probabilities(model, val) if unadapted is None else unadapted
                 else:
-                    c["proba"][scored] = model.probabilities(val.x[scored])
+                    c["proba"][scored] = probabilities(model, val, scored)
                 c["curves"] = curves
     for c in candidates.values():
         c["scores"] = c["proba"][:, np.atleast_1d(positive)].sum(axis=1)
@@ -171,19 +180,24 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
     return best["model"], curves, best["scores"], choice, best["proba"]
 
 
-def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
+def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=(), tta_of=None):
     """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
 
     ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
     them out of ``ds``; ``site``: bottlenecks of --site-dir or None;
     ``x_forms``: bottlenecks of other forms of ds's images (those of the
-    training partition train beside them).
+    training partition train beside them); ``tta_of(mask)``: the test-time
+    forms' bottlenecks of ds's images in ``mask`` (a carved test Part's
+    tta), or None.
     """
     groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
     part = data.split(ds.labels, pct, seed, groups)
     carve = lambda k: Part(x[part == k], ds.labels[part == k], [q for q, m in zip(ds.paths, part == k) if m])
     val = carve(1) if val is None else val
-    test = carve(2) if test is None else test
+    if test is None:
+        test = carve(2)
+        if tta_of is not None:
+            test = test._replace(tta=tta_of(part == 2))
     tr = part == 0
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
@@ -192,7 +206,8 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
                                        tuple(f[tr] for f in x_forms))
     y_val = np.isin(val.labels, positive)
     model.threshold, rule = choose_threshold(args, y_val, s_val)
-    y_test, s_test = np.isin(test.labels, positive), model.scores(test.x)
+    p_test = probabilities(model, test)
+    y_test, s_test = np.isin(test.labels, positive), p_test[:, np.atleast_1d(positive)].sum(axis=1)
     sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
     count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
     result = {
@@ -214,11 +229,11 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=()):
         "test_by_form": by_form(test.paths, y_test, s_test, model.threshold),
     }
     if np.ndim(positive):
-        result["subtypes"] = subtype_choice(model, ds.classes, positive, args.positive, val, p_val, test)
+        result["subtypes"] = subtype_choice(model, ds.classes, positive, args.positive, val, p_val, test, p_test)
     return result, model, curves, (y_test, s_test)
 
 
-def subtype_choice(model, classes, group, name, val, p_val, test):
+def subtype_choice(model, classes, group, name, val, p_val, test, p_test):
     """Choose the subtype threshold on the validation probabilities (out-of-fold with cross-fitting); record it in
     the model's info (``name``: the positive class they split), and return the subtype figures of the validation
     and test sets (dsconv.subtypes.assess)."""
@@ -230,7 +245,7 @@ def subtype_choice(model, classes, group, name, val, p_val, test):
                               "score": f"P({classes[group[0]]}) / (P({classes[group[0]]}) + P({classes[group[1]]}))"}
     figures = lambda part, p: subtypes.assess(part.labels, p, group, model.threshold, t, classes, part.paths)
     return {"threshold": t, "threshold_rule": rule, "validation": figures(val, p_val),
-            "test": figures(test, model.probabilities(test.x))}
+            "test": figures(test, p_test)}
 
 
 def pct(v):

@@ -36,13 +36,14 @@ BOTTLENECK = "pooled"
 SAMPLING = "balanced"
 # Upper bounds checked when the arguments are parsed, so that a typo ends in a message, not out of memory
 LIMITS = {"repeats": 100, "steps": 1_000_000, "batch_size": 10_000, "eval_every": 1_000_000, "workers": 64,
-          "site_weight": 100, "forms": 8}
+          "site_weight": 100, "forms": 8, "form_tta": 16}
 MAX_DRAWS = 50_000_000  # steps x batch size: the row indices drawn up front, 400 MB
 # Beyond retrain.py, chosen for what holds up on a later clinic's X-rays (docs/external-validation.md)
 TTA = "flip"
 BLUR = 1.0
 FORMS = 2
 INVARIANCE = 32
+FORM_TTA = 6
 SITE_WEIGHT = 5
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
@@ -50,7 +51,7 @@ STEPS = [classifier.STEPS]
 WEIGHT_DECAY = [0.1]
 # The paper's protocol, one flag away: retrain.py's head and the paper's best cell's split and steps
 PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "blur": 0.0, "forms": 0, "invariance": 0,
-         "site_dir": "none", "site_weight": 0,
+         "form_tta": 0, "site_dir": "none", "site_weight": 0,
          "threshold_rule": "youden", "group_by": paper.BEST_CELL[3], "split": paper.BEST_CELL[4],
          "steps": [paper.BEST_SETTING[1]]}
 
@@ -93,6 +94,12 @@ def parse_args(argv):
                    help="Gaussian blur of every input after its resize to r x r, in pixels (training and "
                         "prediction alike): it smooths away JPEG blocks and resampling, in which the forms of "
                         "an X-ray differ most; 0: none (retrain.py)")
+    p.add_argument("--form-tta", type=int, default=FORM_TTA, metavar="K",
+                   help="with --val-dir: score every image (site sample, test images, and later every input to "
+                        "predict, the API and the page) by the mean of its probabilities as given and in K "
+                        "test-time forms, the same K for every image (dsconv.forms.test_forms): decisions then "
+                        "depend less on the form an X-ray comes in; each costs one more forward pass per image "
+                        "scored; 0: none. Without --val-dir: 0")
     p.add_argument("--resolution", type=int, default=RESOLUTION, help="input size r (r x r), a multiple of 32")
     p.add_argument("--bottleneck", default=BOTTLENECK, choices=bottlenecks.KINDS,
                    help="pooled 1024*alpha features, or the 1000 ImageNet logits (retrain.py's choice)")
@@ -144,7 +151,7 @@ def parse_args(argv):
         p.set_defaults(**PAPER)
     args = p.parse_args(argv)
     for name, most in LIMITS.items():
-        least, values = 0 if name in ("site_weight", "forms") else 1, np.atleast_1d(getattr(args, name))
+        least, values = 0 if name in ("site_weight", "forms", "form_tta") else 1, np.atleast_1d(getattr(args, name))
         if not least <= values.min() <= values.max() <= most:
             p.error(f"--{name.replace('_', '-')} must be from {least} to {most}")
     if not 0 <= args.invariance <= 256:
@@ -154,6 +161,8 @@ def parse_args(argv):
     if args.max_pixels < 1:
         p.error("--max-pixels must be positive")
     images.set_max_pixels(args.max_pixels)
+    if not args.val_dir:
+        args.form_tta = 0  # the threshold is then chosen on a partition of --data, without its test-time forms
     if max(args.steps) * args.batch_size > MAX_DRAWS:
         p.error(f"--steps {max(args.steps)} x --batch-size {args.batch_size} draws more than {MAX_DRAWS:,} rows; "
                 "use fewer steps or a smaller batch")
@@ -245,6 +254,20 @@ def forms_of(ds, nets, args, cache_dir):
     return out
 
 
+def test_forms_of(ds, nets, args, cache_dir, mask=None):
+    """The bottlenecks of the --form-tta test-time forms of ds's images (those in ``mask``), one array per form."""
+    paths = ds.paths if mask is None else [q for q, m in zip(ds.paths, mask) if m]
+    out = []
+    for form in forms.test_forms(args.form_tta):
+        x, failed = bottlenecks.extract_ensemble(paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+                                                 tta=args.tta, form=form, blur=args.blur)
+        if failed:
+            raise data.DataError(f"{len(failed)} image(s) could not be read in their test-time form {form.name}, "
+                                 f"such as {next(iter(failed.values()))}; remove them or give --form-tta 0")
+        out.append(x)
+    return tuple(out)
+
+
 def versions():
     import h5py
     import numba
@@ -267,6 +290,9 @@ def network_info(nets, args, width):
         info["tta"] = args.tta
     if args.blur:
         info["blur"] = args.blur
+    if args.form_tta:
+        info["form_tta"] = args.form_tta
+        info["form_tta_description"] = forms.TEST_FORMS
     return info
 
 
@@ -360,10 +386,12 @@ def main(argv=None):
         if val_ds is not None:
             val_ds, x_val = bottlenecks_of(val_ds, nets, args, cache_dir, skipped)
             val = repeats.Part(x_val, val_ds.labels, val_ds.paths,
-                               tuple(forms_of(val_ds, nets, args, cache_dir)) if args.site_weight else ())
+                               tuple(forms_of(val_ds, nets, args, cache_dir)) if args.site_weight else (),
+                               test_forms_of(val_ds, nets, args, cache_dir))
         if test_ds is not None:
             test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
-            test = repeats.Part(x_test, test_ds.labels, test_ds.paths)
+            test = repeats.Part(x_test, test_ds.labels, test_ds.paths,
+                                tta=test_forms_of(test_ds, nets, args, cache_dir))
         if site_paths is not None:
             site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
                                                      workers=args.workers, tta=args.tta, blur=args.blur)
@@ -382,8 +410,9 @@ def main(argv=None):
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
         for seed in range(args.repeats):
+            tta_of = (lambda mask: test_forms_of(ds, nets, args, cache_dir, mask)) if args.form_tta else None
             result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site,
-                                                               positive, x_forms)
+                                                               positive, x_forms, tta_of)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))
@@ -428,7 +457,9 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     described = {name: forms.summary([forms.describe(p) for p in d.paths]) if d else None
                  for name, d in (("training", ds), ("site", val_ds), ("test", test_ds or ds))}
     info["forms"] = forms.contract(described["training"], described["site"], described["test"], args.forms,
-                                   args.invariance, info["preprocessing"])
+                                   args.invariance, info["preprocessing"] + (
+                                       f"; each image scored as given and in {args.form_tta} test-time forms, "
+                                       "averaged" if args.form_tta else ""))
     settings = dict(vars(args))
     training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers", "overwrite", "max_pixels")}
     best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))

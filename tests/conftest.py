@@ -46,9 +46,10 @@ def copy_xrays(root, per_class, step):
     return root
 
 
-# The pipeline without the forms' defaults (no random forms, no projection, no blur), whose parts the tests
-# rebuild from the modules below train; tests/test_forms.py covers the defaults, and `extra` may restore them.
-PLAIN = ("--forms", "0", "--invariance", "0", "--blur", "0")
+# The pipeline without the forms' defaults (no random forms, no projection, no blur, no test-time forms), whose
+# parts the tests rebuild from the modules below train; tests/test_forms.py and tests/test_form_tta.py cover the
+# defaults, and `extra` may restore them.
+PLAIN = ("--forms", "0", "--invariance", "0", "--blur", "0", "--form-tta", "0")
 
 
 def exit_of(call):
