@@ -61,6 +61,10 @@ class Dataset:
         idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
         return Dataset(self.root, self.classes, [self.paths[i] for i in idx], self.labels[idx])
 
+    def readable(self, failed):
+        """The images not in ``failed`` ({path: reason}, as dsconv.bottlenecks.extract returns)."""
+        return self.subset(np.array([p not in failed for p in self.paths], bool))
+
     def counts(self):
         return {c: int(n) for c, n in zip(self.classes, np.bincount(self.labels, minlength=len(self.classes)))}
 

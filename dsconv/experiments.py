@@ -201,12 +201,12 @@ def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
         cached = [bottlenecks.Cache(root, bottlenecks.attrs(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
-    vds, feats, _ = bottlenecks.extract_dataset(ds, nets, kinds, cache_dir, workers, seconds=forward)
+    feats, failed = bottlenecks.extract(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
     wall = time.perf_counter() - t
     for net, n, s in zip(nets, missing, forward):
         timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": n, "seconds": s,
                                   "group_wall_s": wall / len(nets)})
-    return vds, feats
+    return ds.readable(failed), feats
 
 
 # ---- selection
@@ -264,8 +264,8 @@ def best_cell(selected, scheme):
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     """The training curves of a cell at its selected setting, one per shuffle: [(seed, curves)]."""
     net = weights.load(*cell.variant, head=True, quiet=True)
-    vds, (feats,), _ = bottlenecks.extract_dataset(ds, [net], (cell.bottleneck,), cache_dir, workers, progress=False)
-    x = feats[cell.bottleneck]
+    x, failed = bottlenecks.extract(ds.paths, net, cell.bottleneck, cache_dir, workers=workers, progress=False)
+    vds = ds.readable(failed)
     groups = [data.patient_id(p) for p in vds.paths] if cell.group_by == "patient" else None
     out = []
     for seed in range(shuffles):

@@ -64,8 +64,9 @@ class Model:
 
         ``form``: a dsconv.forms.Form applied to each file first (its own cache variant).
         """
-        return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
-                                         progress=progress, tta=self.tta, form=form, blur=self.blur)
+        feats, failed = bottlenecks.extract(paths, self.nets, self.bottleneck, self.cache_dir, progress=progress,
+                                            tta=self.tta, form=form, blur=self.blur)
+        return np.concatenate(feats, axis=1), failed
 
     def _pixels_bottlenecks(self, arrays):
         x = np.stack([_prepare(a, self.resolution, self.blur) for a in arrays])

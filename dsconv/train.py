@@ -223,25 +223,26 @@ def clean(x):
 
 def bottlenecks_of(ds, nets, args, cache_dir, skipped):
     """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    ds, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
-                                                    tta=args.tta, blur=args.blur)
+    feats, failed = bottlenecks.extract(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+                                        tta=args.tta, blur=args.blur)
+    ds = ds.readable(failed)
     skipped.update({str(p): msg for p, msg in failed.items()})
     for c, n in ds.counts().items():
         if n == 0:
             raise data.DataError(f"{ds.root / c}: no readable image in this class folder")
-    return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
+    return ds, np.concatenate(feats, axis=1)
 
 
 def forms_of(ds, nets, args, cache_dir):
     """The bottlenecks of --forms random forms of the (readable) images of ds, one array per form, rows aligned."""
     out = []
     for form in forms.draws(args.forms):
-        _, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
-                                                       tta=args.tta, form=form, blur=args.blur)
+        feats, failed = bottlenecks.extract(ds.paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+                                            tta=args.tta, form=form, blur=args.blur)
         if failed:
             raise data.DataError(f"{len(failed)} image(s) could not be read in their {form.name} form, such as "
                                  f"{next(iter(failed.values()))}; remove them or give --forms 0")
-        out.append(np.concatenate([f[args.bottleneck] for f in feats], axis=1))
+        out.append(np.concatenate(feats, axis=1))
     return out
 
 
@@ -365,8 +366,9 @@ def main(argv=None):
             test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
             test = repeats.Part(x_test, test_ds.labels, test_ds.paths)
         if site_paths is not None:
-            site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
-                                                     workers=args.workers, tta=args.tta, blur=args.blur)
+            site, failed = bottlenecks.extract(site_paths, nets, args.bottleneck, cache_dir, workers=args.workers,
+                                               tta=args.tta, blur=args.blur)
+            site = np.concatenate(site, axis=1)
             skipped.update({str(q): msg for q, msg in failed.items()})
             classifier.check_site(site, x.std(axis=0), args.site_dir)
         times["bottlenecks_s"] = time.perf_counter() - t
