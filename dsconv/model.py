@@ -42,7 +42,9 @@ class Model:
             raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
                                         f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
         self.alpha = info["alpha"]
-        self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
+        # the frozen networks it was trained on: the converted files with their sha256 if present
+        self.nets = [weights.load_recorded(float(p["alpha"]), self.resolution, self.bottleneck == "logits",
+                                           p.get("weights_sha256"), p.get("weights_file")) for p in self.parts]
         self.net = self.nets[0]
         self.classes = list(self.head.classes)
         # with subtypes (dsconv.subtypes) the positive class is the sum of two of the head's classes
@@ -267,25 +269,6 @@ def variant_name(info):
     alphas = "+".join(f"{float(p['alpha']):g}" for p in parts(info))
     tta = info.get("tta", "none")
     return f"{alphas}-{info['resolution']} {info['bottleneck']}" + (f" {tta}" if tta != "none" else "")
-
-
-def _network(part, resolution, bottleneck):
-    """The frozen network a model part was trained on: the converted file with its sha256 if present."""
-    alpha, head = float(part["alpha"]), bottleneck == "logits"
-    want = part.get("weights_sha256")
-    d = weights.weights_dir()
-    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
-        if weights.sha256(path) != want:  # first: a damaged extra file is then never parsed
-            continue
-        meta = weights.describe(path)
-        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head):
-            return weights.load_file(path, alpha, resolution)
-    net = weights.load(alpha, resolution, head=head, quiet=True)
-    if want and net.weights_sha256 != want:
-        print(f"dsconv: warning: the model was trained on weights {part.get('weights_file')} "
-              f"(sha256 {want[:12]}...), which are not in {d}; using {net.weights_path.name} instead",
-              file=sys.stderr)
-    return net
 
 
 def _prepare(a, size, blur=0.0):

@@ -263,13 +263,10 @@ def load_file(path, alpha=None, resolution=None):
             path = convert(src, path.parent, info["trained_resolution"])
         params = _verified(path)
     try:
-        net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
+        return MobileNet(info["alpha"], params, resolution or info["trained_resolution"], weights_path=path,
+                         weights_sha256=sha256(path), trained_resolution=info["trained_resolution"])
     except DsconvError as e:
         raise WeightsError(f"{e}; convert the Keras file again") from None
-    net.trained_resolution = info["trained_resolution"]
-    net.weights_path = path
-    net.weights_sha256 = sha256(path)
-    return net
 
 
 def find(alpha, resolution, head=False):
@@ -311,6 +308,23 @@ def load(alpha, resolution=224, head=False, quiet=False):
         print(f"dsconv: no {alpha:g}-{resolution} weights; running the {alpha:g}-{trained} ones "
               f"at {resolution} (the network is fully convolutional)", file=sys.stderr)
     return load_file(path, alpha, resolution)
+
+
+def load_recorded(alpha, resolution, head, want, name):
+    """The network a model was trained on: the converted file of sha256 ``want`` (named ``name`` then) if present,
+    else the variant's weights (load), with a warning if ``want`` is given."""
+    d = weights_dir()
+    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        if sha256(path) != want:  # first: a damaged extra file is then never parsed
+            continue
+        meta = describe(path)
+        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head):
+            return load_file(path, alpha, resolution)
+    net = load(alpha, resolution, head=head, quiet=True)
+    if want and net.weights_sha256 != want:
+        print(f"dsconv: warning: the model was trained on weights {name} (sha256 {want[:12]}...), which are not "
+              f"in {d}; using {net.weights_path.name} instead", file=sys.stderr)
+    return net
 
 
 def _described(path):
