@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, data, files, forms, metrics, report
+from dsconv import DsconvError, HelpFormatter, data, files, forms, metrics
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -60,8 +60,8 @@ def table(results):
     head = f"{'form':14s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['form'][-14:]:14s} {report.pct(r['accuracy']):>8s} {report.pct(r['sensitivity']):>11s} "
-                     f"{report.pct(r['specificity']):>11s} {r['auc']:6.3f}  {100 * r['changed']:5.1f}% "
+        lines.append(f"{r['form'][-14:]:14s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
+                     f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {100 * r['changed']:5.1f}% "
                      f"({r['changed_images']})")
     return lines
 

@@ -233,13 +233,10 @@ def subtype_choice(model, classes, group, name, val, p_val, test):
             "test": figures(test, model.probabilities(test.x))}
 
 
-def pct(v):
-    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
-
-
 def table(runs, summary):
     """The per-repeat and mean +/- std table, as lines."""
     cols = metrics.NAMES
+    pct = lambda v: metrics.pct(v, 2, 6)
     head = (f"{'seed':>5} {'train':>6} {'val':>5} {'test':>5} | "
             + " ".join(f"{c[:6]:>6}" for c in cols) + " | threshold: thr    acc   sens   spec")
     lines = [head, "-" * len(head)]

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dsconv import files, metrics, mobilenet, paper, weights
+from dsconv.metrics import pct
 
 PROTOCOLS = {"image": "split by image (the paper's protocol)",
              "patient": "split by patient (no patient on both sides)"}
@@ -34,10 +35,6 @@ class Cell(NamedTuple):
     @property
     def variant(self):
         return self.alpha, self.resolution
-
-
-def pct(v):
-    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
 
 
 def describe(rep, threshold):

@@ -306,8 +306,8 @@ def subtype_summary(runs, best):
 def print_by_form(figures):
     """The figures of each form of a set that mixes them (repeats.by_form), one line each."""
     for kind, e in (figures or {}).items():
-        print(f"    of which {e['images']} {kind}: accuracy {report.pct(e['accuracy'])}%, sensitivity "
-              f"{report.pct(e['sensitivity'])}%, specificity {report.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
+        print(f"    of which {e['images']} {kind}: accuracy {metrics.pct(e['accuracy'])}%, sensitivity "
+              f"{metrics.pct(e['sensitivity'])}%, specificity {metrics.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
 
 
 def main(argv=None):
@@ -471,12 +471,10 @@ def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, sk
     print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
     print("\n".join(lines))
     s = summary["test"]
-
-    def percent(v):
-        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}%"
-    missing = "n/a" in percent(s["sensitivity"]["mean"]) + percent(s["specificity"]["mean"])
-    print(f"\ntest accuracy {percent(s['accuracy']['mean'])} ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
-          f"sensitivity {percent(s['sensitivity']['mean'])}, specificity {percent(s['specificity']['mean'])} "
+    percent = {k: metrics.pct(s[k]["mean"], 2) for k in ("accuracy", "sensitivity", "specificity")}
+    missing = "n/a" in percent["sensitivity"] + percent["specificity"]
+    print(f"\ntest accuracy {percent['accuracy']}% ± {metrics.pct(np.nan_to_num(s['accuracy']['std']), 2)}, "
+          f"sensitivity {percent['sensitivity']}%, specificity {percent['specificity']}% "
           f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
           + ("; n/a: a test partition lacks that class)" if missing else ")"))
     r = runs[best]
