@@ -22,7 +22,7 @@ interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
 tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
 images (their content hashes and classes), and a resumed grid must come from
-the same ones (dsconv.runlog keeps these records; dsconv.report writes the
+the same ones (dsconv.runlog keeps these records; dsconv.reproduction writes the
 tables and figures). One grid writes to an --out at a time (an fcntl lock
 on --out/.lock).
 """
@@ -40,7 +40,7 @@ import numba
 import numpy as np
 
 from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, interrupted, metrics,
-                    mobilenet, paper, report, runlog, weights)
+                    mobilenet, paper, report, reproduction, runlog, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -180,7 +180,7 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
                         last = (kind, g, scheme)
                         left = (training + time.perf_counter() - t) / trained * (total - done)
                         print(f"grid [{done}/{total} trainings] {alpha:g}-{res} {kind} by {g} {scheme}  "
-                              f"{report.clock(time.perf_counter() - start)} elapsed, ~{report.clock(left)} of "
+                              f"{reproduction.clock(time.perf_counter() - start)} elapsed, ~{reproduction.clock(left)} of "
                               "training left (plus bottlenecks)", file=stream, flush=True)
                 training += time.perf_counter() - t
                 timing["train_s"] = training
@@ -213,7 +213,7 @@ def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
 
 
 def cell_key(row):
-    return report.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
+    return reproduction.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
 
 
 def select(rows):
@@ -247,7 +247,7 @@ def select(rows):
 
 def paper_setting(rows):
     """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
-    cell, (lr, steps) = report.Cell(*paper.BEST_CELL), paper.BEST_SETTING
+    cell, (lr, steps) = reproduction.Cell(*paper.BEST_CELL), paper.BEST_SETTING
     rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
     return (cell, select(rs)[cell]) if rs else None
 
@@ -304,16 +304,16 @@ def leakage(ds, seeds, scheme):
 
 
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
-    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.report); the names written."""
+    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.reproduction); the names written."""
     rows = [r for r in log.rows.values()
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
             and r["seed"] < grid.shuffles and r["lr"] in grid.lrs and r["steps"] in grid.steps]
     selected = select(rows)
-    files.write_text(out / "table4.md", report.table4(selected, grid, alphas))
-    files.write_text(out / "table1.md", report.table1(rows, grid.schemes))
-    files.write_text(out / "table3.md", report.table3())
-    head = report.headline(grid.schemes)
+    files.write_text(out / "table4.md", reproduction.table4(selected, grid, alphas))
+    files.write_text(out / "table1.md", reproduction.table1(rows, grid.schemes))
+    files.write_text(out / "table3.md", reproduction.table3())
+    head = reproduction.headline(grid.schemes)
     figure_cell = best_cell(selected, head) if selected else None
     paper_cell = paper_setting(rows)
     plt = report.pyplot("figure4.png or tradeoff.png")
@@ -321,14 +321,14 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     if plt and selected:
         c, s = paper_cell or figure_cell
         curves = figure4_curves(ds, c, s, grid.shuffles, cache_dir, workers)
-        report.figure4(out / "figure4.png", curves, c, s, paper_cell is not None, plt)
-        report.tradeoff(out / "tradeoff.png", selected, grid, head, plt)
+        reproduction.figure4(out / "figure4.png", curves, c, s, paper_cell is not None, plt)
+        reproduction.tradeoff(out / "tradeoff.png", selected, grid, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
     timing["wall_s"] = time.perf_counter() - wall_start
     invocations = [i for i in runlog.read_timing(out) if i["grid"] == timing["grid"]] + [timing]
     trainings = len({runlog.key_of(r)[:-1] for r in rows})
-    files.write_text(out / "summary.md", report.summary(selected, rows, trainings, grid, alphas, invocations, facts,
+    files.write_text(out / "summary.md", reproduction.summary(selected, rows, trainings, grid, alphas, invocations, facts,
                                                         figure_cell, paper_cell))
     written.append("summary.md")
     return written
@@ -379,7 +379,7 @@ def main(argv=None):
                     runlog.write_timing(out, timing)
                 except OSError as e:
                     print(f"warning: could not write {out / runlog.TIMING} ({e.strerror or e})", file=sys.stderr)
-    print(f"wrote {out}/: {', '.join(written)} ({report.clock(time.perf_counter() - wall_start)} min:s)")
+    print(f"wrote {out}/: {', '.join(written)} ({reproduction.clock(time.perf_counter() - wall_start)} min:s)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, bottlenecks, classifier, data, experiments, report, runlog, weights
+from dsconv import DsconvError, bottlenecks, classifier, data, experiments, reproduction, runlog, weights
 from tests.conftest import copy_xrays
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
@@ -184,9 +184,9 @@ def test_selection_uses_validation_only():
 def test_tables():
     cell = {"lr": 0.1, "steps": 2500, "val": 0.97, "test": 0.9612, "test_std": 0.0041, "sensitivity": 0.96,
             "specificity": 0.95, "n": 3}
-    selected = {report.Cell(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
-                report.Cell(0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
-    t4 = report.table4(selected, experiments.Grid(), {0.75, 0.25})
+    selected = {reproduction.Cell(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
+                reproduction.Cell(0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
+    t4 = reproduction.table4(selected, experiments.Grid(), {0.75, 0.25})
     lines = t4.splitlines()
     assert "## Split by image (the paper's protocol), logits bottleneck" in lines
     assert "| Model | 80/10/10 | 70/15/15 | 60/20/20 |" in lines
@@ -202,14 +202,14 @@ def test_tables():
     assert "patient" not in t4.split("†")[0]  # only the protocols that were run
     assert "the test partition played no part" in t4
 
-    t3 = report.table3().splitlines()
+    t3 = reproduction.table3().splitlines()
     assert "| 0.75-224 | 325 * | 317 | 2.59 | 2.59 |" in t3 and "| 0.25-128 | 14 | 14 | 0.47 | 0.47 |" in t3
     assert "| 0.50-224 | 149 * | 150 | 1.34 | 1.34 |" in t3
 
     rows = [dict(row(0.1, 1500, s, 0.9, 0.9), n_train=4172, n_val=522, n_test=522) for s in range(3)]
     rows += [dict(row(0.1, 1500, s, 0.9, 0.9), group_by="patient", n_train=4170 + s, n_val=522, n_test=524 - s)
              for s in range(3)]
-    t1 = report.table1(rows, ("80/10/10", "70/15/15")).splitlines()
+    t1 = reproduction.table1(rows, ("80/10/10", "70/15/15")).splitlines()
     assert "| 80/10/10 | 4172 \\| 522 \\| 522 | 4172 \\| 522 \\| 522 | 4170–4172 \\| 522 \\| 522–524 |" in t1
     assert "| 70/15/15 | 3652 \\| 782 \\| 782 | not run | not run |" in t1
 
