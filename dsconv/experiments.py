@@ -39,8 +39,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, interrupted, metrics,
-                    mobilenet, paper, report, reproduction, runlog, weights)
+from dsconv import (DsconvError, HelpFormatter, bottlenecks, data, fail, files, interrupted, metrics,
+                    mobilenet, paper, report, reproduction, runlog, sgd, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -99,7 +99,7 @@ def available_variants():
 def evaluate(model, x, y, positive):
     """(mean cross-entropy, metrics.evaluate at 0.5) of a model on bottlenecks x, labels y."""
     p = model.probabilities(x)
-    loss, _ = classifier.loss_accuracy(p, y)
+    loss, _ = sgd.loss_accuracy(p, y)
     return loss, metrics.evaluate(y == positive, p[:, positive], 0.5)
 
 
@@ -108,7 +108,7 @@ def train_cell(x, labels, part, classes, seed, lr, steps):
     positive = data.positive_index(classes)
     tr, va, te = part == 0, part == 1, part == 2
     t = time.perf_counter()
-    _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
+    _, curves = sgd.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
                                  seed=seed, snapshots=steps)
     train_s = time.perf_counter() - t
     out = []
@@ -270,7 +270,7 @@ def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     out = []
     for seed in range(shuffles):
         part = data.split(vds.labels, data.parse_split(cell.split), seed, groups)
-        _, c = classifier.train(x[part == 0], vds.labels[part == 0], vds.classes, x[part == 1],
+        _, c = sgd.train(x[part == 0], vds.labels[part == 0], vds.classes, x[part == 1],
                                 vds.labels[part == 1], lr=sel["lr"], steps=sel["steps"],
                                 eval_every=FIGURE4_EVAL_EVERY, seed=seed)
         out.append((seed, c))

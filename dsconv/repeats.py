@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import classifier, data, forms, metrics, subtypes
+from dsconv import data, forms, metrics, sgd, subtypes
 
 FOLDS = 5
 BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
@@ -128,7 +128,7 @@ def fit(settings, x, y, classes, val, site, positive, seed, x_forms=()):
                 ys = np.concatenate([ys] + [val.labels[extra]] * (len(site_rows) * settings.site_weight))
                 nuisance += [f[extra] - val.x[extra] for f in val.forms]
             # with cross-fitting no validation image is held out of the kept model: no validation curve
-            last, curves = classifier.train(
+            last, curves = sgd.train(
                 xs, ys, classes, None if cross else val.x, val.labels, lr=settings.lr, steps=max(settings.steps),
                 batch=settings.batch_size, sampling=settings.sampling, eval_every=settings.eval_every,
                 standardize=settings.standardize, weight_decay=wd, seed=seed, snapshots=settings.steps[:-1],
@@ -158,7 +158,7 @@ def fit(settings, x, y, classes, val, site, positive, seed, x_forms=()):
             p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
         else:  # the (out-of-fold) probabilities
             p = c["proba"]
-        c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
+        c["val_loss"] = sgd.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
     nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
     best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
                                                    c["steps"], -c["weight_decay"]))

@@ -4,7 +4,7 @@
 
 Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
 (dsconv.repeats) splits the images with its seed (0, 1, ...), trains the head
-(dsconv.classifier), picks the decision threshold on the validation partition
+(dsconv.sgd), picks the decision threshold on the validation partition
 and reports test metrics at 0.5 and at that threshold. Written to --out: results.json,
 model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib). Every model
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files,
-                    forms, images, interrupted, metrics, paper, repeats, subtypes, weights, xraycheck)
+from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, forms, images,
+                    interrupted, metrics, paper, repeats, sgd, subtypes, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
 from dsconv.outputs import Results, outputs_of
 from dsconv.settings import Settings
@@ -49,7 +49,7 @@ INVARIANCE = 32
 SITE_WEIGHT = 5
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
-STEPS = [classifier.STEPS]
+STEPS = [sgd.STEPS]
 WEIGHT_DECAY = [0.1]
 # The paper's protocol, one flag away: retrain.py's head and the paper's best cell's split and steps
 PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "blur": 0.0, "forms": 0, "invariance": 0,
@@ -91,7 +91,7 @@ def parse_args(argv):
                         "bottleneck pass over the images (cached)")
     p.add_argument("--invariance", type=int, default=INVARIANCE, metavar="K",
                    help="with --forms: the decision ignores the K directions along which the forms of an image "
-                        "move its bottleneck most (dsconv.classifier: form invariance); 0: none")
+                        "move its bottleneck most (dsconv.sgd: form invariance); 0: none")
     p.add_argument("--blur", type=float, default=BLUR, metavar="SIGMA",
                    help="Gaussian blur of every input after its resize to r x r, in pixels (training and "
                         "prediction alike): it smooths away JPEG blocks and resampling, in which the forms of "
@@ -110,14 +110,14 @@ def parse_args(argv):
                    help="three classes: the positive class split into BACTERIAL and VIRAL by the file names "
                         "('_bacteria_', '_virus_'); pneumonia is decided at the threshold on P(bacterial) + "
                         "P(viral), then its subtype at a second threshold chosen on validation (dsconv.subtypes)")
-    p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
+    p.add_argument("--lr", type=float, default=sgd.LR, help="SGD learning rate")
     p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
                    help="SGD steps; several: the one with the best validation AUC (one training, "
                         "snapshots)")
-    p.add_argument("--batch-size", type=int, default=classifier.BATCH, help="images per SGD step")
-    p.add_argument("--sampling", default=SAMPLING, choices=classifier.SAMPLINGS,
+    p.add_argument("--batch-size", type=int, default=sgd.BATCH, help="images per SGD step")
+    p.add_argument("--sampling", default=SAMPLING, choices=sgd.SAMPLINGS,
                    help="batches drawn class first (balanced, retrain.py) or from all images (natural)")
-    p.add_argument("--eval-every", type=int, default=classifier.EVAL_EVERY,
+    p.add_argument("--eval-every", type=int, default=sgd.EVAL_EVERY,
                    help="record training curves every this many steps")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=STANDARDIZE,
                    help="scale bottlenecks to zero mean, unit variance on the training partition "

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, bottlenecks, classifier, data, experiments, reproduction, runlog, weights
+from dsconv import DsconvError, bottlenecks, data, experiments, reproduction, runlog, sgd, weights
 from tests.conftest import copy_xrays
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
@@ -80,14 +80,14 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     net = weights.load(0.25, 128, head=True, quiet=True)
     x, _ = bottlenecks.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
     part = data.split(ds.labels, (80, 10, 10), 1, [data.patient_id(p) for p in ds.paths])
-    model, _ = classifier.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
+    model, _ = sgd.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
     _, test = experiments.evaluate(model, x[part == 2], ds.labels[part == 2], 1)
     _, val = experiments.evaluate(model, x[part == 1], ds.labels[part == 1], 1)
     assert runlog.fmt("", test["accuracy"]) == r["test_accuracy"]
     assert runlog.fmt("", val["accuracy"]) == r["val_accuracy"]
 
     # interrupted after 5 trainings, killed in the middle of writing a row, then resumed
-    train = classifier.train
+    train = sgd.train
     grid_calls, finished = [], []
 
     def interrupted(*a, **k):
@@ -99,7 +99,7 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
         if k.get("snapshots"):
             finished.append(1)
         return out
-    monkeypatch.setattr(classifier, "train", interrupted)
+    monkeypatch.setattr(sgd, "train", interrupted)
     with pytest.raises(SystemExit) as e:
         experiments.main(grid_args(small, tmp_path, "b"))
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
             grid_calls.append(1)
         return train(*a, **k)
     grid_calls.clear()
-    monkeypatch.setattr(classifier, "train", counting)
+    monkeypatch.setattr(sgd, "train", counting)
     experiments.main(grid_args(small, tmp_path, "b"))
     assert len(grid_calls) == trainings - done  # nothing redone
     assert without_time(read_csv(tmp_path / "b" / "runs.csv")) == without_time(rows)
@@ -132,20 +132,20 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     assert cost.count(f"| {timing[0]['started']} |") + cost.count(f"| {timing[1]['started']} |") >= 3
 
 
-@pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
+@pytest.mark.parametrize("sampling", sgd.SAMPLINGS)
 def test_snapshot_equals_separate_run(sampling):
     rng = np.random.default_rng(0)
     y = (rng.random(200) < 0.75).astype(np.int64)
     x = rng.standard_normal((200, 12)) + y[:, None]
-    _, curves = classifier.train(x, y, ["n", "p"], lr=0.1, steps=250, batch=20, sampling=sampling, seed=4,
+    _, curves = sgd.train(x, y, ["n", "p"], lr=0.1, steps=250, batch=20, sampling=sampling, seed=4,
                                  snapshots=(100, 200, 250))
     for steps in (100, 200, 250):
-        alone, _ = classifier.train(x, y, ["n", "p"], lr=0.1, steps=steps, batch=20, sampling=sampling, seed=4)
+        alone, _ = sgd.train(x, y, ["n", "p"], lr=0.1, steps=steps, batch=20, sampling=sampling, seed=4)
         snap = curves["snapshots"][steps]
         assert np.array_equal(snap.weights, alone.weights) and np.array_equal(snap.bias, alone.bias)
     assert not np.array_equal(curves["snapshots"][100].weights, curves["snapshots"][250].weights)
     with pytest.raises(DsconvError, match="snapshots"):
-        classifier.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
+        sgd.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
 
 
 def row(lr, steps, seed, val, test, val_loss=0.1, split="80/10/10"):

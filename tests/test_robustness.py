@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, outputs, predict, runlog,
-                    train, weights)
+                    sgd, train, weights)
 from dsconv.model import Model
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays, exit_of
 
@@ -107,7 +107,7 @@ def test_diverged_training_refused():
     y = np.array([0, 1] * 5)
     with pytest.raises(DsconvError, match="diverged.*lower --lr"):
         with np.errstate(all="ignore"):
-            classifier.train(x, y, ["A", "B"], lr=1e308, steps=20, batch=4)
+            sgd.train(x, y, ["A", "B"], lr=1e308, steps=20, batch=4)
 
 
 def changed_copy(tmp_path):
