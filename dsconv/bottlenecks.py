@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, files, hdf5, images
+from dsconv import DsconvError, files, hdf5, images, warn
 
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
@@ -160,8 +160,7 @@ class Cache:
                 try:
                     self.rows.update(self._load(path))
                 except ValueError as e:
-                    print(f"dsconv: warning: bottleneck cache {path} {e}; deleting it, its images "
-                          "will be computed again", file=sys.stderr)
+                    warn(f"bottleneck cache {path} {e}; deleting it, its images will be computed again")
                     if self.writable:
                         path.unlink(missing_ok=True)
         self.parts = len(list(self.dir.glob("part-*.h5")))
@@ -169,8 +168,7 @@ class Cache:
     def _read_only(self, reason):
         if self.writable and self.dir not in _warned:  # predict opens a cache per chunk: one warning, not eight
             _warned.add(self.dir)
-            print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({reason}); "
-                  "running without saving bottlenecks", file=sys.stderr)
+            warn(f"cannot write the bottleneck cache {self.dir} ({reason}); running without saving bottlenecks")
         self.writable = False
 
     def _lock(self, shared=False):
@@ -337,7 +335,7 @@ def extract(paths, nets, kinds="pooled", cache_dir=None, *, batch=BATCH, workers
             out[-1][kind] = np.stack(rows).astype(np.float32) if rows else np.zeros((0, size[kind]), np.float32)
     if failed:
         for msg in failed.values():
-            print(f"dsconv: warning: skipped {msg}", file=sys.stderr)
+            warn(f"skipped {msg}")
     if one_kind:
         out = [f[kinds[0]] for f in out]
     return out[0] if one_net else out, failed

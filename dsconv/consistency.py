@@ -12,12 +12,11 @@ form its own variant), so a second run computes nothing.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, data, files, forms, metrics
+from dsconv import DsconvError, HelpFormatter, data, fail, files, forms, interrupted, metrics
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -96,11 +95,9 @@ def main(argv=None):
                                                     "as_given": given, "threshold": model.threshold,
                                                     "forms": results}, indent=2) + "\n")
     except (DsconvError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except KeyboardInterrupt:
-        print("\ninterrupted: the bottlenecks computed so far are cached", file=sys.stderr)
-        sys.exit(130)
+        interrupted("the bottlenecks computed so far are cached")
     print(f"{args.folder} as given: {given}; MobileNet {model.variant}, threshold {model.threshold:.3f}")
     print("\n".join(table(results)))
 

@@ -39,8 +39,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import (DsconvError, HelpFormatter, bottlenecks, data, fail, files, interrupted, metrics,
-                    mobilenet, paper, report, reproduction, runlog, sgd, weights)
+from dsconv import (DsconvError, HelpFormatter, bottlenecks, data, fail, files, interrupted, metrics, mobilenet, note,
+                    paper, report, reproduction, runlog, sgd, warn, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -361,7 +361,7 @@ def main(argv=None):
         log = runlog.RunLog(out / "runs.csv")
         runlog.check_same_data(out, ds, log)
         if log.rows:
-            print(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}", file=sys.stderr)
+            note(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}")
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
         alphas = {a for a, _ in available_variants()}
         written = write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, args.workers)
@@ -378,7 +378,7 @@ def main(argv=None):
                 try:
                     runlog.write_timing(out, timing)
                 except OSError as e:
-                    print(f"warning: could not write {out / runlog.TIMING} ({e.strerror or e})", file=sys.stderr)
+                    warn(f"could not write {out / runlog.TIMING} ({e.strerror or e})")
     print(f"wrote {out}/: {', '.join(written)} ({reproduction.clock(time.perf_counter() - wall_start)} min:s)")
 
 

@@ -8,13 +8,12 @@
 
 The command line around it is dsconv.predict; the page, dsconv.serve.
 """
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, forms, images, subtypes, weights, xraycheck
+from dsconv import bottlenecks, cam, classifier, forms, images, subtypes, warn, weights, xraycheck
 
 
 class Model:
@@ -54,8 +53,8 @@ class Model:
         self.cache_dir = cache_dir
         self.xray_check = xraycheck.from_head(self.head)  # None: a model file from before the check
         if info.get("preprocessing") not in (None, images.preprocessing(self.blur)):
-            print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
-                  f"this version does {images.preprocessing(self.blur)!r}", file=sys.stderr)
+            warn(f"{path} was trained with preprocessing {info['preprocessing']!r}, "
+                 f"this version does {images.preprocessing(self.blur)!r}")
 
     @property
     def variant(self):

@@ -7,7 +7,7 @@ matplotlib (the ``plot`` extra); without it they are skipped with a note.
 """
 import io
 
-from dsconv import metrics
+from dsconv import metrics, note
 from dsconv.metrics import pct
 
 
@@ -29,8 +29,8 @@ def pyplot(skipped="figures"):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"note: matplotlib is not installed, so no {skipped} "
-              "(pip install matplotlib, or the extra: pip install -e .[plot])")
+        note(f"matplotlib is not installed, so no {skipped} (pip install matplotlib, or the extra: "
+             "pip install -e .[plot])")
         return None
     return plt
 

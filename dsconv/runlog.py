@@ -10,9 +10,8 @@ import csv
 import json
 import math
 import os
-import sys
 
-from dsconv import data, files
+from dsconv import data, files, warn
 
 TIMING = "timing.json"
 DATA = "data.json"
@@ -117,8 +116,8 @@ def check_same_data(out, ds, log):
                              f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
                              "--out, or move runs.csv away to start over")
     if log.rows and not theirs:
-        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
-              "on the assumption that they are these", file=sys.stderr)
+        warn(f"{out / 'runs.csv'} does not record which images it was made from; resuming it, on the "
+             "assumption that they are these")
     if theirs != mine:
         files.write_text(path, json.dumps(mine, indent=1) + "\n")
 
@@ -128,7 +127,7 @@ def read_timing(out):
     try:
         return json.loads(path.read_text()) if path.exists() else []
     except ValueError:
-        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
+        warn(f"{path} is damaged; earlier wall times are lost")
         return []
 
 

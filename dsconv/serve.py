@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, api, fail, files, images
+from dsconv import DsconvError, HelpFormatter, api, fail, files, images, note, warn
 from dsconv.model import load_model
 
 HOST = "127.0.0.1"
@@ -242,7 +242,7 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         # a client that went away mid-answer: one line, not a traceback
         e = sys.exc_info()[1]
-        sys.stderr.write(f"dsconv: connection from {client_address[0]} failed ({type(e).__name__}: {e})\n")
+        warn(f"connection from {client_address[0]} failed ({type(e).__name__}: {e})")
 
     def server_close(self):
         self.stopping.set()
@@ -278,7 +278,7 @@ def exposed(host):
 
 
 def _stopped(*_):
-    print("dsconv: stopped (SIGTERM)", file=sys.stderr)
+    note("stopped (SIGTERM)")
     sys.exit(0)  # SIGTERM, like Ctrl-C, is how a server is meant to stop
 
 
@@ -311,8 +311,8 @@ def main(argv=None):
             raise OSError(f"cannot listen on {args.host} port {args.port} ({e.strerror or e}); "
                           "choose another --port or --host") from None
         if exposed(args.host):
-            print(f"dsconv: warning: listening on {args.host}, not on this machine only: anyone who can "
-                  "reach it can upload images and read the results", file=sys.stderr)
+            warn(f"listening on {args.host}, not on this machine only: anyone who can reach it can upload images "
+                 "and read the results")
         warm_up(model, server.lock, server.workdir)
         print(f"dsconv: serving MobileNet {model.variant} ({args.model}) at {server.url}  (Ctrl-C to stop)",
               flush=True)
@@ -322,7 +322,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         if server is not None:
             server.stopping.set()
-        print("\ndsconv: stopped", file=sys.stderr)
+        print(file=sys.stderr)
+        note("stopped")
     finally:
         if server is not None:
             server.server_close()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, forms, images,
-                    interrupted, metrics, paper, repeats, sgd, subtypes, weights, xraycheck)
+                    interrupted, metrics, note, paper, repeats, sgd, subtypes, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
 from dsconv.outputs import Results, outputs_of
 from dsconv.settings import Settings
@@ -266,8 +266,7 @@ def main(argv=None):
         times["scan_s"] = time.perf_counter() - t
         positive = data.positive_index(ds.classes, settings.positive)
         if ds.classes[positive] != settings.positive:
-            print(f"note: no class {data.POSITIVE}; counting {ds.classes[positive]} as positive "
-                  "(choose with --positive)")
+            note(f"no class {data.POSITIVE}; counting {ds.classes[positive]} as positive (choose with --positive)")
         if settings.subtypes:
             settings = dataclasses.replace(settings, positive=ds.classes[positive])
             ds, group = subtypes.split(ds, positive)
@@ -318,8 +317,8 @@ def main(argv=None):
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
         if check is None:
-            print(f"note: too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; "
-                  "the model file has none, and only its pixel checks run")
+            note(f"too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; the "
+                 "model file has none, and only its pixel checks run")
         else:
             for model in models:
                 check.store(model)

@@ -314,7 +314,7 @@ def test_command_line_serves_and_stops_on_ctrl_c(served, weights_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.strip()][-1] == "dsconv: stopped"
+    assert [ln for ln in err.splitlines() if ln.strip()][-1] == "note: stopped"
     assert os.listdir(tmp_path) == []
 
 
@@ -598,7 +598,7 @@ def test_stopping_mid_request_is_no_500(served, weights_dir, tmp_path):
     sender.join(60)
     assert answer.get("status") in (None, 503), answer
     assert "RuntimeError" not in err and "Traceback" not in err and " 500 " not in err, err
-    assert err.strip().splitlines()[-1] == "dsconv: stopped (SIGTERM)"
+    assert err.strip().splitlines()[-1] == "note: stopped (SIGTERM)"
 
 
 def test_a_request_the_shutdown_breaks_is_a_503_not_logged(served, capsys, monkeypatch):
