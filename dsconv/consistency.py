@@ -60,7 +60,7 @@ def table(results):
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['form'][-14:]:14s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
-                     f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {100 * r['changed']:5.1f}% "
+                     f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {metrics.pct(r['changed'], 1, 5)}% "
                      f"({r['changed_images']})")
     return lines
 

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dsconv import files, mobilenet, paper, weights
+from dsconv.metrics import pct
 from dsconv.report import plot_curves, png
 
 PROTOCOLS = {"image": "split by image (the paper's protocol)",
@@ -216,14 +217,14 @@ def summary(selected, rows, trainings, grid, alphas, invocations, facts, figure_
         c, s = figure_cell
         lines += [f"Best by validation, split by {c.group_by} {c.split}: {name(c.variant)} {c.bottleneck}, lr "
                   f"{s['lr']:g}, {s['steps']} steps: test accuracy {pm(100 * s['test'], 100 * s['test_std'])}, "
-                  f"sensitivity {100 * s['sensitivity']:.1f}%, specificity {100 * s['specificity']:.1f}% (paper, "
+                  f"sensitivity {pct(s['sensitivity'])}%, specificity {pct(s['specificity'])}% (paper, "
                   f"{paper_variant}: {best}).", ""]
     if paper_cell:
         c, s = paper_cell
         lines += [f"The paper's best cell at its own setting ({name(c.variant)} {c.bottleneck}, split by "
                   f"{c.group_by} {c.split}, lr {s['lr']:g}, {s['steps']} steps, not chosen on validation): test "
-                  f"accuracy {pm(100 * s['test'], 100 * s['test_std'])}, sensitivity {100 * s['sensitivity']:.1f}%, "
-                  f"specificity {100 * s['specificity']:.1f}% (paper: {best}). Its curves, the paper's Figure 4: "
+                  f"accuracy {pm(100 * s['test'], 100 * s['test_std'])}, sensitivity {pct(s['sensitivity'])}%, "
+                  f"specificity {pct(s['specificity'])}% (paper: {best}). Its curves, the paper's Figure 4: "
                   "figure4.png.", ""]
     gaps = [selected[c._replace(group_by="image")]["test"] - s["test"] for c, s in selected.items()
             if c.group_by == "patient" and c._replace(group_by="image") in selected]
@@ -278,7 +279,7 @@ def leak_text(facts, scheme):
     dup = facts["duplicate_groups"]
     text = (f"- **Patient leakage.** The paper splits by image. {facts['images']} images come from "
             f"{facts['patients']} patients; at {scheme} by image, "
-            f"{100 * facts['test_with_patient_in_train']:.0f}% of test images (mean over the shuffles) have "
+            f"{pct(facts['test_with_patient_in_train'], 0)}% of test images (mean over the shuffles) have "
             f"their patient in the training partition too. ")
     if dup:
         text += (f"{dup} groups of byte-identical files exist ({facts['duplicates_within_patient']} within "
