@@ -13,6 +13,9 @@ experiments, predict, calibrate, serve, weights, imagenet):
     130  interrupted (Ctrl-C), after keeping what was done and saying where
 
 An unexpected exception (a bug) keeps its traceback and Python's status 1.
+Diagnostics go to standard error, each line prefixed `error: ` (fail),
+`warning: ` (warn: something is off, the run goes on) or `note: ` (note:
+what the run did that one may not expect); standard output carries results.
 """
 import argparse
 import errno
@@ -39,6 +42,16 @@ def fail(error, status=None):
         status = NOT_WRITTEN if getattr(error, "errno", None) in NO_SPACE else USER_ERROR
     print(f"error: {error}", file=sys.stderr)
     sys.exit(status)
+
+
+def warn(message):
+    """Print ``warning: <message>`` on stderr: something is off, and the run goes on."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def note(message):
+    """Print ``note: <message>`` on stderr: what the run did that one may not expect."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 def interrupted(message):

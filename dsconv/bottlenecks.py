@@ -1,10 +1,9 @@
 """Bottlenecks: each image through the frozen network once, cached on disk.
 
     feats, failed = extract(paths, net, "pooled", cache_dir)
-    both, failed = extract_kinds(paths, net, ("pooled", "logits"), cache_dir)   # one forward pass
+    both, failed = extract(paths, net, ("pooled", "logits"), cache_dir)   # {kind: feats}, one forward pass
     feats, failed = extract(paths, net, "pooled", cache_dir, tta="flip")
-    feats, failed = extract_ensemble(paths, [net_a, net_b], "pooled", cache_dir)
-    ds, feats, failed = extract_dataset(ds, [net], ("pooled",), cache_dir)   # a data.Dataset, unreadable dropped
+    [a, b], failed = extract(paths, [net_a, net_b], "pooled", cache_dir)   # an ensemble: concatenate a, b
 
 A bottleneck is the pooled 1024*alpha vector (``pooled``) or the 1000
 ImageNet logits (``logits``, retrain.py's choice; needs the with-top weights).
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, files, hdf5, images
+from dsconv import DsconvError, files, hdf5, images, warn
 
 KINDS = ("pooled", "logits")
 TTAS = ("none", "flip")
@@ -161,8 +160,7 @@ class Cache:
                 try:
                     self.rows.update(self._load(path))
                 except ValueError as e:
-                    print(f"dsconv: warning: bottleneck cache {path} {e}; deleting it, its images "
-                          "will be computed again", file=sys.stderr)
+                    warn(f"bottleneck cache {path} {e}; deleting it, its images will be computed again")
                     if self.writable:
                         path.unlink(missing_ok=True)
         self.parts = len(list(self.dir.glob("part-*.h5")))
@@ -170,8 +168,7 @@ class Cache:
     def _read_only(self, reason):
         if self.writable and self.dir not in _warned:  # predict opens a cache per chunk: one warning, not eight
             _warned.add(self.dir)
-            print(f"dsconv: warning: cannot write the bottleneck cache {self.dir} ({reason}); "
-                  "running without saving bottlenecks", file=sys.stderr)
+            warn(f"cannot write the bottleneck cache {self.dir} ({reason}); running without saving bottlenecks")
         self.writable = False
 
     def _lock(self, shared=False):
@@ -267,61 +264,32 @@ def _decode(path, sizes, key=None, form=None, blur=0.0):
         return None, str(e)
 
 
-def extract(paths, net, kind="pooled", cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none"):
+def extract(paths, nets, kinds="pooled", cache_dir=None, *, batch=BATCH, workers=WORKERS, progress=True, tta="none",
+            form=None, blur=0.0, seconds=None):
     """Bottlenecks of image files, computing only those not in the cache.
 
     Returns (features, failed): ``failed`` maps each path that could not be
-    read or decoded to the reason (empty, corrupt and non-image files);
-    ``features`` is (N, D) float32, one row per path not in ``failed``, in
-    the order of ``paths``. ``cache_dir=None`` uses default_cache_dir();
-    ``cache_dir=False`` keeps nothing on disk. Decoding runs in ``workers``
-    threads ahead of the forward pass. ``tta``: see the module docstring.
+    read or decoded to the reason (empty, corrupt and non-image files); each
+    features array is (N, D) float32, one row per path not in ``failed``, in
+    the order of ``paths``.
+
+    ``nets``: a network, or a list of networks (an ensemble, or an alpha at
+    several resolutions), each image decoded once for all of them; ``kinds``:
+    a bottleneck kind, or several from one forward pass per image (each kind
+    has its own cache). ``features`` follows their shapes: an array for one
+    network and one kind, {kind: array} for several kinds, and a list of
+    those, one per network, for a list. An image missing from any cache goes
+    through every network once for all kinds.
+
+    ``cache_dir=None`` uses default_cache_dir(); ``cache_dir=False`` keeps
+    nothing on disk. Decoding runs in ``workers`` threads ahead of the
+    forward pass. ``tta``: see the module docstring; ``form``: a
+    dsconv.forms.Form applied to every file first, cached as its own
+    variant; ``blur``: see dsconv.images.resized; ``seconds``, a list with
+    one number per net, accumulates each network's forward time.
     """
-    feats, failed = extract_kinds(paths, net, (kind,), cache_dir, batch, workers, progress, tta)
-    return feats[kind], failed
-
-
-def extract_ensemble(paths, nets, kind="pooled", cache_dir=None, workers=WORKERS, progress=True, tta="none", form=None,
-                     blur=0.0):
-    """As extract, the bottlenecks of several networks concatenated in the order of ``nets``.
-
-    Each image is decoded once for all of them (extract_nets); a path that
-    fails has no row.
-    """
-    feats, failed = extract_nets(paths, nets, (kind,), cache_dir, workers=workers, progress=progress, tta=tta,
-                                 form=form, blur=blur)
-    return np.concatenate([f[kind] for f in feats], axis=1), failed
-
-
-def extract_dataset(ds, nets, kinds=KINDS, cache_dir=None, workers=WORKERS, progress=True, tta="none", seconds=None,
-                    form=None, blur=0.0):
-    """As extract_nets for a data.Dataset: (the Dataset of its readable images, [{kind: features} per net], failed)."""
-    feats, failed = extract_nets(ds.paths, nets, kinds, cache_dir, workers=workers, progress=progress, tta=tta,
-                                 seconds=seconds, form=form, blur=blur)
-    return ds.subset(np.array([p not in failed for p in ds.paths], bool)), feats, failed
-
-
-def extract_kinds(paths, net, kinds=KINDS, cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none"):
-    """As extract, for several bottleneck kinds from one forward pass per image.
-
-    Returns ({kind: features}, failed); each kind has its own cache, and an
-    image missing from any of them goes through the network once for all.
-    """
-    (feats,), failed = extract_nets(paths, [net], kinds, cache_dir, batch, workers, progress, tta=tta)
-    return feats, failed
-
-
-def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=WORKERS, progress=True, tta="none",
-                 seconds=None, form=None, blur=0.0):
-    """As extract_kinds, for several networks (an alpha at several resolutions) decoding each image once.
-
-    Returns ([{kind: features} per net], failed). An image missing from any
-    cache goes through every network; ``seconds``, a list with one number
-    per net, accumulates each network's forward time. ``form``: a
-    dsconv.forms.Form applied to every file first, cached as its own variant;
-    ``blur``: see dsconv.images.resized.
-    """
-    kinds = tuple(dict.fromkeys(kinds))
+    one_net, one_kind = not isinstance(nets, (list, tuple)), isinstance(kinds, str)
+    nets, kinds = [nets] if one_net else list(nets), tuple(dict.fromkeys((kinds,) if one_kind else kinds))
     per_net = [{kind: attrs(net, kind, tta, form, blur) for kind in kinds} for net in nets]
     sizes = [{kind: net.pooled_width if kind == "pooled" else net.params["conv_preds"]["bias"].shape[0]
               for kind in kinds} for net in nets]
@@ -367,8 +335,10 @@ def extract_nets(paths, nets, kinds=KINDS, cache_dir=None, batch=BATCH, workers=
             out[-1][kind] = np.stack(rows).astype(np.float32) if rows else np.zeros((0, size[kind]), np.float32)
     if failed:
         for msg in failed.values():
-            print(f"dsconv: warning: skipped {msg}", file=sys.stderr)
-    return out, failed
+            warn(f"skipped {msg}")
+    if one_kind:
+        out = [f[kinds[0]] for f in out]
+    return out[0] if one_net else out, failed
 
 
 def _run(todo, nets, tta, caches, computed, failed, pool, batch, bar, seconds, form=None, blur=0.0):

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (DsconvError, HelpFormatter, classifier, data, fail, files, forms, images, interrupted, metrics,
-                    repeats, report, subtypes)
+                    repeats, subtypes)
 from dsconv.model import load_model
 
 
@@ -161,11 +161,11 @@ def main(argv=None):
     if val:
         e = rec["on_threshold_dir"]
         print(f"on {args.val_dir} [{model.head.info['forms']['site']}] (optimistic: the threshold was chosen there): "
-              f"accuracy {report.pct(e['accuracy'])}%, sensitivity {report.pct(e['sensitivity'])}%, "
-              f"specificity {report.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
+              f"accuracy {metrics.pct(e['accuracy'])}%, sensitivity {metrics.pct(e['sensitivity'])}%, "
+              f"specificity {metrics.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
         for kind, f in (rec["by_form"] or {}).items():
-            print(f"    of which {f['images']} {kind}: accuracy {report.pct(f['accuracy'])}%, sensitivity "
-                  f"{report.pct(f['sensitivity'])}%, specificity {report.pct(f['specificity'])}%, AUC {f['auc']:.3f}")
+            print(f"    of which {f['images']} {kind}: accuracy {metrics.pct(f['accuracy'])}%, sensitivity "
+                  f"{metrics.pct(f['sensitivity'])}%, specificity {metrics.pct(f['specificity'])}%, AUC {f['auc']:.3f}")
         if "subtypes" in rec:
             sub = rec["subtypes"]
             print("subtypes there (optimistic too): " + subtypes.describe(sub, sub["threshold"]))

@@ -12,12 +12,11 @@ form its own variant), so a second run computes nothing.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, data, files, forms, metrics, report
+from dsconv import DsconvError, HelpFormatter, data, fail, files, forms, interrupted, metrics
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -60,8 +59,8 @@ def table(results):
     head = f"{'form':14s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['form'][-14:]:14s} {report.pct(r['accuracy']):>8s} {report.pct(r['sensitivity']):>11s} "
-                     f"{report.pct(r['specificity']):>11s} {r['auc']:6.3f}  {100 * r['changed']:5.1f}% "
+        lines.append(f"{r['form'][-14:]:14s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
+                     f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {metrics.pct(r['changed'], 1, 5)}% "
                      f"({r['changed_images']})")
     return lines
 
@@ -96,11 +95,9 @@ def main(argv=None):
                                                     "as_given": given, "threshold": model.threshold,
                                                     "forms": results}, indent=2) + "\n")
     except (DsconvError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(e)
     except KeyboardInterrupt:
-        print("\ninterrupted: the bottlenecks computed so far are cached", file=sys.stderr)
-        sys.exit(130)
+        interrupted("the bottlenecks computed so far are cached")
     print(f"{args.folder} as given: {given}; MobileNet {model.variant}, threshold {model.threshold:.3f}")
     print("\n".join(table(results)))
 

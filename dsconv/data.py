@@ -27,13 +27,12 @@ import hashlib
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, files
+from dsconv import DsconvError, files, warn
 
 PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),                   # person23_bacteria_87.jpeg
@@ -60,6 +59,10 @@ class Dataset:
         """The images where ``keep`` (a boolean mask or index array) selects."""
         idx = np.flatnonzero(keep) if np.asarray(keep).dtype == bool else np.asarray(keep)
         return Dataset(self.root, self.classes, [self.paths[i] for i in idx], self.labels[idx])
+
+    def readable(self, failed):
+        """The images not in ``failed`` ({path: reason}, as dsconv.bottlenecks.extract returns)."""
+        return self.subset(np.array([p not in failed for p in self.paths], bool))
 
     def counts(self):
         return {c: int(n) for c, n in zip(self.classes, np.bincount(self.labels, minlength=len(self.classes)))}
@@ -283,7 +286,7 @@ def hygiene(datasets):
             out.append(f"class {c} in {d.root} has only {n} image(s); a metric on it (sensitivity or "
                        "specificity) means little")
     for w in out:
-        print(f"warning: {w}", file=sys.stderr)
+        warn(w)
     return out
 
 
@@ -293,6 +296,5 @@ def warn_overlaps(named):
         for name_b, b in named[i + 1:]:
             shared = shared_images(a, b)
             if shared:
-                print(f"dsconv: warning: {len(shared)} image(s) of {name_b} ({b.root}) are also in {name_a} "
-                      f"({a.root}), by content (e.g. {shared[0][1]} = {shared[0][0]}); figures measured "
-                      "on them are optimistic", file=sys.stderr)
+                warn(f"{len(shared)} image(s) of {name_b} ({b.root}) are also in {name_a} ({a.root}), by content "
+                     f"(e.g. {shared[0][1]} = {shared[0][0]}); figures measured on them are optimistic")

@@ -35,7 +35,7 @@ interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
 tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
 images (their content hashes and classes), and a resumed grid must come from
-the same ones (dsconv.runlog keeps these records; dsconv.report writes the
+the same ones (dsconv.runlog keeps these records; dsconv.reproduction writes the
 tables and figures). One grid writes to an --out at a time (an fcntl lock
 on --out/.lock).
 """
@@ -52,8 +52,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from dsconv import (DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, interrupted, metrics,
-                    mobilenet, paper, report, runlog, subtypes, weights)
+from dsconv import (DsconvError, HelpFormatter, bottlenecks, data, fail, files, interrupted, metrics, mobilenet, note,
+                    paper, report, reproduction, runlog, sgd, subtypes, warn, weights)
 
 OUT = "results"
 SHUFFLES = 3
@@ -120,7 +120,7 @@ def available_variants():
 def evaluate(model, x, y, positive):
     """(mean cross-entropy, metrics.evaluate at 0.5) of a model on bottlenecks x, labels y."""
     p = model.probabilities(x)
-    loss, _ = classifier.loss_accuracy(p, y)
+    loss, _ = sgd.loss_accuracy(p, y)
     return loss, metrics.evaluate(y == positive, p[:, positive], 0.5)
 
 
@@ -153,8 +153,8 @@ def train_cell(x, labels, part, classes, seed, lr, steps, binary=True, three=Non
     out = [{"steps": s} for s in steps]
     if binary:
         t = time.perf_counter()
-        _, curves = classifier.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
-                                     seed=seed, snapshots=steps, check=False)
+        _, curves = sgd.train(x[tr], labels[tr], classes, lr=lr, steps=max(steps), eval_every=max(steps),
+                              seed=seed, snapshots=steps, check=False)
         train_s = time.perf_counter() - t
         for row, s in zip(out, steps):
             model = curves["snapshots"][s]
@@ -168,8 +168,8 @@ def train_cell(x, labels, part, classes, seed, lr, steps, binary=True, three=Non
     if three:
         ds3, group = three
         t = time.perf_counter()
-        _, curves = classifier.train(x[tr], ds3.labels[tr], ds3.classes, lr=lr, steps=max(steps),
-                                     eval_every=max(steps), seed=seed, snapshots=steps, check=False)
+        _, curves = sgd.train(x[tr], ds3.labels[tr], ds3.classes, lr=lr, steps=max(steps),
+                              eval_every=max(steps), seed=seed, snapshots=steps, check=False)
         train_s = time.perf_counter() - t
         for row, s in zip(out, steps):
             row.update(evaluate_subtypes(curves["snapshots"][s], x, ds3, group, part), subtype_train_s=train_s /
@@ -244,7 +244,7 @@ def run_grid(grid, ds, log, cache_dir, workers, timing, stream=sys.stderr):
                         last = (kind, g, scheme)
                         left = (training + time.perf_counter() - t) / trained * (total - done)
                         print(f"grid [{done}/{total} trainings] {alpha:g}-{res} {kind} by {g} {scheme}  "
-                              f"{report.clock(time.perf_counter() - start)} elapsed, ~{report.clock(left)} of "
+                              f"{reproduction.clock(time.perf_counter() - start)} elapsed, ~{reproduction.clock(left)} of "
                               "training left (plus bottlenecks)", file=stream, flush=True)
                 training += time.perf_counter() - t
                 timing["train_s"] = training
@@ -265,19 +265,19 @@ def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
         cached = [bottlenecks.Cache(root, bottlenecks.attrs(net, k), size[k]).rows for k in kinds]
         missing.append(len({k for k in keys if any(k not in c for c in cached)}))
     t, forward = time.perf_counter(), [0.0] * len(nets)
-    vds, feats, _ = bottlenecks.extract_dataset(ds, nets, kinds, cache_dir, workers, seconds=forward)
+    feats, failed = bottlenecks.extract(ds.paths, nets, kinds, cache_dir, workers=workers, seconds=forward)
     wall = time.perf_counter() - t
     for net, n, s in zip(nets, missing, forward):
         timing["extract"].append({"variant": f"{net.alpha:g}-{net.resolution}", "images": n, "seconds": s,
                                   "group_wall_s": wall / len(nets)})
-    return vds, feats
+    return ds.readable(failed), feats
 
 
 # ---- selection
 
 
 def cell_key(row):
-    return report.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
+    return reproduction.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
 
 
 def select(rows):
@@ -319,7 +319,7 @@ def mean_std(values):
 
 def paper_setting(rows):
     """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
-    cell, (lr, steps) = report.Cell(*paper.BEST_CELL), paper.BEST_SETTING
+    cell, (lr, steps) = reproduction.Cell(*paper.BEST_CELL), paper.BEST_SETTING
     rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
     return (cell, select(rs)[cell]) if rs else None
 
@@ -336,15 +336,15 @@ def best_cell(selected, scheme):
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     """The training curves of a cell at its selected setting, one per shuffle: [(seed, curves)]."""
     net = weights.load(*cell.variant, head=True, quiet=True)
-    vds, (feats,), _ = bottlenecks.extract_dataset(ds, [net], (cell.bottleneck,), cache_dir, workers, progress=False)
-    x = feats[cell.bottleneck]
+    x, failed = bottlenecks.extract(ds.paths, net, cell.bottleneck, cache_dir, workers=workers, progress=False)
+    vds = ds.readable(failed)
     groups = [data.patient_id(p) for p in vds.paths] if cell.group_by == "patient" else None
     out = []
     for seed in range(shuffles):
         part = data.split(vds.labels, data.parse_split(cell.split), seed, groups)
-        _, c = classifier.train(x[part == 0], vds.labels[part == 0], vds.classes, x[part == 1],
-                                vds.labels[part == 1], lr=sel["lr"], steps=sel["steps"],
-                                eval_every=FIGURE4_EVAL_EVERY, seed=seed, check=False)
+        _, c = sgd.train(x[part == 0], vds.labels[part == 0], vds.classes, x[part == 1],
+                         vds.labels[part == 1], lr=sel["lr"], steps=sel["steps"],
+                         eval_every=FIGURE4_EVAL_EVERY, seed=seed, check=False)
         out.append((seed, c))
     return out
 
@@ -376,16 +376,16 @@ def leakage(ds, seeds, scheme):
 
 
 def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, workers):
-    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.report); the names written."""
+    """The tables, figures and summary of the runs of ``grid`` in ``log`` (dsconv.reproduction); the names written."""
     rows = [r for r in log.rows.values()
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
             and r["seed"] < grid.shuffles and r["lr"] in grid.lrs and r["steps"] in grid.steps]
     selected = select(rows)
-    files.write_text(out / "table4.md", report.table4(selected, grid, alphas))
-    files.write_text(out / "table1.md", report.table1(rows, grid.schemes))
-    files.write_text(out / "table3.md", report.table3())
-    head = report.headline(grid.schemes)
+    files.write_text(out / "table4.md", reproduction.table4(selected, grid, alphas))
+    files.write_text(out / "table1.md", reproduction.table1(rows, grid.schemes))
+    files.write_text(out / "table3.md", reproduction.table3())
+    head = reproduction.headline(grid.schemes)
     figure_cell = best_cell(selected, head) if selected else None
     paper_cell = paper_setting(rows)
     plt = report.pyplot("figure4.png or tradeoff.png")
@@ -393,14 +393,14 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
     if plt and selected:
         c, s = paper_cell or figure_cell
         curves = figure4_curves(ds, c, s, grid.shuffles, cache_dir, workers)
-        report.figure4(out / "figure4.png", curves, c, s, paper_cell is not None, plt)
-        report.tradeoff(out / "tradeoff.png", selected, grid, head, plt)
+        reproduction.figure4(out / "figure4.png", curves, c, s, paper_cell is not None, plt)
+        reproduction.tradeoff(out / "tradeoff.png", selected, grid, head, plt)
         written += ["figure4.png", "tradeoff.png"]
     facts = leakage(ds, range(grid.shuffles), head)
     timing["wall_s"] = time.perf_counter() - wall_start
     invocations = [i for i in runlog.read_timing(out) if i["grid"] == timing["grid"]] + [timing]
     trainings = len({runlog.key_of(r)[:-1] for r in rows})
-    files.write_text(out / "summary.md", report.summary(selected, rows, trainings, grid, alphas, invocations, facts,
+    files.write_text(out / "summary.md", reproduction.summary(selected, rows, trainings, grid, alphas, invocations, facts,
                                                         figure_cell, paper_cell))
     written.append("summary.md")
     return written
@@ -435,7 +435,7 @@ def main(argv=None):
         log = runlog.RunLog(out / "runs.csv")
         runlog.check_same_data(out, ds, log)
         if log.rows:
-            print(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}", file=sys.stderr)
+            note(f"resuming: {len(log.rows)} runs already in {out / 'runs.csv'}")
         run_grid(grid, ds, log, cache_dir, args.workers, timing)
         alphas = {a for a, _ in available_variants()}
         written = write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, args.workers)
@@ -452,8 +452,8 @@ def main(argv=None):
                 try:
                     runlog.write_timing(out, timing)
                 except OSError as e:
-                    print(f"warning: could not write {out / runlog.TIMING} ({e.strerror or e})", file=sys.stderr)
-    print(f"wrote {out}/: {', '.join(written)} ({report.clock(time.perf_counter() - wall_start)} min:s)")
+                    warn(f"could not write {out / runlog.TIMING} ({e.strerror or e})")
+    print(f"wrote {out}/: {', '.join(written)} ({reproduction.clock(time.perf_counter() - wall_start)} min:s)")
 
 
 if __name__ == "__main__":

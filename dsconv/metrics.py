@@ -26,6 +26,11 @@ NAMES = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 BOOTSTRAP = 2000
 
 
+def pct(v, digits=1, width=0):
+    """A fraction as a percentage, ``digits`` decimals, right-aligned in ``width``: "93.1"; "n/a" for None or NaN."""
+    return ("n/a" if v is None or math.isnan(v) else f"{100 * v:.{digits}f}").rjust(width)
+
+
 def _ratio(a, b):
     return a / b if b else math.nan
 

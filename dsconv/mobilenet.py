@@ -87,18 +87,24 @@ class MobileNet:
 
     ``params`` maps Keras layer names to {"kernel", "bias"} float32 arrays
     (see layer_shapes); ``conv_preds`` is optional (the ImageNet head).
+    ``weights_path``, ``weights_sha256``: the weight file they came from
+    (dsconv.weights) and its sha256; ``trained_resolution``: the resolution
+    they were trained at (default: ``resolution``).
     """
 
-    def __init__(self, alpha, params, resolution=224, source=None):
+    def __init__(self, alpha, params, resolution=224, weights_path=None, weights_sha256=None,
+                 trained_resolution=None):
         check_variant(alpha, resolution)
-        self.alpha, self.resolution, self.source = alpha, resolution, source
+        self.alpha, self.resolution = alpha, resolution
+        self.weights_path, self.weights_sha256 = weights_path, weights_sha256
+        self.trained_resolution = resolution if trained_resolution is None else trained_resolution
         self.has_head = "conv_preds" in params
         expected = layer_shapes(alpha, self.has_head)
         for name, tensors in expected.items():
             for t, shape in tensors.items():
                 got = params.get(name, {}).get(t)
                 if got is None or got.shape != shape:
-                    raise DsconvError(f"{source or 'weights'}: layer {name}/{t} should be {shape} "
+                    raise DsconvError(f"{weights_path or 'weights'}: layer {name}/{t} should be {shape} "
                                      f"for alpha {alpha}, got {None if got is None else got.shape}")
         self.params = {n: {t: np.ascontiguousarray(params[n][t], np.float32) for t in ts}
                        for n, ts in expected.items()}

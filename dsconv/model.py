@@ -8,13 +8,12 @@
 
 The command line around it is dsconv.predict; the page, dsconv.serve.
 """
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import bottlenecks, cam, classifier, forms, images, subtypes, weights, xraycheck
+from dsconv import bottlenecks, cam, classifier, forms, images, subtypes, warn, weights, xraycheck
 
 
 class Model:
@@ -43,7 +42,9 @@ class Model:
             raise classifier.ModelError(f"{path}: test-time augmentation {self.tta!r} is not one of "
                                         f"{bottlenecks.TTAS}; this version of dsconv cannot apply it")
         self.alpha = info["alpha"]
-        self.nets = [_network(part, self.resolution, self.bottleneck) for part in self.parts]
+        # the frozen networks it was trained on: the converted files with their sha256 if present
+        self.nets = [weights.load_recorded(float(p["alpha"]), self.resolution, self.bottleneck == "logits",
+                                           p.get("weights_sha256"), p.get("weights_file")) for p in self.parts]
         self.net = self.nets[0]
         self.classes = list(self.head.classes)
         # with subtypes (dsconv.subtypes) the positive class is the sum of two of the head's classes
@@ -53,8 +54,8 @@ class Model:
         self.cache_dir = cache_dir
         self.xray_check = xraycheck.from_head(self.head)  # None: a model file from before the check
         if info.get("preprocessing") not in (None, images.preprocessing(self.blur)):
-            print(f"dsconv: warning: {path} was trained with preprocessing {info['preprocessing']!r}, "
-                  f"this version does {images.preprocessing(self.blur)!r}", file=sys.stderr)
+            warn(f"{path} was trained with preprocessing {info['preprocessing']!r}, "
+                 f"this version does {images.preprocessing(self.blur)!r}")
 
     @property
     def variant(self):
@@ -65,8 +66,9 @@ class Model:
 
         ``form``: a dsconv.forms.Form applied to each file first (its own cache variant).
         """
-        return bottlenecks.extract_ensemble(paths, self.nets, self.bottleneck, self.cache_dir,
-                                         progress=progress, tta=self.tta, form=form, blur=self.blur)
+        feats, failed = bottlenecks.extract(paths, self.nets, self.bottleneck, self.cache_dir, progress=progress,
+                                            tta=self.tta, form=form, blur=self.blur)
+        return np.concatenate(feats, axis=1), failed
 
     def scored(self, paths, progress=False, form=None):
         """(bottlenecks (N, D), probabilities (N, C)) of the readable paths, and {path: reason} of the others; cached.
@@ -301,25 +303,6 @@ def variant_name(info):
     alphas = "+".join(f"{float(p['alpha']):g}" for p in parts(info))
     tta = info.get("tta", "none")
     return f"{alphas}-{info['resolution']} {info['bottleneck']}" + (f" {tta}" if tta != "none" else "")
-
-
-def _network(part, resolution, bottleneck):
-    """The frozen network a model part was trained on: the converted file with its sha256 if present."""
-    alpha, head = float(part["alpha"]), bottleneck == "logits"
-    want = part.get("weights_sha256")
-    d = weights.weights_dir()
-    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
-        if weights.sha256(path) != want:  # first: a damaged extra file is then never parsed
-            continue
-        meta = weights.describe(path)
-        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head):
-            return weights.load_file(path, alpha, resolution)
-    net = weights.load(alpha, resolution, head=head, quiet=True)
-    if want and net.weights_sha256 != want:
-        print(f"dsconv: warning: the model was trained on weights {part.get('weights_file')} "
-              f"(sha256 {want[:12]}...), which are not in {d}; using {net.weights_path.name} instead",
-              file=sys.stderr)
-    return net
 
 
 def _prepare(a, size, blur=0.0):

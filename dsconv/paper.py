@@ -2,7 +2,7 @@
 
 Duong-Trung, Tran Ngoc and Huynh, "Automated pneumonia detection in X-ray
 images via depthwise separable convolution based learning". Kept here once,
-for the experiments' tables (dsconv.experiments, dsconv.report) and the
+for the experiments' tables (dsconv.experiments, dsconv.reproduction) and the
 tests that check our counts against them (tests/test_mobilenet.py).
 """
 

@@ -33,7 +33,8 @@ from datetime import datetime
 from pathlib import Path
 
 import dsconv
-from dsconv import NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks, cam, dicom, fail, files, images, weights
+from dsconv import (NOT_WRITTEN, PARTIAL, DsconvError, HelpFormatter, bottlenecks, cam, dicom, fail, files, images,
+                    note, warn, weights)
 from dsconv.model import load_model
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
@@ -80,8 +81,7 @@ def _folder_images(folder):
     found = []
 
     def unlisted(e):
-        print(f"dsconv: warning: {e.filename}: cannot list this folder ({e.strerror}); its images are not scored",
-              file=sys.stderr)
+        warn(f"{e.filename}: cannot list this folder ({e.strerror}); its images are not scored")
     for root, _, names in os.walk(folder, onerror=unlisted):
         for q in map(Path(root).joinpath, names):
             if q.is_symlink() and not q.exists():  # dangling, or a loop
@@ -294,8 +294,8 @@ def main(argv=None):
             files.check_writable(heatmaps, "give another --heatmap folder")
         model = load_model(args.model, args.threshold, False if args.no_cache else args.cache)
         if model.xray_check is None:
-            print(f"note: {args.model} predates the X-ray check: only its pixel checks run (image size, colour, "
-                  "blank); train the model again to have every input checked", file=sys.stderr)
+            note(f"{args.model} predates the X-ray check: only its pixel checks run (image size, colour, blank); "
+                 "train the model again to have every input checked")
         paths = collect(args.paths)
         if not paths:
             raise DsconvError(f"no image files in {' '.join(args.paths)}")
@@ -327,14 +327,14 @@ def main(argv=None):
                            f"\"{INTERRUPTED}\"{f' in {args.output}' if output != '-' else ''}")
     warned = sum(bool(r["warning"]) for r in rows)
     if warned:
-        print(f"{warned} of {len(rows)} images got a warning instead of a decision", file=sys.stderr)
+        note(f"{warned} of {len(rows)} images got a warning instead of a decision")
     cautioned = sum(bool(r.get("form_warning")) for r in rows)
     if cautioned:
-        print(f"{cautioned} of {len(rows)} images come in a form the model was not trained or calibrated on "
-              "(column form_warning)", file=sys.stderr)
+        note(f"{cautioned} of {len(rows)} images come in a form the model was not trained or calibrated on "
+             "(column form_warning)")
     failed = sum(r["error"] is not None for r in rows)
     if failed:
-        print(f"{failed} of {len(rows)} images failed", file=sys.stderr)
+        print(f"error: {failed} of {len(rows)} images failed", file=sys.stderr)
     sys.exit(PARTIAL if failed else 0)
 
 

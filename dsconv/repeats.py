@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import classifier, data, forms, metrics, subtypes
+from dsconv import data, forms, metrics, sgd, subtypes
 
 FOLDS = 5
 BAND_RESAMPLES = 500  # patient resamples for the borderline band, each choosing the threshold again
@@ -38,11 +38,11 @@ def probabilities(model, part, rows=slice(None)):
     return np.mean([model.probabilities(a[rows]) for a in (part.x, *part.tta)], axis=0)
 
 
-def choose_threshold(args, y, scores):
-    """(threshold, rule) on validation labels y (positive True) and scores."""
+def choose_threshold(settings, y, scores):
+    """(threshold, rule) on validation labels y (positive True) and scores, by the Settings' rule."""
     if not (y.any() and (~y).any()):
         return 0.5, "0.5 (the validation set lacks a class)"
-    t, rule = metrics.choose_threshold(y, scores, args.threshold_rule, args.target_sensitivity)
+    t, rule = metrics.choose_threshold(y, scores, settings.threshold_rule, settings.target_sensitivity)
     return t, f"{rule} on validation"
 
 
@@ -96,8 +96,9 @@ def folds(paths, labels, k, seed):
     return fold
 
 
-def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
-    """Train the head for every --weight-decay, snapshots at every --steps; keep the best on validation.
+def fit(settings, x, y, classes, val, site, positive, seed, x_forms=()):
+    """Train the head for every weight decay of the Settings (dsconv.settings), snapshots at every step count;
+    keep the best on validation.
 
     Returns (Classifier adapted to ``site``, its curves, its validation
     scores, the choice: every candidate's validation AUC and loss and the one
@@ -118,35 +119,35 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
     threshold, and a last model trained on all of them is the one kept.
     """
     y_val = np.isin(val.labels, positive)
-    cross = args.val_dir is not None and args.site_weight > 0 and len(val.labels) > 0
+    cross = settings.val_dir is not None and settings.site_weight > 0 and len(val.labels) > 0
     if cross:
         fold = folds(val.paths, val.labels, FOLDS, seed)
         runs = [(fold != k, fold == k) for k in range(FOLDS)] + [(np.ones(len(fold), bool), None)]
     else:
         runs = [(None, None)]
     candidates = {}
-    for wd in args.weight_decay:
+    for wd in settings.weight_decay:
         for extra, scored in runs:
             xs = np.concatenate([x, *x_forms]) if len(x_forms) else x
             ys = np.concatenate([y] * (1 + len(x_forms)))
             nuisance = [f - x for f in x_forms]
             if extra is not None:
                 site_rows = [v[extra] for v in (val.x, *val.forms)]
-                xs = np.concatenate([xs] + site_rows * args.site_weight)
-                ys = np.concatenate([ys] + [val.labels[extra]] * (len(site_rows) * args.site_weight))
+                xs = np.concatenate([xs] + site_rows * settings.site_weight)
+                ys = np.concatenate([ys] + [val.labels[extra]] * (len(site_rows) * settings.site_weight))
                 nuisance += [f[extra] - val.x[extra] for f in val.forms]
             # with cross-fitting no validation image is held out of the kept model: no validation curve
-            last, curves = classifier.train(
-                xs, ys, classes, None if cross else val.x, val.labels, lr=args.lr, steps=max(args.steps),
-                batch=args.batch_size, sampling=args.sampling, eval_every=args.eval_every, standardize=args.standardize,
-                weight_decay=wd, seed=seed, snapshots=args.steps[:-1],
-                nuisance=np.concatenate(nuisance) if nuisance else None, invariance=args.invariance)
-            for steps in args.steps:
-                model = curves["snapshots"][steps] if steps != max(args.steps) else last
+            last, curves = sgd.train(
+                xs, ys, classes, None if cross else val.x, val.labels, lr=settings.lr, steps=max(settings.steps),
+                batch=settings.batch_size, sampling=settings.sampling, eval_every=settings.eval_every,
+                standardize=settings.standardize, weight_decay=wd, seed=seed, snapshots=settings.steps[:-1],
+                nuisance=np.concatenate(nuisance) if nuisance else None, invariance=settings.invariance)
+            for steps in settings.steps:
+                model = curves["snapshots"][steps] if steps != max(settings.steps) else last
                 model.positive = positive
                 # validation images of the training clinic are scored as they are: the site's
                 # statistics would move them, not bring them closer to the training distribution
-                unadapted = probabilities(model, val) if site is not None and args.val_dir is None else None
+                unadapted = probabilities(model, val) if site is not None and settings.val_dir is None else None
                 if site is not None:
                     model.adapt(site)
                 c = candidates.setdefault((wd, steps), {"weight_decay": wd, "steps": steps,
@@ -166,21 +167,21 @@ def fit(args, x, y, classes, val, site, positive, seed, x_forms=()):
             p[:, positive], p[:, 1 - positive] = c["scores"], 1 - c["scores"]
         else:  # the (out-of-fold) probabilities
             p = c["proba"]
-        c["val_loss"] = classifier.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
+        c["val_loss"] = sgd.loss_accuracy(p, val.labels)[0] if len(y_val) else math.nan
     nan_last = lambda v, sign: (math.isnan(v), sign * v if not math.isnan(v) else 0)
     best = min(candidates.values(), key=lambda c: (nan_last(c["val_auc"], -1), nan_last(c["val_loss"], 1),
                                                    c["steps"], -c["weight_decay"]))
     choice = {"weight_decay": best["weight_decay"], "steps": best["steps"],
               "rule": "highest validation AUC, then lowest validation loss, then fewer steps, more weight decay",
               "validation_scores": f"out-of-fold ({FOLDS} folds of patients; --val-dir images train "
-                                   f"x{args.site_weight})" if cross else "of the model kept",
+                                   f"x{settings.site_weight})" if cross else "of the model kept",
               "candidates": [{k: c[k] for k in ("weight_decay", "steps", "val_auc", "val_loss")}
                              for c in candidates.values()]}
     curves = {k: v for k, v in best["curves"].items() if k != "snapshots"}
     return best["model"], curves, best["scores"], choice, best["proba"]
 
 
-def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=(), tta_of=None):
+def run_repeat(seed, settings, pct, ds, x, val, test, site, positive, x_forms=(), tta_of=None):
     """Split, train, adapt, choose the threshold, evaluate: (result dict, Classifier, curves, (test labels, scores)).
 
     ``val`` / ``test``: Parts from --val-dir / --test-dir, or None to carve
@@ -190,7 +191,7 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=(), tt
     forms' bottlenecks of ds's images in ``mask`` (a carved test Part's
     tta), or None.
     """
-    groups = [data.patient_id(p) for p in ds.paths] if args.group_by == "patient" else None
+    groups = [data.patient_id(p) for p in ds.paths] if settings.group_by == "patient" else None
     part = data.split(ds.labels, pct, seed, groups)
     carve = lambda k: Part(x[part == k], ds.labels[part == k], [q for q, m in zip(ds.paths, part == k) if m])
     val = carve(1) if val is None else val
@@ -202,13 +203,14 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=(), tt
     if len(np.unique(ds.labels[tr])) < len(ds.classes):
         raise data.DataError(f"seed {seed}: a class has no training image; give more images or a "
                              "larger training share in --split")
-    model, curves, s_val, choice, p_val = fit(args, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed,
+    model, curves, s_val, choice, p_val = fit(settings, x[tr], ds.labels[tr], ds.classes, val, site, positive, seed,
                                        tuple(f[tr] for f in x_forms))
     y_val = np.isin(val.labels, positive)
-    model.threshold, rule = choose_threshold(args, y_val, s_val)
+    model.threshold, rule = choose_threshold(settings, y_val, s_val)
     p_test = probabilities(model, test)
     y_test, s_test = np.isin(test.labels, positive), p_test[:, np.atleast_1d(positive)].sum(axis=1)
     sizes = {name: int(n) for name, n in zip(data.PARTITIONS, (tr.sum(), len(val.labels), len(test.labels)))}
+    target = settings.target_sensitivity or REPORT_SENSITIVITY
     count = lambda labels: {c: int(n) for c, n in zip(ds.classes, np.bincount(labels, minlength=len(ds.classes)))}
     result = {
         "seed": seed, "sizes": sizes,
@@ -220,16 +222,15 @@ def run_repeat(seed, args, pct, ds, x, val, test, site, positive, x_forms=(), tt
                                 if (c["weight_decay"], c["steps"]) == (choice["weight_decay"], choice["steps"])),
         "test": metrics.evaluate(y_test, s_test, 0.5),
         "test_at_threshold": metrics.evaluate(y_test, s_test, model.threshold),
-        "validation_report": assess(y_val, s_val, model.threshold, val.paths,
-                                    args.target_sensitivity or REPORT_SENSITIVITY) if len(y_val) else None,
-        "borderline": borderline(lambda yy, ss: choose_threshold(args, yy, ss)[0], rule, y_val, s_val, val.paths,
+        "validation_report": assess(y_val, s_val, model.threshold, val.paths, target) if len(y_val) else None,
+        "borderline": borderline(lambda yy, ss: choose_threshold(settings, yy, ss)[0], rule, y_val, s_val, val.paths,
                                  model.threshold),
-        "test_report": assess(y_test, s_test, model.threshold, test.paths, args.target_sensitivity or REPORT_SENSITIVITY),
+        "test_report": assess(y_test, s_test, model.threshold, test.paths, target),
         "validation_by_form": by_form(val.paths, y_val, s_val, model.threshold),
         "test_by_form": by_form(test.paths, y_test, s_test, model.threshold),
     }
     if np.ndim(positive):
-        result["subtypes"] = subtype_choice(model, ds.classes, positive, args.positive, val, p_val, test, p_test)
+        result["subtypes"] = subtype_choice(model, ds.classes, positive, settings.positive, val, p_val, test, p_test)
     return result, model, curves, (y_test, s_test)
 
 
@@ -248,13 +249,10 @@ def subtype_choice(model, classes, group, name, val, p_val, test, p_test):
             "test": figures(test, p_test)}
 
 
-def pct(v):
-    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
-
-
 def table(runs, summary):
     """The per-repeat and mean +/- std table, as lines."""
     cols = metrics.NAMES
+    pct = lambda v: metrics.pct(v, 2, 6)
     head = (f"{'seed':>5} {'train':>6} {'val':>5} {'test':>5} | "
             + " ".join(f"{c[:6]:>6}" for c in cols) + " | threshold: thr    acc   sens   spec")
     lines = [head, "-" * len(head)]

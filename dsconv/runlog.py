@@ -10,9 +10,8 @@ import csv
 import json
 import math
 import os
-import sys
 
-from dsconv import data, files
+from dsconv import data, files, note, warn
 
 TIMING = "timing.json"
 DATA = "data.json"
@@ -66,7 +65,7 @@ def read_runs(path):
         # written before --subtypes: its runs get empty subtype cells, and the file the header they now have
         lines = [",".join(COLUMNS)] + [line + "," * len(SUBTYPES) for line in lines[1:]]
         files.write_text(path, "\n".join(lines) + "\n")
-        print(f"note: {path} predates --subtypes; its columns are added (empty)", file=sys.stderr)
+        note(f"{path} predates --subtypes; its columns are added (empty)")
     if tuple(lines[0].split(",")) != COLUMNS:
         raise data.DataError(f"{path}: not a runs.csv of this version of dsconv.experiments (columns "
                              f"differ); give another --out or move the file away")
@@ -140,8 +139,8 @@ def check_same_data(out, ds, log):
                              f"{theirs.get('root')}; these are {mine['images']} from {ds.root}); give another "
                              "--out, or move runs.csv away to start over")
     if log.rows and not theirs:
-        print(f"warning: {out / 'runs.csv'} does not record which images it was made from; resuming it, "
-              "on the assumption that they are these", file=sys.stderr)
+        warn(f"{out / 'runs.csv'} does not record which images it was made from; resuming it, on the "
+             "assumption that they are these")
     if theirs != mine:
         files.write_text(path, json.dumps(mine, indent=1) + "\n")
 
@@ -151,7 +150,7 @@ def read_timing(out):
     try:
         return json.loads(path.read_text()) if path.exists() else []
     except ValueError:
-        print(f"warning: {path} is damaged; earlier wall times are lost", file=sys.stderr)
+        warn(f"{path} is damaged; earlier wall times are lost")
         return []
 
 

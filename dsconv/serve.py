@@ -35,7 +35,6 @@ never a file name or a request line as sent. It listens on
 127.0.0.1 only, unless --host says otherwise.
 """
 import argparse
-import base64
 import io
 import ipaddress
 import json
@@ -47,9 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
-from email.parser import HeaderParser
-from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,16 +53,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dsconv import DsconvError, HelpFormatter, fail, files, images, predict, weights
+from dsconv import DsconvError, HelpFormatter, api, fail, files, images, note, warn
 from dsconv.model import load_model
 
 HOST = "127.0.0.1"
 PORT = 8000
 MAX_UPLOAD_MB = 50
 MAX_UPLOAD_LIMIT_MB = 4096  # a request body is held in memory
-PREVIEW = 800           # longest side of the images sent back to the page, pixels
-FULL_SIZE = 8192        # ?size=full: the X-ray's own size, up to this
-ACCEPTED = "JPEG, PNG, BMP, GIF, TIFF, WebP or DICOM (.dcm)"
 DRAIN_LIMIT = 1 << 30   # read and drop at most this much of a refused body, so the client sees the 413
 STATIC = Path(__file__).resolve().parent / "static"
 # The only files ever served: a fixed table, never a path taken from the request.
@@ -81,145 +74,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 ROUTES = set(PAGES) | {"/api/health", "/api/model", "/api/predict"}  # the paths the log may name
-NO_FILE = "no file: send one or more images as multipart/form-data fields named `file`"
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status and a message for the user."""
-
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-def describe(model, path):
-    """The model's description for the page: what it is, its threshold, and everything its file records."""
-    return {"file": Path(path).name, "variant": model.variant, "classes": list(model.classes),
-            "positive": model.positive, "threshold": model.threshold, "info": model.head.info,
-            "sha256": weights.sha256(path), "threshold_source": predict.threshold_source(model),
-            "borderline": predict.borderline_band(model), "accepted": ACCEPTED}
-
-
-def query_options(path):
-    """(images wanted, their longest side in pixels) from /api/predict?images=0&size=N (or size=full)."""
-    query = urllib.parse.parse_qs(path.partition("?")[2])
-    images = query.get("images", ["1"])[-1]
-    if images not in ("0", "1"):
-        raise RequestError(HTTPStatus.BAD_REQUEST, "images= takes 0 (leave the images out) or 1")
-    size = query.get("size", [str(PREVIEW)])[-1]
-    if size == "full":
-        return images == "1", FULL_SIZE
-    if not size.isdigit() or not 64 <= int(size) <= FULL_SIZE:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"size= takes a number of pixels from 64 to {FULL_SIZE}, "
-                                                   "or full")
-    return images == "1", int(size)
-
-
-def plain_error(name, content, error):
-    """What went wrong with an upload, in one sentence a person understands, and what is accepted."""
-    head = content[:1024].lstrip()
-    if not content:
-        what = "an empty file (0 bytes)"
-    elif head.startswith(b"%PDF"):
-        what = "a PDF, not an image"
-    elif Path(name).suffix.lower() in (".dcm", ".dicom") and content[128:132] != b"DICM":
-        what = "not a DICOM file, although its name ends in " + Path(name).suffix.lower()
-    elif Path(name).suffix.lower() in (".dcm", ".dicom") or content[128:132] == b"DICM":
-        what = "a DICOM file whose image cannot be read (damaged, or compressed in a way not supported here)"
-    elif head[:1] in (b"<", b"{", b"[") or head[:5].lower() == b"<?xml":
-        what = "a text document, not an image"
-    elif Path(name).suffix.lower() in predict.IMAGE_SUFFIXES:
-        what = "not a readable image: damaged, cut short, or not the kind its name says"
-    else:
-        what = "not an image this page can read"
-    return f"{name}: {what}; accepted: {ACCEPTED}."
-
-
-def parse_multipart(content_type, body):
-    """[(filename, bytes)] of the `file` fields of a multipart/form-data body; RequestError if malformed."""
-    header = Message()
-    header["content-type"] = content_type or ""
-    boundary = header.get_param("boundary")
-    if header.get_content_type() != "multipart/form-data" or not boundary:
-        raise RequestError(HTTPStatus.BAD_REQUEST, "send the images as multipart/form-data, one `file` "
-                                                   "field per image (curl -F file=@xray.jpeg ...)")
-    sections = (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))
-    if len(sections) < 2 or not sections[-1].startswith(b"--"):
-        raise RequestError(HTTPStatus.BAD_REQUEST, "malformed multipart/form-data body (no closing boundary)")
-    files = []
-    for section in sections[1:-1]:
-        head, sep, content = section.partition(b"\r\n\r\n")
-        if not sep:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "malformed multipart/form-data body (a part has no headers)")
-        # the rest of the boundary line (transport padding) comes before the part's headers
-        part = HeaderParser().parsestr(head.partition(b"\r\n")[2].decode("utf-8", "replace"))
-        if part.get_param("name", header="content-disposition") != "file":
-            continue
-        name = Path((part.get_filename() or "").replace("\\", "/")).name
-        if name or content:  # a browser sends an empty, nameless part when no file was chosen
-            files.append((name or f"file{len(files) + 1}", content))
-    return files
-
-
-def predict_files(model, uploads, lock, workdir, size=PREVIEW, send_images=True):
-    """One result per upload, in order: {name, probability, label, threshold, borderline, warning, heatmap,
-    image, and predict.RECORD} or {name, error, detail}.
-
-    The files are written into ``workdir`` (private, emptied by the caller);
-    the network runs under ``lock``, one request at a time. The images are
-    at most ``size`` pixels a side, or left out.
-    """
-    paths = []
-    for i, (name, content) in enumerate(uploads):
-        suffix = Path(name).suffix.lower()
-        path = Path(workdir) / f"{i:04d}{suffix if suffix in predict.IMAGE_SUFFIXES else ''}"
-        path.write_bytes(content)
-        paths.append(path)
-    done = []
-    with lock:
-        # without images the X-ray is still decoded for the overlay: small, so that it costs little
-        done = []
-        for path in paths:
-            done.append(_diagnose(model, path, size if send_images else 64))
-            path.unlink()  # read: the patient image leaves the disk now, not when the request ends
-    rows = predict.stamp([{"path": io.BytesIO(content), "probability": None if row["p"] is None else
-                           model.positive_probability(row["p"])} for (_, content), row in zip(uploads, done)], model)
-    results = []
-    for (name, content), path, row, record in zip(uploads, paths, done, rows):
-        if row["p"] is None:
-            results.append({"name": name, "error": plain_error(name, content, row["error"]),
-                            "detail": str(row["error"]).replace(str(path), name)})
-            continue
-        result = {"name": name, "probability": record["probability"],
-                  "label": None if row["warning"] else model.decide(row["p"]),
-                  "threshold": model.threshold, "warning": row["warning"], "form_warning": row["form_warning"],
-                  "probabilities": {c: float(v) for c, v in zip(model.classes, row["p"])}}
-        subtype = model.subtype(row["p"])
-        if subtype:  # what the positive class would be, whatever the threshold: the page's slider moves it
-            result["subtype"] = {"class": subtype[0], "probability": subtype[1], "of": model.positive,
-                                 "threshold": model.subtypes["threshold"]}
-        result.update({k: record[k] for k in predict.RECORD})
-        if send_images:
-            heat, original = row["heatmap"], row["image"]
-            original = original.resize(heat.size, Image.BILINEAR)  # the page swaps one for the other
-            result.update(heatmap=_data_url(heat, "PNG"), image=_data_url(original, "JPEG"))
-        results.append(result)
-    return results
-
-
-def _diagnose(model, path, size):
-    """{p: probabilities, heatmap, image: the X-ray, warning} of one upload, from one forward pass; or {p: None, error}."""
-    try:
-        p, heat, original, warning = model.diagnose(path, size, with_warning=True)
-    except (DsconvError, OSError) as e:
-        return {"p": None, "error": e}
-    return {"p": p, "heatmap": heat, "image": original, "warning": warning, "form_warning": model.form_warning(path)}
-
-
-def _data_url(im, fmt):
-    buf = io.BytesIO()
-    im.save(buf, fmt, **({"compress_level": 1} if fmt == "PNG" else {"quality": 85}))
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -240,7 +94,7 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, work, body=True):
         try:
             status, content_type, payload = work()
-        except RequestError as e:
+        except api.RequestError as e:
             status, content_type, payload = e.status, "application/json", {"error": str(e)}
         except Exception as e:  # a bug or an unforeseen input must not take the server down
             if self.server.stopping.is_set():  # the interpreter is shutting down under this request
@@ -279,48 +133,48 @@ class Handler(BaseHTTPRequestHandler):
         if path in PAGES:
             return HTTPStatus.OK, PAGES[path][1], self.server.pages[PAGES[path][0]]
         if path == "/api/predict":
-            raise RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "POST the images to /api/predict")
-        raise RequestError(HTTPStatus.NOT_FOUND, f"nothing at {path[:200]}")
+            raise api.RequestError(HTTPStatus.METHOD_NOT_ALLOWED, "POST the images to /api/predict")
+        raise api.RequestError(HTTPStatus.NOT_FOUND, f"nothing at {path[:200]}")
 
     def _post(self):
         if self.path.split("?", 1)[0] != "/api/predict":
             self._refuse_body()
-            raise RequestError(HTTPStatus.NOT_FOUND, f"nothing to POST to at {self.path[:200]}; use /api/predict")
+            raise api.RequestError(HTTPStatus.NOT_FOUND, f"nothing to POST to at {self.path[:200]}; use /api/predict")
         length = self._length()
         if length > self.server.max_upload:
             self._refuse_body()
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            raise api.RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                f"the upload is {length / 2 ** 20:.1f} MB, over the server's limit of "
                                f"{self.server.max_upload / 2 ** 20:g} MB (--max-upload-mb); send fewer images at once")
         if length == 0:
-            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
+            raise api.RequestError(HTTPStatus.BAD_REQUEST, api.NO_FILE)
         body = self.rfile.read(length)
         if len(body) < length:
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the upload ended early")
-        uploads = parse_multipart(self.headers.get("Content-Type"), body)
+            raise api.RequestError(HTTPStatus.BAD_REQUEST, "the upload ended early")
+        uploads = api.parse_multipart(self.headers.get("Content-Type"), body)
         del body
         if not uploads:
-            raise RequestError(HTTPStatus.BAD_REQUEST, NO_FILE)
-        send_images, size = query_options(self.path)
+            raise api.RequestError(HTTPStatus.BAD_REQUEST, api.NO_FILE)
+        send_images, size = api.query_options(self.path)
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="request-", dir=self.server.workdir) as workdir:
-            results = predict_files(self.server.model, uploads, self.server.lock, workdir, size, send_images)
+            results = api.predict_files(self.server.model, uploads, self.server.lock, workdir, size, send_images)
         self.log_message("%d image(s) in %.2f s", len(uploads), time.perf_counter() - t)
         return HTTPStatus.OK, "application/json", {"results": results}
 
     def _length(self):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
-            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length, not chunked")
+            raise api.RequestError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length, not chunked")
         try:
             length = int(self.headers.get("Content-Length", "0"))  # none: no body
         except ValueError:
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, "the upload needs a valid Content-Length") from None
+            raise api.RequestError(HTTPStatus.BAD_REQUEST, "the upload needs a valid Content-Length") from None
         if length < 0:
             self.close_connection = True
-            raise RequestError(HTTPStatus.BAD_REQUEST, "negative Content-Length")
+            raise api.RequestError(HTTPStatus.BAD_REQUEST, "negative Content-Length")
         return length
 
     def _refuse_body(self):
@@ -371,7 +225,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, model, model_path, host=HOST, port=PORT, max_upload_mb=MAX_UPLOAD_MB):
         self.model, self.lock = model, threading.Lock()
         self.stopping = threading.Event()  # set once the server is being stopped: requests cut short get a 503
-        self.description = describe(model, model_path)
+        self.description = api.describe(model, model_path)
         self.max_upload = int(max_upload_mb * 2 ** 20)
         self.pages = {name: (STATIC / name).read_bytes() for name, _ in PAGES.values()}
         # every request's folder lives in here; removed whole when the server stops
@@ -388,7 +242,7 @@ class Server(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         # a client that went away mid-answer: one line, not a traceback
         e = sys.exc_info()[1]
-        sys.stderr.write(f"dsconv: connection from {client_address[0]} failed ({type(e).__name__}: {e})\n")
+        warn(f"connection from {client_address[0]} failed ({type(e).__name__}: {e})")
 
     def server_close(self):
         self.stopping.set()
@@ -410,7 +264,7 @@ def warm_up(model, lock, workdir):
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64), 128, np.uint8)).save(buf, "PNG")
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        predict_files(model, [("warm-up.png", buf.getvalue())], lock, d)
+        api.predict_files(model, [("warm-up.png", buf.getvalue())], lock, d)
 
 
 def exposed(host):
@@ -424,7 +278,7 @@ def exposed(host):
 
 
 def _stopped(*_):
-    print("dsconv: stopped (SIGTERM)", file=sys.stderr)
+    note("stopped (SIGTERM)")
     sys.exit(0)  # SIGTERM, like Ctrl-C, is how a server is meant to stop
 
 
@@ -457,8 +311,8 @@ def main(argv=None):
             raise OSError(f"cannot listen on {args.host} port {args.port} ({e.strerror or e}); "
                           "choose another --port or --host") from None
         if exposed(args.host):
-            print(f"dsconv: warning: listening on {args.host}, not on this machine only: anyone who can "
-                  "reach it can upload images and read the results", file=sys.stderr)
+            warn(f"listening on {args.host}, not on this machine only: anyone who can reach it can upload images "
+                 "and read the results")
         warm_up(model, server.lock, server.workdir)
         print(f"dsconv: serving MobileNet {model.variant} ({args.model}) at {server.url}  (Ctrl-C to stop)",
               flush=True)
@@ -468,7 +322,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         if server is not None:
             server.stopping.set()
-        print("\ndsconv: stopped", file=sys.stderr)
+        print(file=sys.stderr)
+        note("stopped")
     finally:
         if server is not None:
             server.server_close()

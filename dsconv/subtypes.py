@@ -21,6 +21,7 @@ import re
 import numpy as np
 
 from dsconv import data, metrics
+from dsconv.metrics import pct
 
 NAMES = {"BACTERIAL": re.compile(r"_bacteria_", re.IGNORECASE), "VIRAL": re.compile(r"_virus_", re.IGNORECASE)}
 CLASSES = ("BACTERIAL", "VIRAL")  # their order in the head, after the negative class(es)
@@ -106,7 +107,6 @@ def assess(labels, p, group, threshold, subtype_threshold, classes, paths, inter
 def describe(record, threshold):
     """"bacterial against viral: accuracy 91.0% [..], ...; 3 classes: accuracy 88.0%" from an assess() dict."""
     e, ci = record["bacterial_vs_viral"], record["bacterial_vs_viral"]["ci95"]
-    pct = lambda v: f"{100 * v:.1f}"
     parts = [f"{k} {pct(e[k])}% [{pct(ci[k][0])}-{pct(ci[k][1])}]" for k in ("accuracy", "sensitivity", "specificity")]
     m = record["confusion"]
     return (f"bacterial against viral ({e['images']} pneumonia X-rays, bacterial positive): " + ", ".join(parts)

@@ -4,7 +4,7 @@
 
 Bottlenecks are computed once and cached (dsconv.bottlenecks); each repeat
 (dsconv.repeats) splits the images with its seed (0, 1, ...), trains the head
-(dsconv.classifier), picks the decision threshold on the validation partition
+(dsconv.sgd), picks the decision threshold on the validation partition
 and reports test metrics at 0.5 and at that threshold. Written to --out: results.json,
 model.h5 (the repeat with the lowest validation loss; every repeat also as
 model-seedK.h5), curves.csv and curves.png (with matplotlib). Every model
@@ -12,9 +12,9 @@ file carries the X-ray check (dsconv.xraycheck), fitted once on all the
 readable X-rays of --data, --val-dir, --test-dir and --site-dir.
 """
 import argparse
-import json
+import dataclasses
+import functools
 import math
-import platform
 import re
 import sys
 import time
@@ -22,13 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, __version__, bottlenecks, classifier, data, fail, files,
-                    forms, images, interrupted, metrics, paper, repeats, report, subtypes, weights, xraycheck)
+from dsconv import (NOT_WRITTEN, DsconvError, HelpFormatter, bottlenecks, classifier, data, fail, files, forms, images,
+                    interrupted, metrics, note, paper, repeats, sgd, subtypes, weights, xraycheck)
 from dsconv.mobilenet import ALPHAS, check_variant
+from dsconv.outputs import Results, outputs_of
+from dsconv.settings import Settings
 
 ALPHA = 0.75
 RESOLUTION = 224
 SPLIT = "80/10/10"
+RUN_OPTIONS = ("cache", "workers", "out", "overwrite", "max_pixels")  # flags of the run, not of what it trains
 OLD_RUN = re.compile(r"results\.json|model(-seed\d+)?\.h5|[^.].*\.(png|csv)")  # the files --overwrite replaces
 GROUP_BY = "patient"
 REPEATS = 3
@@ -47,7 +50,7 @@ FORM_TTA = 6
 SITE_WEIGHT = 5
 THRESHOLD_RULE = "accuracy"
 STANDARDIZE = True
-STEPS = [classifier.STEPS]
+STEPS = [sgd.STEPS]
 WEIGHT_DECAY = [0.1]
 # The paper's protocol, one flag away: retrain.py's head and the paper's best cell's split and steps
 PAPER = {"standardize": False, "weight_decay": [0.0], "tta": "none", "blur": 0.0, "forms": 0, "invariance": 0,
@@ -89,7 +92,7 @@ def parse_args(argv):
                         "bottleneck pass over the images (cached)")
     p.add_argument("--invariance", type=int, default=INVARIANCE, metavar="K",
                    help="with --forms: the decision ignores the K directions along which the forms of an image "
-                        "move its bottleneck most (dsconv.classifier: form invariance); 0: none")
+                        "move its bottleneck most (dsconv.sgd: form invariance); 0: none")
     p.add_argument("--blur", type=float, default=BLUR, metavar="SIGMA",
                    help="Gaussian blur of every input after its resize to r x r, in pixels (training and "
                         "prediction alike): it smooths away JPEG blocks and resampling, in which the forms of "
@@ -114,14 +117,14 @@ def parse_args(argv):
                    help="three classes: the positive class split into BACTERIAL and VIRAL by the file names "
                         "('_bacteria_', '_virus_'); pneumonia is decided at the threshold on P(bacterial) + "
                         "P(viral), then its subtype at a second threshold chosen on validation (dsconv.subtypes)")
-    p.add_argument("--lr", type=float, default=classifier.LR, help="SGD learning rate")
+    p.add_argument("--lr", type=float, default=sgd.LR, help="SGD learning rate")
     p.add_argument("--steps", type=number_list(int), default=STEPS, metavar="N[,N...]",
                    help="SGD steps; several: the one with the best validation AUC (one training, "
                         "snapshots)")
-    p.add_argument("--batch-size", type=int, default=classifier.BATCH, help="images per SGD step")
-    p.add_argument("--sampling", default=SAMPLING, choices=classifier.SAMPLINGS,
+    p.add_argument("--batch-size", type=int, default=sgd.BATCH, help="images per SGD step")
+    p.add_argument("--sampling", default=SAMPLING, choices=sgd.SAMPLINGS,
                    help="batches drawn class first (balanced, retrain.py) or from all images (natural)")
-    p.add_argument("--eval-every", type=int, default=classifier.EVAL_EVERY,
+    p.add_argument("--eval-every", type=int, default=sgd.EVAL_EVERY,
                    help="record training curves every this many steps")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=STANDARDIZE,
                    help="scale bottlenecks to zero mean, unit variance on the training partition "
@@ -207,9 +210,9 @@ def alpha_list(text):
     return alphas
 
 
-def fresh_out_dir(args):
-    alphas = "+".join(f"{a:g}" for a in args.alpha)
-    base = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{alphas}-{args.resolution}")
+def fresh_out_dir(settings):
+    alphas = "+".join(f"{a:g}" for a in settings.alpha)
+    base = Path("runs") / time.strftime(f"%Y%m%d-%H%M%S-{alphas}-{settings.resolution}")
     out, k = base, 1
     while out.exists():
         k += 1
@@ -217,201 +220,121 @@ def fresh_out_dir(args):
     return out
 
 
-def clean(x):
-    """JSON-safe: NaN -> None, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if math.isnan(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
+def bottlenecks_of(ds, extract, skipped):
+    """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``.
 
-
-def bottlenecks_of(ds, nets, args, cache_dir, skipped):
-    """The Dataset of the readable images and their bottlenecks; unreadable files go to ``skipped``."""
-    ds, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
-                                                    tta=args.tta, blur=args.blur)
+    ``extract``: bottlenecks.extract with the training's networks and settings.
+    """
+    feats, failed = extract(ds.paths)
+    ds = ds.readable(failed)
     skipped.update({str(p): msg for p, msg in failed.items()})
     for c, n in ds.counts().items():
         if n == 0:
             raise data.DataError(f"{ds.root / c}: no readable image in this class folder")
-    return ds, np.concatenate([f[args.bottleneck] for f in feats], axis=1)
+    return ds, np.concatenate(feats, axis=1)
 
 
-def forms_of(ds, nets, args, cache_dir):
-    """The bottlenecks of --forms random forms of the (readable) images of ds, one array per form, rows aligned."""
+def forms_of(ds, extract, n):
+    """The bottlenecks of n random forms of the (readable) images of ds, one array per form, rows aligned."""
     out = []
-    for form in forms.draws(args.forms):
-        _, feats, failed = bottlenecks.extract_dataset(ds, nets, (args.bottleneck,), cache_dir, args.workers,
-                                                       tta=args.tta, form=form, blur=args.blur)
+    for form in forms.draws(n):
+        feats, failed = extract(ds.paths, form=form)
         if failed:
             raise data.DataError(f"{len(failed)} image(s) could not be read in their {form.name} form, such as "
                                  f"{next(iter(failed.values()))}; remove them or give --forms 0")
-        out.append(np.concatenate([f[args.bottleneck] for f in feats], axis=1))
+        out.append(np.concatenate(feats, axis=1))
     return out
 
 
-def test_forms_of(ds, nets, args, cache_dir, mask=None):
-    """The bottlenecks of the --form-tta test-time forms of ds's images (those in ``mask``), one array per form."""
+def test_forms_of(ds, extract, n, mask=None):
+    """The bottlenecks of the n test-time forms (--form-tta) of ds's images (those in ``mask``), one array per form."""
     paths = ds.paths if mask is None else [q for q, m in zip(ds.paths, mask) if m]
     out = []
-    for form in forms.test_forms(args.form_tta):
-        x, failed = bottlenecks.extract_ensemble(paths, nets, args.bottleneck, cache_dir, workers=args.workers,
-                                                 tta=args.tta, form=form, blur=args.blur)
+    for form in forms.test_forms(n):
+        feats, failed = extract(paths, form=form)
         if failed:
             raise data.DataError(f"{len(failed)} image(s) could not be read in their test-time form {form.name}, "
                                  f"such as {next(iter(failed.values()))}; remove them or give --form-tta 0")
-        out.append(x)
+        out.append(np.concatenate(feats, axis=1))
     return tuple(out)
-
-
-def versions():
-    import h5py
-    import numba
-    import PIL
-    return {"dsconv": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "numba": numba.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
-            "platform": platform.platform()}
-
-
-def network_info(nets, args, width):
-    """The model file's description of the frozen side: scalars for one network, lists for an ensemble."""
-    one = lambda values: values[0] if len(values) == 1 else values
-    info = {"alpha": one([n.alpha for n in nets]), "resolution": args.resolution,
-            "trained_resolution": one([n.trained_resolution for n in nets]),
-            "weights_file": one([Path(n.weights_path).name for n in nets]),
-            "weights_sha256": one([n.weights_sha256 for n in nets]),
-            "bottleneck": args.bottleneck, "features": int(width), "preprocessing": images.preprocessing(args.blur),
-            "dsconv": __version__}
-    if args.tta != "none":
-        info["tta"] = args.tta
-    if args.blur:
-        info["blur"] = args.blur
-    if args.form_tta:
-        info["form_tta"] = args.form_tta
-        info["form_tta_description"] = forms.TEST_FORMS
-    return info
-
-
-def decision_info(args, r, val_ds):
-    """What the page says of the decision: the borderline band and, with --val-dir, the site sample's figures.
-
-    The site sample's figures are those of the validation scores the
-    threshold was chosen on (out-of-fold with --site-weight), at that
-    threshold, with patient-bootstrap 95% intervals.
-    """
-    out = {}
-    if r["borderline"] is not None:
-        out["borderline"] = r["borderline"]
-    rep = r["validation_report"]
-    if args.val_dir and rep:
-        out["site_evaluation"] = dict(
-            {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
-            dir=str(val_ds.root), images=r["sizes"]["val"], patients=rep["patients"],
-            ci95=rep["ci95_at_threshold"], threshold=r["threshold"],
-            scores=r["choice"]["validation_scores"],
-            confusion=rep["at_threshold"]["confusion"])
-    return out
-
-
-def subtype_summary(runs, best):
-    """results.json's summary.subtypes: the test figures of the model kept, and their mean and std over repeats."""
-    tests = [r["subtypes"]["test"] for r in runs]
-    return dict(runs[best]["subtypes"]["test"], threshold=runs[best]["subtypes"]["threshold"],
-                threshold_rule=runs[best]["subtypes"]["threshold_rule"],
-                over_repeats=dict(metrics.summary([t["bacterial_vs_viral"] for t in tests],
-                                                  ("accuracy", "sensitivity", "specificity", "auc")),
-                                  classes_accuracy=metrics.summary([t for t in tests], ("accuracy",))["accuracy"]),
-                sensitivity="recall of BACTERIAL (bacterial positive)", specificity="recall of VIRAL")
-
-
-def print_by_form(figures):
-    """The figures of each form of a set that mixes them (repeats.by_form), one line each."""
-    for kind, e in (figures or {}).items():
-        print(f"    of which {e['images']} {kind}: accuracy {report.pct(e['accuracy'])}%, sensitivity "
-              f"{report.pct(e['sensitivity'])}%, specificity {report.pct(e['specificity'])}%, AUC {e['auc']:.3f}")
 
 
 def main(argv=None):
     t_start = time.perf_counter()
     args = parse_args(argv)
+    settings = Settings.from_args(args)
+    options = {k: getattr(args, k) for k in RUN_OPTIONS}
     times = {}
-    out = Path(args.out) if args.out else fresh_out_dir(args)
+    out = Path(args.out) if args.out else fresh_out_dir(settings)
     try:
         if (out / "results.json").exists() and not args.overwrite:
             raise DsconvError(f"{out}: holds a run already (results.json); give another --out, or --overwrite "
                               "to replace it")
         files.check_writable(out, "give another --out")
-        train_pct, val_pct, test_pct = data.parse_split(args.split)
-        if args.val_dir:
+        train_pct, val_pct, test_pct = data.parse_split(settings.split)
+        if settings.val_dir:
             train_pct, val_pct = train_pct + val_pct, 0.0
-        if args.test_dir:
+        if settings.test_dir:
             train_pct, test_pct = train_pct + test_pct, 0.0
         elif test_pct == 0:
-            raise data.DataError(f"--split {args.split} leaves no test partition; give a test share "
+            raise data.DataError(f"--split {settings.split} leaves no test partition; give a test share "
                                  "or --test-dir")
         percentages = (train_pct, val_pct, test_pct)
         t = time.perf_counter()
-        ds = data.scan(args.data)
-        val_ds = data.scan(args.val_dir, ds.classes) if args.val_dir else None
-        test_ds = data.scan(args.test_dir, ds.classes) if args.test_dir else None
-        if args.site_dir is None and args.val_dir:
-            args.site_dir = args.val_dir
-        if args.site_dir == "none":
-            args.site_dir = None
-        site_paths = data.image_files(args.site_dir) if args.site_dir else None
+        ds = data.scan(settings.data)
+        val_ds = data.scan(settings.val_dir, ds.classes) if settings.val_dir else None
+        test_ds = data.scan(settings.test_dir, ds.classes) if settings.test_dir else None
+        site_paths = data.image_files(settings.site_dir) if settings.site_dir else None
         times["scan_s"] = time.perf_counter() - t
-        positive = data.positive_index(ds.classes, args.positive)
-        if ds.classes[positive] != args.positive:
-            print(f"note: no class {data.POSITIVE}; counting {ds.classes[positive]} as positive "
-                  "(choose with --positive)")
-        if args.subtypes:
-            args.positive = ds.classes[positive]
+        positive = data.positive_index(ds.classes, settings.positive)
+        if ds.classes[positive] != settings.positive:
+            note(f"no class {data.POSITIVE}; counting {ds.classes[positive]} as positive (choose with --positive)")
+        if settings.subtypes:
+            settings = dataclasses.replace(settings, positive=ds.classes[positive])
             ds, group = subtypes.split(ds, positive)
             val_ds, test_ds = (subtypes.split(d, positive)[0] if d else None for d in (val_ds, test_ds))
             positive = group
         data.warn_overlaps([(n, d) for n, d in (("--data", ds), ("--val-dir", val_ds), ("--test-dir", test_ds)) if d])
         t = time.perf_counter()
-        nets = [weights.load(a, args.resolution, head=args.bottleneck == "logits") for a in args.alpha]
+        nets = [weights.load(a, settings.resolution, head=settings.bottleneck == "logits") for a in settings.alpha]
         times["load_network_s"] = time.perf_counter() - t
         t = time.perf_counter()
         skipped = {}
         cache_dir = Path(args.cache) if args.cache else None
-        ds, x = bottlenecks_of(ds, nets, args, cache_dir, skipped)
-        x_forms = forms_of(ds, nets, args, cache_dir)
+        extract = functools.partial(bottlenecks.extract, nets=nets, kinds=settings.bottleneck, cache_dir=cache_dir,
+                                    workers=args.workers, tta=settings.tta, blur=settings.blur)
+        ds, x = bottlenecks_of(ds, extract, skipped)
+        x_forms = forms_of(ds, extract, settings.forms)
         val = test = site = None
         if val_ds is not None:
-            val_ds, x_val = bottlenecks_of(val_ds, nets, args, cache_dir, skipped)
+            val_ds, x_val = bottlenecks_of(val_ds, extract, skipped)
             val = repeats.Part(x_val, val_ds.labels, val_ds.paths,
-                               tuple(forms_of(val_ds, nets, args, cache_dir)) if args.site_weight else (),
-                               test_forms_of(val_ds, nets, args, cache_dir))
+                               tuple(forms_of(val_ds, extract, settings.forms)) if settings.site_weight else (),
+                               test_forms_of(val_ds, extract, settings.form_tta))
         if test_ds is not None:
-            test_ds, x_test = bottlenecks_of(test_ds, nets, args, cache_dir, skipped)
+            test_ds, x_test = bottlenecks_of(test_ds, extract, skipped)
             test = repeats.Part(x_test, test_ds.labels, test_ds.paths,
-                                tta=test_forms_of(test_ds, nets, args, cache_dir))
+                                tta=test_forms_of(test_ds, extract, settings.form_tta))
         if site_paths is not None:
-            site, failed = bottlenecks.extract_ensemble(site_paths, nets, args.bottleneck, cache_dir,
-                                                     workers=args.workers, tta=args.tta, blur=args.blur)
+            site, failed = extract(site_paths)
+            site = np.concatenate(site, axis=1)
             skipped.update({str(q): msg for q, msg in failed.items()})
-            classifier.check_site(site, x.std(axis=0), args.site_dir)
+            classifier.check_site(site, x.std(axis=0), settings.site_dir)
         times["bottlenecks_s"] = time.perf_counter() - t
         t = time.perf_counter()
         xrays = [(ds.root, ds.paths, x)] + [(d.root, d.paths, p.x) for d, p in ((val_ds, val), (test_ds, test))
                                             if d is not None]
         if site is not None:
-            xrays.append((args.site_dir, [q for q in site_paths if q not in failed], site))
+            xrays.append((settings.site_dir, [q for q in site_paths if q not in failed], site))
         check = xraycheck.fit_folders(xrays)
         times["xray_check_s"] = time.perf_counter() - t
-        data.check_partitions(len(ds.paths), percentages, args.split, args.test_dir)
+        data.check_partitions(len(ds.paths), percentages, settings.split, settings.test_dir)
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
-        for seed in range(args.repeats):
-            tta_of = (lambda mask: test_forms_of(ds, nets, args, cache_dir, mask)) if args.form_tta else None
-            result, model, curves, s_test = repeats.run_repeat(seed, args, percentages, ds, x, val, test, site,
+        tta_of = (lambda mask: test_forms_of(ds, extract, settings.form_tta, mask)) if settings.form_tta else None
+        for seed in range(settings.repeats):
+            result, model, curves, s_test = repeats.run_repeat(seed, settings, percentages, ds, x, val, test, site,
                                                                positive, x_forms, tta_of)
             runs.append(result)
             models.append(model)
@@ -419,13 +342,14 @@ def main(argv=None):
             test_scores.append(s_test)
         times["training_s"] = time.perf_counter() - t
         if check is None:
-            print(f"note: too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; "
-                  "the model file has none, and only its pixel checks run")
+            note(f"too few X-rays (under {xraycheck.MIN_IMAGES}, or one patient) to fit the X-ray check; the "
+                 "model file has none, and only its pixel checks run")
         else:
             for model in models:
                 check.store(model)
-        outputs = outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings,
-                             runs, models, all_curves, test_scores, times, t_start)
+        results = Results(nets, ds, val_ds, test_ds, val, test, site, x.shape[1], positive, skipped, warnings, runs,
+                          models, all_curves, test_scores, times, t_start)
+        outputs = outputs_of(settings, options, results)
     except (DsconvError, OSError) as e:
         fail(e)
     except KeyboardInterrupt:
@@ -448,102 +372,6 @@ def main(argv=None):
         interrupted(f"the outputs were written completely to {out}" if written else "nothing was written")
     print(f"wrote {out}/: {', '.join(n for n in outputs if not n.startswith('model-'))} "
           f"(total {times['total_s']:.1f} s)")
-
-
-def outputs_of(args, nets, ds, val_ds, test_ds, val, test, site, x, positive, skipped, warnings, runs, models,
-               all_curves, test_scores, times, t_start):
-    """Print the tables; return {file name: bytes} of every output, results.json first."""
-    info = network_info(nets, args, x.shape[1])
-    described = {name: forms.summary([forms.describe(p) for p in d.paths]) if d else None
-                 for name, d in (("training", ds), ("site", val_ds), ("test", test_ds or ds))}
-    info["forms"] = forms.contract(described["training"], described["site"], described["test"], args.forms,
-                                   args.invariance, info["preprocessing"] + (
-                                       f"; each image scored as given and in {args.form_tta} test-time forms, "
-                                       "averaged" if args.form_tta else ""))
-    settings = dict(vars(args))
-    training = {k: v for k, v in settings.items() if k not in ("out", "cache", "workers", "overwrite", "max_pixels")}
-    best = min(range(len(runs)), key=lambda k: (np.nan_to_num(runs[k]["validation_loss"], nan=np.inf), k))
-    test_name = str(test_ds.root) if test_ds else "test partition of --data"
-    model_files = {}
-    for model, r in zip(models, runs):
-        rep = r["test_report"]
-        model.info = dict(info, **model.info, threshold_rule=r["threshold_rule"],  # model.info: the X-ray check
-                          training=dict(training, seed=r["seed"], sizes=r["sizes"]),
-                          evaluation={test_name: dict(
-                              {k: rep["at_threshold"][k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
-                              images=r["sizes"]["test"], patients=rep["patients"], ci95=rep["ci95_at_threshold"],
-                              threshold=r["threshold"], form=info["forms"]["evaluation"])})
-        if site is not None or val_ds is not None:
-            model.info["calibration"] = {
-                "site_dir": str(args.site_dir) if site is not None else None,
-                "site_images": int(len(site)) if site is not None else 0,
-                "threshold_dir": str(val_ds.root) if val_ds else None,
-                "threshold_images": int(len(val.labels)) if val_ds else 0,
-                "threshold_rule": r["threshold_rule"], "target_sensitivity": args.target_sensitivity}
-        model.info.update(decision_info(args, r, val_ds))
-        if "site_evaluation" in model.info:
-            model.info["site_evaluation"]["form"] = info["forms"]["site"]
-        model.info = clean(model.info)
-        model_files[f"model-seed{r['seed']}.h5"] = model.to_bytes()
-    model_files["model.h5"] = model_files[f"model-seed{runs[best]['seed']}.h5"]
-
-    summary = {"test": metrics.summary([r["test"] for r in runs]),
-               "test_at_threshold": metrics.summary([r["test_at_threshold"] for r in runs])}
-    alphas = "+".join(f"{a:g}" for a in args.alpha)
-    where = (f"trained on all of --data, threshold on {args.val_dir}" if args.val_dir and args.test_dir
-             else f"split {args.split} by {args.group_by}")
-    title = (f"MobileNet {alphas}-{args.resolution} {args.bottleneck}"
-             + (f" {args.tta}" if args.tta != "none" else "") + (", site-adapted" if site is not None else "")
-             + f", {where}, lr {args.lr:g}, steps {','.join(map(str, args.steps))}, weight decay "
-               f"{','.join(f'{w:g}' for w in args.weight_decay)}")
-    lines = repeats.table(runs, summary)
-    print(f"\n{title}; test metrics in %, at 0.5 and at the validation-chosen threshold")
-    print("\n".join(lines))
-    s = summary["test"]
-
-    def percent(v):
-        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.2f}%"
-    missing = "n/a" in percent(s["sensitivity"]["mean"]) + percent(s["specificity"]["mean"])
-    print(f"\ntest accuracy {percent(s['accuracy']['mean'])} ± {100 * np.nan_to_num(s['accuracy']['std']):.2f}, "
-          f"sensitivity {percent(s['sensitivity']['mean'])}, specificity {percent(s['specificity']['mean'])} "
-          f"(mean ± sample std over {len(runs)} repeat(s), threshold 0.5"
-          + ("; n/a: a test partition lacks that class)" if missing else ")"))
-    r = runs[best]
-    if r["validation_report"] and args.val_dir:
-        print(f"model.h5 (seed {r['seed']}) on --val-dir {args.val_dir} [{info['forms']['site']}], "
-              f"{r['choice']['validation_scores']} scores, threshold chosen on them (optimistic): "
-              + report.describe(r["validation_report"], r["threshold"]))
-        print_by_form(r["validation_by_form"])
-    print(f"model.h5 (seed {r['seed']}) on {test_name} [{info['forms']['evaluation']}]: "
-          + report.describe(r["test_report"], r["threshold"]))
-    print_by_form(r["test_by_form"])
-    if args.subtypes:
-        summary["subtypes"] = subtype_summary(runs, best)
-        if args.val_dir:
-            print(f"  subtypes on --val-dir ({r['choice']['validation_scores']} scores, threshold chosen on them): "
-                  + subtypes.describe(r["subtypes"]["validation"], r["subtypes"]["threshold"]))
-        print(f"  subtypes on {test_name}: " + subtypes.describe(r["subtypes"]["test"], r["subtypes"]["threshold"]))
-    figures = report.curve_files(all_curves, title)
-    figures.update(report.test_figures(r["test_report"], *test_scores[best], r["threshold"], f"{title}\n{test_name}"))
-    times["total_s"] = time.perf_counter() - t_start
-    results = {
-        "settings": settings, "network": info,
-        "data": {"root": str(ds.root), "classes": ds.classes,
-                 "positive": args.positive if args.subtypes else ds.classes[positive],
-                 "images": ds.counts(), "test_dir": str(test_ds.root) if test_ds else None,
-                 "test_images": test_ds.counts() if test_ds else None,
-                 "val_dir": str(val_ds.root) if val_ds else None,
-                 "val_images": val_ds.counts() if val_ds else None,
-                 "site_dir": str(args.site_dir) if args.site_dir else None,
-                 "site_images": int(len(site)) if site is not None else None,
-                 "skipped": len(skipped), "skipped_files": skipped, "warnings": warnings},
-        "repeats": runs, "summary": dict(summary, form=info["forms"]["evaluation"]), "std": "sample standard deviation (ddof=1) over repeats",
-        "ci95": "2.5th and 97.5th percentiles over 2000 resamples of whole patients",
-        "model": "model.h5", "model_seed": runs[best]["seed"],
-        "model_choice": "the repeat with the lowest final validation loss",
-        "versions": versions(), "times": times,
-    }
-    return {"results.json": (json.dumps(clean(results), indent=2) + "\n").encode(), **model_files, **figures}
 
 
 if __name__ == "__main__":

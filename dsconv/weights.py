@@ -19,12 +19,11 @@ import argparse
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, fail, files, hdf5
+from dsconv import DsconvError, HelpFormatter, fail, files, hdf5, note, warn
 from dsconv.mobilenet import ALPHAS, STEM, MobileNet, check_variant, layer_shapes
 
 FORMAT = "dsconv-mobilenet-v1"
@@ -145,8 +144,8 @@ def convert(path, out_dir=None, resolution=None):
         resolution = int(match.group(2)) if match else 224
     check_variant(alpha, resolution)
     if match and KERAS_ALPHA[match.group(1)] != alpha:
-        print(f"dsconv: {path.name} is named for alpha {KERAS_ALPHA[match.group(1)]} but its "
-              f"tensors are alpha {alpha}; using {alpha}", file=sys.stderr)
+        warn(f"{path.name} is named for alpha {KERAS_ALPHA[match.group(1)]} but its tensors are alpha {alpha}; "
+             f"using {alpha}")
     head = "conv_preds" in params
     out_dir = Path(out_dir) if out_dir else weights_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +225,7 @@ def _convert_again(path, error):
     if src is None:
         raise WeightsError(f"{error}; convert its Keras file again with "
                            "`python -m dsconv.weights convert PATH/mobilenet_..._tf.h5`") from None
-    print(f"dsconv: {error}; converting {src} again", file=sys.stderr)
+    warn(f"{error}; converting {src} again")
     return convert(src, path.parent, resolution)
 
 
@@ -259,17 +258,14 @@ def load_file(path, alpha=None, resolution=None):
             path = _convert_again(path, e)
             info = describe(path)
         else:
-            print(f"dsconv: {e}; converting {src} again", file=sys.stderr)
+            warn(f"{e}; converting {src} again")
             path = convert(src, path.parent, info["trained_resolution"])
         params = _verified(path)
     try:
-        net = MobileNet(info["alpha"], params, resolution or info["trained_resolution"], source=path)
+        return MobileNet(info["alpha"], params, resolution or info["trained_resolution"], weights_path=path,
+                         weights_sha256=sha256(path), trained_resolution=info["trained_resolution"])
     except DsconvError as e:
         raise WeightsError(f"{e}; convert the Keras file again") from None
-    net.trained_resolution = info["trained_resolution"]
-    net.weights_path = path
-    net.weights_sha256 = sha256(path)
-    return net
 
 
 def find(alpha, resolution, head=False):
@@ -281,7 +277,7 @@ def find(alpha, resolution, head=False):
         try:
             info = describe(path)
         except hdf5.Damaged as e:
-            print(f"dsconv: warning: {e}; skipping it (delete it, or convert its Keras file again)", file=sys.stderr)
+            warn(f"{e}; skipping it (delete it, or convert its Keras file again)")
             continue
         if info and info["alpha"] == alpha and (info["has_head"] or not head):
             found.setdefault(info["trained_resolution"], path)
@@ -293,7 +289,7 @@ def find(alpha, resolution, head=False):
             for k in keras_dirs():
                 src = k / keras_file_name(alpha, res, h)
                 if src.is_file():
-                    print(f"dsconv: converting {src} -> {d}", file=sys.stderr)
+                    note(f"converting {src} -> {d}")
                     return convert(src, d), res
     want = keras_file_name(alpha, resolution, True if head else False)
     raise WeightsError(
@@ -308,9 +304,26 @@ def load(alpha, resolution=224, head=False, quiet=False):
     """The pretrained MobileNet for (alpha, resolution); see find()."""
     path, trained = find(alpha, resolution, head)
     if trained != resolution and not quiet:
-        print(f"dsconv: no {alpha:g}-{resolution} weights; running the {alpha:g}-{trained} ones "
-              f"at {resolution} (the network is fully convolutional)", file=sys.stderr)
+        note(f"no {alpha:g}-{resolution} weights; running the {alpha:g}-{trained} ones at {resolution} (the "
+             "network is fully convolutional)")
     return load_file(path, alpha, resolution)
+
+
+def load_recorded(alpha, resolution, head, want, name):
+    """The network a model was trained on: the converted file of sha256 ``want`` (named ``name`` then) if present,
+    else the variant's weights (load), with a warning if ``want`` is given."""
+    d = weights_dir()
+    for path in sorted(d.glob("*.h5")) if d.is_dir() else []:
+        if sha256(path) != want:  # first: a damaged extra file is then never parsed
+            continue
+        meta = describe(path)
+        if meta and meta["alpha"] == alpha and (meta["has_head"] or not head):
+            return load_file(path, alpha, resolution)
+    net = load(alpha, resolution, head=head, quiet=True)
+    if want and net.weights_sha256 != want:
+        warn(f"the model was trained on weights {name} (sha256 {want[:12]}...), which are not in {d}; using "
+             f"{net.weights_path.name} instead")
+    return net
 
 
 def _described(path):

@@ -158,8 +158,8 @@ def test_resolutions_of_an_alpha_decode_once(net, paths, tmp_path, weights_dir, 
     open_image = images.open_image
     monkeypatch.setattr(images, "open_image", lambda *a, **k: opened.append(a[0]) or open_image(*a, **k))
     seconds = [0.0] * 3
-    got, failed = bottlenecks.extract_nets(paths[:6], nets, ("pooled",), tmp_path, batch=4, progress=False,
-                                        seconds=seconds)
+    got, failed = bottlenecks.extract(paths[:6], nets, ("pooled",), tmp_path, batch=4, progress=False,
+                                      seconds=seconds)
     assert not failed and len(opened) == 6 and all(s > 0 for s in seconds)
     opened.clear()
     for n, feats in zip(nets, got):

@@ -3,7 +3,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, classifier, kernels
+from dsconv import DsconvError, classifier, kernels, sgd
 
 
 def reference_sgd(x, y, w, b, idx, lr):
@@ -27,13 +27,13 @@ def toy(n=300, d=20, seed=1):
     return x, y
 
 
-@pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
+@pytest.mark.parametrize("sampling", sgd.SAMPLINGS)
 def test_sgd_matches_reference(sampling):
     x, y = toy()
-    model, _ = classifier.train(x, y, ["n", "p"], lr=0.1, steps=300, batch=50, sampling=sampling, seed=7)
+    model, _ = sgd.train(x, y, ["n", "p"], lr=0.1, steps=300, batch=50, sampling=sampling, seed=7)
     rng = np.random.default_rng(7)
-    w0 = classifier.truncated_normal(rng, (20, 2), classifier.INIT_STD)
-    idx = classifier.batches(y, 300, 50, sampling, rng)
+    w0 = sgd.truncated_normal(rng, (20, 2), sgd.INIT_STD)
+    idx = sgd.batches(y, 300, 50, sampling, rng)
     w, b = reference_sgd(x.astype(np.float64), y, w0, np.zeros(2), idx, 0.1)
     err = max(np.abs(model.weights - w).max(), np.abs(model.bias - b).max())
     print(f"\nlargest difference to the reference loop ({sampling}): {err:.2e}")
@@ -44,18 +44,18 @@ def test_sgd_matches_reference(sampling):
 @pytest.mark.slow
 def test_standardize_is_sgd_on_standardized_features():
     x, y = toy()
-    model, _ = classifier.train(x, y, ["n", "p"], steps=100, standardize=True, seed=3)
+    model, _ = sgd.train(x, y, ["n", "p"], steps=100, standardize=True, seed=3)
     z = (x - x.mean(0, dtype=np.float64)) / x.std(0, dtype=np.float64)
     rng = np.random.default_rng(3)
-    w0 = classifier.truncated_normal(rng, (20, 2), classifier.INIT_STD)
-    w, b = reference_sgd(z, y, w0, np.zeros(2), classifier.batches(y, 100, 100, "balanced", rng), 0.01)
+    w0 = sgd.truncated_normal(rng, (20, 2), sgd.INIT_STD)
+    w, b = reference_sgd(z, y, w0, np.zeros(2), sgd.batches(y, 100, 100, "balanced", rng), 0.01)
     assert np.abs(model.weights - w).max() < 1e-6
     assert np.allclose(model.probabilities(x), kernels.softmax(z @ w + b), atol=1e-6)
 
 
 def test_bitwise_deterministic_and_seeded():
     x, y = toy()
-    runs = [classifier.train(x, y, ["n", "p"], x[:50], y[:50], steps=200, seed=s) for s in (0, 0, 1)]
+    runs = [sgd.train(x, y, ["n", "p"], x[:50], y[:50], steps=200, seed=s) for s in (0, 0, 1)]
     assert np.array_equal(runs[0][0].weights, runs[1][0].weights)
     assert runs[0][1] == runs[1][1]
     assert not np.array_equal(runs[0][0].weights, runs[2][0].weights)
@@ -63,18 +63,18 @@ def test_bitwise_deterministic_and_seeded():
 
 def test_init_and_sampling():
     rng = np.random.default_rng(0)
-    w = classifier.truncated_normal(rng, (1000, 100), 0.001)
+    w = sgd.truncated_normal(rng, (1000, 100), 0.001)
     assert np.abs(w).max() <= 0.002 and 0.00085 < w.std() < 0.0009  # std of N(0,1) cut at 2: 0.880
     y = np.array([0] * 100 + [1] * 900)
-    idx = classifier.batches(y, 200, 100, "balanced", rng)
+    idx = sgd.batches(y, 200, 100, "balanced", rng)
     assert abs(np.mean(y[idx]) - 0.5) < 0.01
-    assert abs(np.mean(y[classifier.batches(y, 200, 100, "natural", rng)]) - 0.9) < 0.01
+    assert abs(np.mean(y[sgd.batches(y, 200, 100, "natural", rng)]) - 0.9) < 0.01
     assert len(np.unique(idx[y[idx] == 0])) == 100  # every image of the small class is drawn
 
 
 def test_curves():
     x, y = toy()
-    _, c = classifier.train(x, y, ["n", "p"], x[:60], y[:60], steps=95, eval_every=10)
+    _, c = sgd.train(x, y, ["n", "p"], x[:60], y[:60], steps=95, eval_every=10)
     assert c["step"] == [10, 20, 30, 40, 50, 60, 70, 80, 90, 95]
     assert all(len(v) == 10 for v in c.values())
     assert c["val_accuracy"][-1] > 0.7 and c["val_loss"][-1] < c["val_loss"][0]
@@ -83,12 +83,12 @@ def test_curves():
 def test_single_class_refused():
     x, y = toy()
     with pytest.raises(DsconvError, match="single class"):
-        classifier.train(x, np.zeros_like(y), ["n", "p"], steps=10)
+        sgd.train(x, np.zeros_like(y), ["n", "p"], steps=10)
 
 
 def test_model_file_round_trip(tmp_path):
     x, y = toy()
-    model, _ = classifier.train(x, y, ["NORMAL", "PNEUMONIA"], steps=50, standardize=True)
+    model, _ = sgd.train(x, y, ["NORMAL", "PNEUMONIA"], steps=50, standardize=True)
     model.positive, model.threshold, model.info = 1, 0.37, {"alpha": 0.25, "bottleneck": "pooled"}
     model.save(tmp_path / "m.h5")
     back = classifier.load(tmp_path / "m.h5")

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from dsconv import DsconvError, bottlenecks, classifier, data, experiments, report, runlog, weights
+from dsconv import DsconvError, bottlenecks, data, experiments, reproduction, runlog, sgd, weights
 from tests.conftest import copy_xrays, exit_of
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
@@ -80,14 +80,14 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
     net = weights.load(0.25, 128, head=True, quiet=True)
     x, _ = bottlenecks.extract(ds.paths, net, "pooled", tmp_path / "cache", progress=False)
     part = data.split(ds.labels, (80, 10, 10), 1, [data.patient_id(p) for p in ds.paths])
-    model, _ = classifier.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
+    model, _ = sgd.train(x[part == 0], ds.labels[part == 0], ds.classes, lr=0.1, steps=min(q.steps), seed=1)
     _, test = experiments.evaluate(model, x[part == 2], ds.labels[part == 2], 1)
     _, val = experiments.evaluate(model, x[part == 1], ds.labels[part == 1], 1)
     assert runlog.fmt("", test["accuracy"]) == r["test_accuracy"]
     assert runlog.fmt("", val["accuracy"]) == r["val_accuracy"]
 
     # interrupted after 5 trainings, killed in the middle of writing a row, then resumed
-    train = classifier.train
+    train = sgd.train
     grid_calls, finished = [], []
 
     def interrupted(*a, **k):
@@ -99,7 +99,7 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
         if k.get("snapshots"):
             finished.append(1)
         return out
-    monkeypatch.setattr(classifier, "train", interrupted)
+    monkeypatch.setattr(sgd, "train", interrupted)
     with pytest.raises(SystemExit) as e:
         experiments.main(grid_args(small, tmp_path, "b"))
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
@@ -114,7 +114,7 @@ def test_quick_grid_end_to_end_and_resume(quarter, small, tmp_path, monkeypatch,
             grid_calls.append(1)
         return train(*a, **k)
     grid_calls.clear()
-    monkeypatch.setattr(classifier, "train", counting)
+    monkeypatch.setattr(sgd, "train", counting)
     experiments.main(grid_args(small, tmp_path, "b"))
     assert len(grid_calls) == trainings - done  # nothing redone
     assert without_time(read_csv(tmp_path / "b" / "runs.csv")) == without_time(rows)
@@ -139,28 +139,28 @@ def test_grid_keeps_an_overshooting_training():
     y = np.array([0, 1] * 60)
     x = rng.standard_normal((120, 8)) * 20 + 5 * y[:, None]
     with pytest.raises(DsconvError, match="diverged"):
-        classifier.train(x, y, ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0)
+        sgd.train(x, y, ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0)
     part = np.repeat([0, 1, 2], 40)
     rows = experiments.train_cell(x, y, part, ["NORMAL", "PNEUMONIA"], 0, 0.1, (100, 200))
     assert [r["steps"] for r in rows] == [100, 200]
-    model, _ = classifier.train(x[:40], y[:40], ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0, check=False)
+    model, _ = sgd.train(x[:40], y[:40], ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, seed=0, check=False)
     assert rows[1]["test_accuracy"] == np.mean(model.predict(x[80:]) == y[80:])
 
 
-@pytest.mark.parametrize("sampling", classifier.SAMPLINGS)
+@pytest.mark.parametrize("sampling", sgd.SAMPLINGS)
 def test_snapshot_equals_separate_run(sampling):
     rng = np.random.default_rng(0)
     y = (rng.random(200) < 0.75).astype(np.int64)
     x = rng.standard_normal((200, 12)) + y[:, None]
-    _, curves = classifier.train(x, y, ["n", "p"], lr=0.1, steps=250, batch=20, sampling=sampling, seed=4,
+    _, curves = sgd.train(x, y, ["n", "p"], lr=0.1, steps=250, batch=20, sampling=sampling, seed=4,
                                  snapshots=(100, 200, 250))
     for steps in (100, 200, 250):
-        alone, _ = classifier.train(x, y, ["n", "p"], lr=0.1, steps=steps, batch=20, sampling=sampling, seed=4)
+        alone, _ = sgd.train(x, y, ["n", "p"], lr=0.1, steps=steps, batch=20, sampling=sampling, seed=4)
         snap = curves["snapshots"][steps]
         assert np.array_equal(snap.weights, alone.weights) and np.array_equal(snap.bias, alone.bias)
     assert not np.array_equal(curves["snapshots"][100].weights, curves["snapshots"][250].weights)
     with pytest.raises(DsconvError, match="snapshots"):
-        classifier.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
+        sgd.train(x, y, ["n", "p"], steps=10, snapshots=(20,))
 
 
 def row(lr, steps, seed, val, test, val_loss=0.1, split="80/10/10"):
@@ -199,9 +199,9 @@ def test_selection_uses_validation_only():
 def test_tables():
     cell = {"lr": 0.1, "steps": 2500, "val": 0.97, "test": 0.9612, "test_std": 0.0041, "sensitivity": 0.96,
             "specificity": 0.95, "n": 3}
-    selected = {report.Cell(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
-                report.Cell(0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
-    t4 = report.table4(selected, experiments.Grid(), {0.75, 0.25})
+    selected = {reproduction.Cell(0.75, 224, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224),
+                reproduction.Cell(0.75, 192, "logits", "image", "80/10/10"): dict(cell, trained_resolution=224)}
+    t4 = reproduction.table4(selected, experiments.Grid(), {0.75, 0.25})
     lines = t4.splitlines()
     assert "## Split by image (the paper's protocol), logits bottleneck" in lines
     assert "| Model | 80/10/10 | 70/15/15 | 60/20/20 |" in lines
@@ -217,14 +217,14 @@ def test_tables():
     assert "patient" not in t4.split("†")[0]  # only the protocols that were run
     assert "the test partition played no part" in t4
 
-    t3 = report.table3().splitlines()
+    t3 = reproduction.table3().splitlines()
     assert "| 0.75-224 | 325 * | 317 | 2.59 | 2.59 |" in t3 and "| 0.25-128 | 14 | 14 | 0.47 | 0.47 |" in t3
     assert "| 0.50-224 | 149 * | 150 | 1.34 | 1.34 |" in t3
 
     rows = [dict(row(0.1, 1500, s, 0.9, 0.9), n_train=4172, n_val=522, n_test=522) for s in range(3)]
     rows += [dict(row(0.1, 1500, s, 0.9, 0.9), group_by="patient", n_train=4170 + s, n_val=522, n_test=524 - s)
              for s in range(3)]
-    t1 = report.table1(rows, ("80/10/10", "70/15/15")).splitlines()
+    t1 = reproduction.table1(rows, ("80/10/10", "70/15/15")).splitlines()
     assert "| 80/10/10 | 4172 \\| 522 \\| 522 | 4172 \\| 522 \\| 522 | 4170–4172 \\| 522 \\| 522–524 |" in t1
     assert "| 70/15/15 | 3652 \\| 782 \\| 782 | not run | not run |" in t1
 
@@ -323,8 +323,8 @@ def test_quick_grid_subtypes(quarter, mixed, tmp_path, monkeypatch, capsys):
         for steps in experiments.QUICK.steps:
             r = next(r for r in sub if (r["bottleneck"], r["group_by"], r["seed"], r["lr"], r["steps"])
                      == (kind, group_by, str(seed), f"{lr:g}", str(steps)))
-            model, _ = classifier.train(x[part == 0], three[part == 0], ["NORMAL", "BACTERIAL", "VIRAL"], lr=lr,
-                                        steps=steps, seed=seed, check=False)
+            model, _ = sgd.train(x[part == 0], three[part == 0], ["NORMAL", "BACTERIAL", "VIRAL"], lr=lr,
+                                 steps=steps, seed=seed, check=False)
             t = float(r["subtype_threshold"])
             # the threshold is one with the largest Youden's J on the validation pneumonia X-rays
             pv = model.probabilities(x[part == 1])[three[part == 1] > 0]
@@ -367,7 +367,7 @@ def test_subtypes_never_choose():
 def test_subtypes_resume(quarter, mixed, tmp_path, monkeypatch, capsys):
     experiments.main(grid_args(mixed, tmp_path, "whole") + ["--subtypes"])
     whole = read_csv(tmp_path / "whole" / "runs.csv")
-    train = classifier.train
+    train = sgd.train
     calls = []
 
     def counting(x, y, classes, *a, **k):
@@ -376,7 +376,7 @@ def test_subtypes_resume(quarter, mixed, tmp_path, monkeypatch, capsys):
             if len(calls) == stop_at:
                 raise KeyboardInterrupt
         return train(x, y, classes, *a, **k)
-    monkeypatch.setattr(classifier, "train", counting)
+    monkeypatch.setattr(sgd, "train", counting)
 
     # interrupted, then resumed: the same figures, nothing trained twice but what the interruption lost
     stop_at = 9

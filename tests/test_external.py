@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dsconv
-from dsconv import bottlenecks, calibrate, cam, classifier, data, images, metrics, predict, repeats, train, weights
+from dsconv import bottlenecks, calibrate, cam, data, images, metrics, predict, repeats, sgd, train, weights
 from tests.conftest import PLAIN, SHARED, copy_xrays
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
@@ -85,7 +85,7 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
     assert set(fold) == set(range(repeats.FOLDS))
 
     def head(keep):
-        m, _ = classifier.train(np.concatenate([x] + [xv[keep]] * 3), np.concatenate([y] + [val.labels[keep]] * 3),
+        m, _ = sgd.train(np.concatenate([x] + [xv[keep]] * 3), np.concatenate([y] + [val.labels[keep]] * 3),
                                 ["NORMAL", "PNEUMONIA"], lr=0.1, steps=200, standardize=True, weight_decay=0.1,
                                 seed=0)
         m.positive = 1
@@ -141,7 +141,7 @@ def test_adaptation_of_an_unstandardised_head_maps_onto_the_training_statistics(
     rng = np.random.default_rng(0)
     x = rng.normal(3, 2, (200, 5))
     y = (x[:, 0] > 3).astype(int)
-    model, _ = classifier.train(x, y, ["a", "b"], steps=50, seed=0)
+    model, _ = sgd.train(x, y, ["a", "b"], steps=50, seed=0)
     site = rng.normal(-1, 0.5, (80, 5))
     model.adapt(site)
     z = model.prepare(site)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsconv import classifier, consistency, forms, images
+from dsconv import consistency, forms, images, sgd
 from tests.conftest import CHEST, ORIGINALS, train_small
 
 
@@ -91,17 +91,17 @@ def test_invariant_head_is_sgd_on_projected_features():
     nuisance_dir = np.zeros(d)
     nuisance_dir[[2, 5]] = [3.0, -2.0]
     nuisance = rng.standard_normal((300, 1)) * nuisance_dir + 0.01 * rng.standard_normal((300, d))
-    model, _ = classifier.train(x, y, [0, 1], steps=300, standardize=True, weight_decay=0.01, seed=1,
+    model, _ = sgd.train(x, y, [0, 1], steps=300, standardize=True, weight_decay=0.01, seed=1,
                                 nuisance=nuisance, invariance=1)
     # reference: project by hand with NumPy, train without invariance, fold
     z = (x - x.mean(axis=0)) / x.std(axis=0)
     dz = nuisance / x.std(axis=0)
     _, v = np.linalg.eigh(dz.T @ dz / len(dz))
     a = np.eye(d) - np.outer(v[:, -1], v[:, -1])
-    ref, _ = classifier.train(z @ a, y, [0, 1], steps=300, standardize=False, weight_decay=0.01, seed=1)
+    ref, _ = sgd.train(z @ a, y, [0, 1], steps=300, standardize=False, weight_decay=0.01, seed=1)
     assert np.allclose(model.weights, a @ ref.weights, rtol=1e-10, atol=1e-12)
     u = v[:, -1]
-    plain, _ = classifier.train(x, y, [0, 1], steps=300, standardize=True, weight_decay=0.01, seed=1)
+    plain, _ = sgd.train(x, y, [0, 1], steps=300, standardize=True, weight_decay=0.01, seed=1)
     assert np.abs(u @ model.weights).max() < 1e-10 < 1e-3 < np.abs(u @ plain.weights).max()  # plain leans on u
     # moving an input along the direction removed changes no probability
     shifted = x + 5 * u * x.std(axis=0)

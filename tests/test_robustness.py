@@ -20,8 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
-from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, predict, runlog, train,
-                    weights)
+from dsconv import (DsconvError, bottlenecks, classifier, data, experiments, files, kernels, outputs, predict, runlog,
+                    sgd, train, weights)
 from dsconv.model import Model
 from tests.conftest import CHEST, KERAS, REPO, copy_xrays, exit_of
 
@@ -107,7 +107,7 @@ def test_diverged_training_refused():
     y = np.array([0, 1] * 5)
     with pytest.raises(DsconvError, match="diverged.*lower --lr"):
         with np.errstate(all="ignore"):
-            classifier.train(x, y, ["A", "B"], lr=1e308, steps=20, batch=4)
+            sgd.train(x, y, ["A", "B"], lr=1e308, steps=20, batch=4)
 
 
 def changed_copy(tmp_path):
@@ -259,12 +259,12 @@ def test_resume_from_other_data_refused(converted, small, tmp_path, monkeypatch,
 @pytest.mark.slow
 def test_ctrl_c_before_the_outputs_leaves_no_model(converted, model_file, small, cache, tmp_path, monkeypatch,
                                                    capsys):
-    clean = train.clean
+    clean = outputs.clean
 
     def interrupted(x):  # train's last step before writing results.json: a Ctrl-C arrives here
         os.kill(os.getpid(), signal.SIGINT)
         return clean(x)
-    monkeypatch.setattr(train, "clean", interrupted)
+    monkeypatch.setattr(outputs, "clean", interrupted)
     out = tmp_path / "out"
     code = exit_of(lambda: train.main(train_args(small, cache, out)))
     assert code == 130 and "interrupted" in capsys.readouterr().err

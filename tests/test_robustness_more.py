@@ -13,13 +13,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, data, imagenet, predict, serve,
-                    train, weights)
+from dsconv import (INTERRUPTED, NOT_WRITTEN, PARTIAL, USER_ERROR, calibrate, consistency, data, experiments, imagenet,
+                    predict, serve, train, weights)
 from dsconv.model import Model
 from tests import dicomfiles
 from tests.conftest import CHEST, REPO, copy_xrays, exit_of, train_small
@@ -217,6 +218,25 @@ def test_train_bounds_refused_at_parse_time(small, capsys, flag, value):
 
 
 # ---- 7. exit statuses
+
+
+def test_every_entry_point_says_a_user_error_in_one_line(converted, tmp_path, capsys):
+    """Exit 2 and one `error: ` line on standard error, from every python -m dsconv entry point."""
+    none = str(tmp_path / "none")
+    calls = {"train": lambda: train.main(["--data", none, "--out", str(tmp_path / "t")]),
+             "experiments": lambda: experiments.main(["--data", none, "--out", str(tmp_path / "e")]),
+             "predict": lambda: predict.main([none + ".h5", none]),
+             "calibrate": lambda: calibrate.main([none + ".h5", "--val-dir", none, "--out", str(tmp_path / "c.h5")]),
+             "consistency": lambda: consistency.main([none + ".h5", none]),
+             "serve": lambda: serve.main([none + ".h5"]),
+             "weights": lambda: weights.main(["convert", none + ".h5"]),
+             "imagenet": lambda: imagenet.main([none + ".jpeg", "--alpha", "0.25", "--classes", none + ".txt"])}
+    package = Path(train.__file__).parent
+    assert set(calls) == {p.stem for p in package.glob("*.py") if '__name__ == "__main__"' in p.read_text()}
+    for name, call in calls.items():
+        code = exit_of(call)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert code == USER_ERROR and len(err) == 1 and err[0].startswith("error: "), (name, code, err)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import dsconv
-from dsconv import predict, serve
+from dsconv import api, predict, serve
 from tests import dicomfiles
 from tests.conftest import CHEST, ORIGINALS, REPO, copy_xrays, train_small
 
@@ -147,7 +147,7 @@ def test_predict_gives_the_cli_probabilities_in_upload_order(served, tmp_path):
         assert r["probability"] == want[r["name"]]["probability"]  # exactly
         assert r["label"] == want[r["name"]]["decision"] and r["threshold"] == want[r["name"]]["threshold"]
         heat, image = decode_data_url(r["heatmap"], "png"), decode_data_url(r["image"], "jpeg")
-        assert heat.mode == "RGB" and max(heat.size) <= serve.PREVIEW and heat.size == image.size
+        assert heat.mode == "RGB" and max(heat.size) <= api.PREVIEW and heat.size == image.size
 
 
 def test_results_carry_what_a_filed_result_needs(served):
@@ -170,7 +170,7 @@ def test_images_left_out_or_at_full_size(served):
     _, _, full = request(served, "POST", "/api/predict?size=full", *multipart_args(files))
     a, b = light["results"][0], full["results"][0]
     assert "image" not in a and "heatmap" not in a and a["probability"] == b["probability"]
-    assert width > serve.PREVIEW and decode_data_url(b["image"], "jpeg").size[0] == width
+    assert width > api.PREVIEW and decode_data_url(b["image"], "jpeg").size[0] == width
     assert decode_data_url(b["heatmap"], "png").size[0] == width
     for query in ("images=no", "size=12", "size=big"):
         status, _, body = request(served, "POST", "/api/predict?" + query, *multipart_args(files))
@@ -314,7 +314,7 @@ def test_command_line_serves_and_stops_on_ctrl_c(served, weights_dir, tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.strip()][-1] == "dsconv: stopped"
+    assert [ln for ln in err.splitlines() if ln.strip()][-1] == "note: stopped"
     assert os.listdir(tmp_path) == []
 
 
@@ -598,7 +598,7 @@ def test_stopping_mid_request_is_no_500(served, weights_dir, tmp_path):
     sender.join(60)
     assert answer.get("status") in (None, 503), answer
     assert "RuntimeError" not in err and "Traceback" not in err and " 500 " not in err, err
-    assert err.strip().splitlines()[-1] == "dsconv: stopped (SIGTERM)"
+    assert err.strip().splitlines()[-1] == "note: stopped (SIGTERM)"
 
 
 def test_a_request_the_shutdown_breaks_is_a_503_not_logged(served, capsys, monkeypatch):
@@ -668,7 +668,7 @@ def test_viewer_full_resolution_zoom_and_keyboard(served, browser, tmp_path):
     viewer = d.find_element(By.ID, "viewer")
     wait(d, lambda d: viewer.is_displayed() and d.find_element(By.ID, "viewer-note").text == "" and
          d.execute_script("return document.querySelector('#pane-xray img').naturalWidth") == width)
-    assert width > serve.PREVIEW  # bigger than the thumbnails' images: the X-ray at its own size
+    assert width > api.PREVIEW  # bigger than the thumbnails' images: the X-ray at its own size
     assert d.execute_script("return document.querySelector('#pane-heat img').naturalWidth") == width
     assert f"({width} x {height} pixels)" in d.find_element(By.ID, "zoom-level").text
     stage = d.find_element(By.ID, "stage")

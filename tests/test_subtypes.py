@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import dsconv
-from dsconv import cam, calibrate, classifier, data, images, serve, subtypes
+from dsconv import calibrate, cam, classifier, data, images, serve, sgd, subtypes
 from tests.conftest import copy_xrays, train_small
 from tests.test_classifier import reference_sgd
 from tests.test_serve import browser, choose, open_page  # noqa: F401 (browser: a fixture)
@@ -44,10 +44,10 @@ def test_three_class_head_matches_the_reference_loop():
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 300)
     x = (rng.standard_normal((300, 12)) + np.eye(3, 12)[y]).astype(np.float32)
-    model, _ = classifier.train(x, y, CLASSES, lr=0.1, steps=300, batch=50, seed=5)
+    model, _ = sgd.train(x, y, CLASSES, lr=0.1, steps=300, batch=50, seed=5)
     rng = np.random.default_rng(5)
-    w0 = classifier.truncated_normal(rng, (12, 3), classifier.INIT_STD)
-    w, b = reference_sgd(x.astype(np.float64), y, w0, np.zeros(3), classifier.batches(y, 300, 50, "balanced", rng), 0.1)
+    w0 = sgd.truncated_normal(rng, (12, 3), sgd.INIT_STD)
+    w, b = reference_sgd(x.astype(np.float64), y, w0, np.zeros(3), sgd.batches(y, 300, 50, "balanced", rng), 0.1)
     err = max(np.abs(model.weights - w).max(), np.abs(model.bias - b).max())
     print(f"\nlargest difference to the reference loop (3 classes): {err:.2e}")
     assert err < 1e-6 and np.abs(w - w0).max() > 0.1
@@ -60,7 +60,7 @@ def test_model_file_keeps_the_subtypes(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 90)
     x = rng.standard_normal((90, 6)) + np.eye(3, 6)[y]
-    model, _ = classifier.train(x, y, CLASSES, steps=20)
+    model, _ = sgd.train(x, y, CLASSES, steps=20)
     model.positive, model.info = [1, 2], {"subtypes": {"threshold": 0.6}}
     model.save(tmp_path / "m.h5")
     back = classifier.load(tmp_path / "m.h5")

@@ -112,7 +112,7 @@ def test_curves_without_matplotlib(capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     out = report.curve_files([(0, CURVES)], "t")
     assert list(out) == ["curves.csv"]
-    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert capsys.readouterr().err.startswith("note: matplotlib is not installed")
     assert out["curves.csv"].decode().splitlines()[1] == "0,10,0.5,0.8,0.6,0.7"
 
 

@@ -29,9 +29,10 @@ and recompiles when they differ.
 """
 import hashlib
 import os
-import sys
 
 from numba.core import caching, config
+
+from dsconv import warn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -89,5 +90,5 @@ salted = isinstance(_locators, list) and not getattr(config, "CACHE_LOCATOR_CLAS
 if salted:
     _locators.insert(0, SaltedLocator)
 else:
-    print("dsconv: warning: this Numba's cache cannot be keyed by all of dsconv.kernels' sources; the kernels "
-          "compile afresh in every process (about 10-20 s)", file=sys.stderr)
+    warn("this Numba's cache cannot be keyed by all of dsconv.kernels' sources; the kernels compile afresh in "
+         "every process (about 10-20 s)")

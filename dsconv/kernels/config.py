@@ -13,10 +13,10 @@ the measurement that chose it. Nothing here is compiled.
     LANES, DW_LANES, NR   vector widths, and the columns of a packed panel
 """
 import os
-import sys
 
 from llvmlite import binding
 
+from dsconv import warn
 from . import cache
 
 # (For the one-layer kernels; the fused pass does not use OpenMP.) Numba's
@@ -53,8 +53,7 @@ def tile_rows(env, host_features):
     if text:
         if text.isdigit() and 2 <= int(text) <= 16:
             return int(text)
-        print(f"dsconv: warning: DSCONV_MR={text} is not a whole number from 2 to 16; using {mr}",
-              file=sys.stderr)
+        warn(f"DSCONV_MR={text} is not a whole number from 2 to 16; using {mr}")
     return mr
 
 
