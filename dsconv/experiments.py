@@ -15,10 +15,9 @@ A training whose loss ends above where it began (lr 0.1 on the logits of the
 whole training folder) is kept as it is, as retrain.py would keep it:
 validation judges it.
 
-Selection without peeking: per variant, bottleneck, protocol and scheme, the
-rate and step count with the best mean validation accuracy over the shuffles
-(ties: lower mean validation loss) is chosen, and that setting's test accuracy
-is reported as mean +/- sample std. The test partition plays no part in it.
+Selection without peeking (dsconv.reproduction.select): per cell, the rate and
+step count with the best mean validation accuracy over the shuffles; the test
+partition plays no part in it.
 
 Bacterial or viral (--subtypes): every training also trains a head of three
 classes, NORMAL, BACTERIAL and VIRAL (dsconv.subtypes, the pneumonia class
@@ -34,10 +33,9 @@ Written to --out: runs.csv (one row per run, appended as runs finish: an
 interrupted grid resumes where it stopped), timing.json (the wall time of
 every invocation), table1.md, table3.md, table4.md, figure4.png and
 tradeoff.png (with matplotlib), summary.md; data.json fingerprints the
-images (their content hashes and classes), and a resumed grid must come from
-the same ones (dsconv.runlog keeps these records; dsconv.reproduction writes the
-tables and figures). One grid writes to an --out at a time (an fcntl lock
-on --out/.lock).
+images, and a resumed grid must come from the same ones (dsconv.runlog keeps
+these records; dsconv.reproduction selects and writes the tables and figures).
+One grid writes to an --out at a time (an fcntl lock on --out/.lock).
 """
 import argparse
 import contextlib
@@ -276,63 +274,6 @@ def timed_bottlenecks(ds, nets, kinds, cache_dir, workers, timing):
 # ---- selection
 
 
-def cell_key(row):
-    return reproduction.Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
-
-
-def select(rows):
-    """Per (alpha, resolution, bottleneck, group_by, split): the lr and step count chosen on validation.
-
-    The setting with the highest mean validation accuracy over the seeds wins;
-    ties go to the lower mean validation loss, then fewer steps, then the
-    higher rate. Test accuracy is only read for the chosen setting.
-    Returns {Cell: {"lr", "steps", "val", "test", "test_std", "sensitivity",
-    "specificity", "n", "trained_resolution", "subtypes"}} (accuracies as
-    fractions); "subtypes": the chosen setting's bacterial against viral
-    figures (mean_std of each runlog.SUBTYPES figure), NaN where a run lacks them.
-    """
-    by = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        by[cell_key(r)][(float(r["lr"]), int(r["steps"]))].append(r)
-    out = {}
-    for cell, settings in by.items():
-        def score(item):
-            (lr, steps), rs = item
-            # rounded: equal accuracy sums must tie whatever the order of the float additions
-            return (-round(np.mean([r["val_accuracy"] for r in rs]), 9),
-                    round(np.mean([r["val_loss"] for r in rs]), 9), steps, -lr)
-        (lr, steps), rs = min(settings.items(), key=score)
-        test = [r["test_accuracy"] for r in rs]
-        out[cell] = {"lr": lr, "steps": steps, "val": float(np.mean([r["val_accuracy"] for r in rs])),
-                     "test": float(np.mean(test)), "test_std": float(np.std(test, ddof=1)) if len(test) > 1
-                     else math.nan, "sensitivity": float(np.mean([r["test_sensitivity"] for r in rs])),
-                     "specificity": float(np.mean([r["test_specificity"] for r in rs])), "n": len(rs),
-                     "trained_resolution": int(rs[0]["trained_resolution"]),
-                     "subtypes": {k: mean_std([r.get(k, math.nan) for r in rs]) for k in runlog.SUBTYPES}}
-    return out
-
-
-def mean_std(values):
-    """(mean, sample std) of the shuffles' figures; std NaN for one."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-
-
-def paper_setting(rows):
-    """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
-    cell, (lr, steps) = reproduction.Cell(*paper.BEST_CELL), paper.BEST_SETTING
-    rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
-    return (cell, select(rs)[cell]) if rs else None
-
-
-def best_cell(selected, scheme):
-    """The cell with the best validation accuracy at the paper's protocol and ``scheme``: (cell, selection)."""
-    cells = [(s["val"], -s["lr"], c) for c, s in selected.items() if c.group_by == "image" and c.split == scheme]
-    if not cells:
-        cells = [(s["val"], -s["lr"], c) for c, s in selected.items()]
-    cell = max(cells)[2]
-    return cell, selected[cell]
-
-
 def figure4_curves(ds, cell, sel, shuffles, cache_dir, workers):
     """The training curves of a cell at its selected setting, one per shuffle: [(seed, curves)]."""
     net = weights.load(*cell.variant, head=True, quiet=True)
@@ -381,13 +322,13 @@ def write_reports(out, ds, grid, alphas, log, timing, wall_start, cache_dir, wor
             if (r["alpha"], r["resolution"]) in grid.variants and r["split"] in grid.schemes
             and r["group_by"] in grid.group_bys and r["bottleneck"] in grid.bottlenecks
             and r["seed"] < grid.shuffles and r["lr"] in grid.lrs and r["steps"] in grid.steps]
-    selected = select(rows)
+    selected = reproduction.select(rows)
     files.write_text(out / "table4.md", reproduction.table4(selected, grid, alphas))
     files.write_text(out / "table1.md", reproduction.table1(rows, grid.schemes))
     files.write_text(out / "table3.md", reproduction.table3())
     head = reproduction.headline(grid.schemes)
-    figure_cell = best_cell(selected, head) if selected else None
-    paper_cell = paper_setting(rows)
+    figure_cell = reproduction.best_cell(selected, head) if selected else None
+    paper_cell = reproduction.paper_setting(rows)
     plt = report.pyplot("figure4.png or tradeoff.png")
     written = ["runs.csv", "table1.md", "table3.md", "table4.md"]
     if plt and selected:

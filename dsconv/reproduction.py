@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dsconv import files, mobilenet, paper, weights
+from dsconv import files, mobilenet, paper, runlog, weights
 from dsconv.metrics import pct
 from dsconv.report import plot_curves, png
 
@@ -32,6 +32,66 @@ class Cell(NamedTuple):
     @property
     def variant(self):
         return self.alpha, self.resolution
+
+
+# ---- selection without peeking: per cell, the setting with the best mean validation accuracy
+
+
+def cell_key(row):
+    return Cell(float(row["alpha"]), int(row["resolution"]), row["bottleneck"], row["group_by"], row["split"])
+
+
+def select(rows):
+    """Per (alpha, resolution, bottleneck, group_by, split): the lr and step count chosen on validation.
+
+    The setting with the highest mean validation accuracy over the seeds wins;
+    ties go to the lower mean validation loss, then fewer steps, then the
+    higher rate. Test accuracy is only read for the chosen setting.
+    Returns {Cell: {"lr", "steps", "val", "test", "test_std", "sensitivity",
+    "specificity", "n", "trained_resolution", "subtypes"}} (accuracies as
+    fractions); "subtypes": the chosen setting's bacterial against viral
+    figures (mean_std of each runlog.SUBTYPES figure), NaN where a run lacks them.
+    """
+    by = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by[cell_key(r)][(float(r["lr"]), int(r["steps"]))].append(r)
+    out = {}
+    for cell, settings in by.items():
+        def score(item):
+            (lr, steps), rs = item
+            # rounded: equal accuracy sums must tie whatever the order of the float additions
+            return (-round(np.mean([r["val_accuracy"] for r in rs]), 9),
+                    round(np.mean([r["val_loss"] for r in rs]), 9), steps, -lr)
+        (lr, steps), rs = min(settings.items(), key=score)
+        test = [r["test_accuracy"] for r in rs]
+        out[cell] = {"lr": lr, "steps": steps, "val": float(np.mean([r["val_accuracy"] for r in rs])),
+                     "test": float(np.mean(test)), "test_std": float(np.std(test, ddof=1)) if len(test) > 1
+                     else math.nan, "sensitivity": float(np.mean([r["test_sensitivity"] for r in rs])),
+                     "specificity": float(np.mean([r["test_specificity"] for r in rs])), "n": len(rs),
+                     "trained_resolution": int(rs[0]["trained_resolution"]),
+                     "subtypes": {k: mean_std([r.get(k, math.nan) for r in rs]) for k in runlog.SUBTYPES}}
+    return out
+
+
+def mean_std(values):
+    """(mean, sample std) of the shuffles' figures; std NaN for one."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def paper_setting(rows):
+    """The paper's best cell at its own lr and step count (not chosen on validation), as select() gives; or None."""
+    cell, (lr, steps) = Cell(*paper.BEST_CELL), paper.BEST_SETTING
+    rs = [r for r in rows if cell_key(r) == cell and float(r["lr"]) == lr and int(r["steps"]) == steps]
+    return (cell, select(rs)[cell]) if rs else None
+
+
+def best_cell(selected, scheme):
+    """The cell with the best validation accuracy at the paper's protocol and ``scheme``: (cell, selection)."""
+    cells = [(s["val"], -s["lr"], c) for c, s in selected.items() if c.group_by == "image" and c.split == scheme]
+    if not cells:
+        cells = [(s["val"], -s["lr"], c) for c, s in selected.items()]
+    cell = max(cells)[2]
+    return cell, selected[cell]
 
 
 def name(variant):

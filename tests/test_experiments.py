@@ -175,17 +175,17 @@ def test_selection_uses_validation_only():
     rows = [row(0.1, 1500, s, 0.99, t) for s, t in enumerate((0.80, 0.82, 0.84))]
     rows += [row(0.01, 2000, s, 0.90, 1.0) for s in range(3)]
     rows += [row(0.001, 2500, s, v, 1.0) for s, v in enumerate((1.0, 0.9, 0.9))]  # one lucky seed: mean 0.933
-    (cell, chosen), = experiments.select(rows).items()
+    (cell, chosen), = reproduction.select(rows).items()
     assert cell == (0.75, 224, "logits", "image", "80/10/10")
     assert (chosen["lr"], chosen["steps"]) == (0.1, 1500)
     assert chosen["test"] == pytest.approx(0.82) and chosen["test_std"] == pytest.approx(0.02)
     assert chosen["val"] == pytest.approx(0.99) and chosen["n"] == 3
     # changing every test figure changes no choice
     flipped = [dict(r, test_accuracy=1 - r["test_accuracy"]) for r in rows]
-    assert {c: (s["lr"], s["steps"]) for c, s in experiments.select(flipped).items()} == {cell: (0.1, 1500)}
+    assert {c: (s["lr"], s["steps"]) for c, s in reproduction.select(flipped).items()} == {cell: (0.1, 1500)}
     # equal validation accuracy: the lower validation loss wins, whatever the test says
     tie = [row(0.1, 1500, 0, 0.95, 0.5, val_loss=0.3), row(0.01, 2500, 0, 0.95, 0.99, val_loss=0.2)]
-    (chosen,) = experiments.select(tie).values()
+    (chosen,) = reproduction.select(tie).values()
     assert (chosen["lr"], chosen["steps"], chosen["test"]) == (0.01, 2500, 0.99)
     assert math.isnan(chosen["test_std"])
     # equal validation accuracy sums whose float means differ in the last bit still tie
@@ -193,7 +193,7 @@ def test_selection_uses_validation_only():
     assert np.mean(a) != np.mean(b) and a.sum() == pytest.approx(b.sum())
     tie = [row(0.001, 1500, s, v, 0.0, val_loss=0.0993) for s, v in enumerate(a)]
     tie += [row(0.001, 2000, s, v, 1.0, val_loss=0.0974) for s, v in enumerate(b)]
-    assert [(s["steps"], s["test"]) for s in experiments.select(tie).values()] == [(2000, 1.0)]
+    assert [(s["steps"], s["test"]) for s in reproduction.select(tie).values()] == [(2000, 1.0)]
 
 
 def test_tables():
@@ -358,7 +358,7 @@ def test_subtypes_never_choose():
     rng = np.random.default_rng(0)
     noisy = [dict(r, **{k: rng.random() for k in runlog.SUBTYPES}) for r in rows]
     noisy[2]["subtype_test_accuracy"] = noisy[3]["subtype_test_accuracy"] = 1.0  # the setting not chosen is best
-    (plain,), (chosen,) = experiments.select(rows).values(), experiments.select(noisy).values()
+    (plain,), (chosen,) = reproduction.select(rows).values(), reproduction.select(noisy).values()
     assert (plain["lr"], plain["steps"]) == (chosen["lr"], chosen["steps"]) == (0.1, 100)
     acc = [noisy[0]["subtype_test_accuracy"], noisy[1]["subtype_test_accuracy"]]
     assert chosen["subtypes"]["subtype_test_accuracy"] == pytest.approx((np.mean(acc), np.std(acc, ddof=1)))
