@@ -11,9 +11,8 @@ bottlenecks (dsconv.bottlenecks caches them). Each (variant, bottleneck,
 protocol, scheme, seed, rate) is trained once to the largest step count and
 its snapshots at the smaller ones are evaluated: the random draws of a step
 do not depend on the step count, so a snapshot is exactly the shorter run.
-A training whose loss ends above where it began (lr 0.1 on the logits of the
-whole training folder) is kept as it is, as retrain.py would keep it:
-validation judges it.
+A training whose loss ends above where it began (lr 0.1 on the whole folder's
+logits) is kept, as retrain.py would keep it: validation judges it.
 
 Selection without peeking (dsconv.reproduction.select): per cell, the rate and
 step count with the best mean validation accuracy over the shuffles; the test
