@@ -56,10 +56,12 @@ def rows(y, scores, threshold):
 
 
 def table(results):
-    head = f"{'form':14s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
+    """The printed table; a form's name (a --compare folder's path) is shown whole, the column as wide as the longest."""
+    width = max([14] + [len(r["form"]) for r in results])
+    head = f"{'form':{width}s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r['form'][-14:]:14s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
+        lines.append(f"{r['form']:{width}s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
                      f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {metrics.pct(r['changed'], 1, 5)}% "
                      f"({r['changed_images']})")
     return lines
