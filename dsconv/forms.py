@@ -116,7 +116,10 @@ def canonical(data):
 
 
 def test_form(data, draw):
-    """Test-time form ``draw`` (1, 2, ...) of an image file (bytes): canonical, then augment's draw with TEST_SEED."""
+    """Test-time form ``draw`` (1, 2, ...) of an image file (bytes): canonical, then augment's draw with TEST_SEED.
+
+    canonical(canonical(data)) is canonical(data), so the form of the canonical bytes is the file's.
+    """
     return augment(canonical(data), TEST_SEED, draw)
 
 

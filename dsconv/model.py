@@ -95,6 +95,7 @@ class Model:
         if not self.form_tta or (isinstance(source, np.ndarray) and source.dtype != np.uint8):
             return p  # a float array is the network's input already: no file to take forms of
         data = forms.array_bytes(source) if isinstance(source, np.ndarray) else images.read_bytes(source)
+        data = forms.canonical(data)  # once: a large original is decoded once, not once a form (the same bytes out)
         x = np.stack([images.scale(images.decode(forms.test_form(data, k), self.resolution, blur=self.blur))
                       for k in range(1, self.form_tta + 1)])
         feats = np.concatenate([self._forward(x, net) for net in self.nets], axis=1)

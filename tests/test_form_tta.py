@@ -28,6 +28,10 @@ def test_test_forms_are_fixed_and_the_same_for_every_container():
         assert a == b == forms.test_form(copy, k)  # no content seed: the same draw for every image
         # draw k of augment with the fixed seed, on the canonical image
         assert a == forms.augment(forms.canonical(copy), forms.TEST_SEED, k)
+    # canonical is idempotent, on an original too: a form of the canonical bytes is the file's
+    original = sorted((ORIGINALS / "PNEUMONIA").glob("*.jpeg"))[0].read_bytes()
+    once = forms.canonical(original)
+    assert forms.canonical(once) == once and forms.test_form(once, 3) == forms.test_form(original, 3)
     assert forms.test_form(copy, 1) != forms.test_form(copy, 2)
     jpeg30 = forms.REPORT["JPEG 30"]
     first = forms.Form("JPEG 30", "JPEG 30", lambda data, key: jpeg30(data))
