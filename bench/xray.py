@@ -4,7 +4,7 @@
     python bench/xray.py --model runs/x/model.h5 --image ../shared/data/originals/NORMAL/IM-0001.jpeg
 
 Times Model.diagnose (what `predict --heatmap` and the page run per image)
-on one image, its parts measured by wrapping the functions it calls (the
+on one image (with the model's test-time forms, --form-tta, if it has them), its parts measured by wrapping the functions it calls (the
 X-ray's own decode runs on a second thread beside the network's input and
 pass, so the parts can add up to more than the whole), then the PNG that
 predict writes. The first call compiles or loads the kernels
@@ -23,14 +23,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import dsconv  # noqa: E402
-from dsconv import cam, images  # noqa: E402
+from dsconv import bottlenecks, cam, forms, images  # noqa: E402
 from dsconv.mobilenet import MobileNet  # noqa: E402
 
 ORIGINALS = ROOT.parent / "shared" / "data" / "originals"
 PARTS = [("decode for the network (JPEG draft, resize, scale)", images, "decode"),
          ("decode the X-ray for the overlay", images, "open_image"),
          ("network: one fused pass (pooled and last maps)", MobileNet, "forward_maps"),
-         ("class map and overlay at the X-ray's size", cam, "overlay")]
+         ("class map and overlay at the X-ray's size", cam, "overlay"),
+         ("test-time forms: the canonical 224 image", forms, "canonical"),
+         ("test-time forms: made from it", forms, "augment"),
+         ("test-time forms: their passes", bottlenecks, "forward")]
 
 
 INSIDE = threading.local()  # per thread, the timed part running now, if any (diagnose decodes on two)
