@@ -293,11 +293,11 @@ def test_ctrl_c_in_predict_writes_the_rows_done(converted, model_file, small, tm
     bottlenecks = Model.bottlenecks
     calls = []
 
-    def interrupted(self, chunk, progress=False):
+    def interrupted(self, chunk, *rest):
         calls.append(len(chunk))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return bottlenecks(self, chunk, progress)
+        return bottlenecks(self, chunk, *rest)
     monkeypatch.setattr(Model, "bottlenecks", interrupted)
     monkeypatch.setattr(predict, "CHUNK", 2, raising=False)
     out = tmp_path / "rows.csv"
