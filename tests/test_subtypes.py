@@ -102,6 +102,7 @@ def subtyped(tmp_path_factory, weights_dir):
     return {"root": root, "data": data_dir, "cache": root / "cache", "model": path}
 
 
+@pytest.mark.slow
 def test_training_records_the_subtypes(converted, subtyped):
     results = json.loads((subtyped["root"] / "run" / "results.json").read_text())
     s = results["summary"]["subtypes"]
@@ -113,6 +114,7 @@ def test_training_records_the_subtypes(converted, subtyped):
     assert model.subtypes["threshold"] == s["threshold"] and results["data"]["positive"] == "PNEUMONIA"
 
 
+@pytest.mark.slow
 def test_predict_columns(converted, subtyped, tmp_path, capsys):
     from dsconv import predict
     folder = subtyped["data"]
@@ -128,6 +130,7 @@ def test_predict_columns(converted, subtyped, tmp_path, capsys):
     assert {r["decision"] for r in rows} <= set(CLASSES) and len({r["decision"] for r in rows}) >= 2
 
 
+@pytest.mark.slow
 def test_the_heatmap_is_the_map_of_the_decided_class(converted, subtyped, monkeypatch):
     model = dsconv.load_model(subtyped["model"], cache_dir=False)
     drawn = []
@@ -149,6 +152,7 @@ def test_the_heatmap_is_the_map_of_the_decided_class(converted, subtyped, monkey
     assert len(seen) >= 2
 
 
+@pytest.mark.slow
 def test_calibrate_chooses_both_thresholds(converted, subtyped, tmp_path, capsys):
     calibrate.main([str(subtyped["model"]), "--val-dir", str(subtyped["data"]), "--out", str(tmp_path / "c.h5"),
                     "--cache", str(subtyped["cache"])])
@@ -160,6 +164,7 @@ def test_calibrate_chooses_both_thresholds(converted, subtyped, tmp_path, capsys
     assert np.sum(record["confusion"]["matrix"]) == 32
 
 
+@pytest.mark.slow
 def test_the_page_shows_the_subtype_under_the_badge(subtyped, weights_dir, browser, tmp_path_factory):  # noqa: F811
     from selenium.webdriver.common.by import By
     with pytest.MonkeyPatch.context() as mp:
