@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, data, fail, files, forms, interrupted, metrics
+from dsconv import DsconvError, HelpFormatter, data, dicom, fail, files, forms, interrupted, metrics, note
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -84,6 +84,11 @@ def main(argv=None):
     unknown = [n for n in names if n not in forms.REPORT]
     if unknown:
         p.error(f"unknown form(s) {', '.join(unknown)}; choose among: {', '.join(forms.REPORT)}")
+    if "16-bit DICOM" in names and not dicom.available():
+        if args.forms != p.get_default("forms"):
+            p.error(f"the 16-bit DICOM form needs pydicom: {dicom.INSTALL}, or leave it out of --forms")
+        names.remove("16-bit DICOM")
+        note(f"the 16-bit DICOM form is left out: it needs pydicom ({dicom.INSTALL})")
     if args.threshold is not None and not 0 <= args.threshold <= 1:
         p.error("--threshold must be between 0 and 1")
     try:

@@ -14,6 +14,12 @@ INSTALL = 'pip install "dsconv[dicom]"'
 DEFLATED = b"1.2.840.10008.1.2.1.99"  # the transfer syntax UID of deflated DICOM
 
 
+def available():
+    """Whether pydicom (the optional extra) is installed."""
+    import importlib.util
+    return importlib.util.find_spec("pydicom") is not None
+
+
 def read(path):
     """A DICOM file as a Pillow image, mode L (grayscale) or RGB."""
     try:

@@ -217,3 +217,29 @@ def test_blur_is_applied_alike_to_files_arrays_and_heatmaps(models):
         assert np.allclose(model.diagnose(path)[0], want, atol=1e-5)
     unblurred = [images.scale(images.decode(p, 128)) for p in copies]  # a float array is taken as it is
     assert not np.allclose(model.predict_proba(unblurred), from_files, atol=1e-3)
+
+
+def test_consistency_without_pydicom_asks_for_it_or_leaves_the_dicom_form_out(monkeypatch, tmp_path, capsys):
+    from dsconv import dicom
+    from tests.conftest import exit_of
+    monkeypatch.setattr(dicom, "available", lambda: False)
+    code = exit_of(lambda: consistency.main([str(tmp_path / "model.h5"), str(tmp_path), "--forms", "JPEG 50,16-bit DICOM"]))
+    err = capsys.readouterr().err
+    assert code == 2 and "needs pydicom" in err and dicom.INSTALL in err
+
+
+@pytest.mark.slow
+def test_consistency_default_forms_without_pydicom(models, monkeypatch, tmp_path, capsys):
+    from dsconv import dicom
+    monkeypatch.setattr(dicom, "available", lambda: False)
+    folder = tmp_path / "site"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (folder / cls).mkdir(parents=True)
+        for p in sorted((CHEST / cls).glob("*.jpeg"))[:2]:
+            shutil.copyfile(p, folder / cls / p.name)
+    out = tmp_path / "report.json"
+    consistency.main([str(models["robust"]), str(folder), "--json", str(out), "--cache", str(models["cache"])])
+    captured = capsys.readouterr()
+    assert "note: the 16-bit DICOM form is left out" in captured.err
+    got = [r["form"] for r in json.loads(out.read_text())["forms"]]
+    assert got == ["as given"] + [n for n in forms.REPORT if n != "16-bit DICOM"]
