@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,6 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell that starts the suite in the background (`pytest &` without job control) leaves SIGINT ignored, and
+# Python keeps it so; the tests of what Ctrl-C does need it to raise KeyboardInterrupt, as at a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 SHARED = REPO.parent / "shared"
 KERAS = SHARED / "weights" / "keras"
 REFERENCE = SHARED / "reference" / "keras_mobilenet_reference.h5"
