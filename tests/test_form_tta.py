@@ -17,6 +17,7 @@ def png_bytes(pixels):
     return buf.getvalue()
 
 
+@pytest.mark.shared
 def test_test_forms_are_fixed_and_the_same_for_every_container():
     copy = sorted((CHEST / "NORMAL").glob("*.jpeg"))[0].read_bytes()
     pixels = np.asarray(Image.open(io.BytesIO(copy)).convert("RGB"))

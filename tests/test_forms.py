@@ -24,7 +24,6 @@ def test_jpeg_quality_read_from_the_header(quality):
 
 
 @pytest.mark.shared
-@pytest.mark.shared
 def test_describe_kinds(tmp_path):
     copy = next((CHEST / "NORMAL").glob("*.jpeg"))
     original = next(ORIGINALS.rglob("*.jpeg"))
@@ -39,7 +38,6 @@ def test_describe_kinds(tmp_path):
 
 
 @pytest.mark.shared
-@pytest.mark.shared
 def test_png_and_dicom_forms_hold_the_same_pixels():
     """PNG and 16-bit DICOM are lossless: the network sees the pixels of the file as given, fully decoded
     (a large JPEG as given is decoded at a reduced scale first: tests/test_images.py bounds that)."""
@@ -51,14 +49,12 @@ def test_png_and_dicom_forms_hold_the_same_pixels():
 
 
 @pytest.mark.shared
-@pytest.mark.shared
 def test_copy_form_is_how_the_training_copies_were_made():
     original = next(ORIGINALS.rglob("*.jpeg"))
     d = forms.describe(forms.copy224(original.read_bytes()))
     assert (d["width"], d["height"], d["mode"], d["quality"]) == (224, 224, "RGB", 75)
 
 
-@pytest.mark.shared
 @pytest.mark.shared
 def test_augment_is_seeded_by_content_and_draw():
     data = next((CHEST / "NORMAL").glob("*.jpeg")).read_bytes()
@@ -70,7 +66,6 @@ def test_augment_is_seeded_by_content_and_draw():
     assert im.mode in ("L", "RGB") and min(im.size) >= 100
 
 
-@pytest.mark.shared
 @pytest.mark.shared
 def test_blur_is_pillows_gaussian_after_the_resize():
     source = next(ORIGINALS.rglob("*.jpeg"))
@@ -130,7 +125,6 @@ def models(tmp_path_factory, weights_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_model_records_its_forms_and_the_plain_one_warns_on_originals(models, tmp_path):
     from dsconv.model import load_model
     plain, robust = (load_model(models[k], cache_dir=models["cache"]) for k in ("plain", "robust"))
@@ -155,7 +149,6 @@ def test_model_records_its_forms_and_the_plain_one_warns_on_originals(models, tm
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_predict_rows_carry_the_form_warning(models, tmp_path, capsys):
     from dsconv import predict
     original = next(ORIGINALS.rglob("*.jpeg"))
@@ -168,7 +161,6 @@ def test_predict_rows_carry_the_form_warning(models, tmp_path, capsys):
     assert "form the model was not trained or calibrated on" in out.err
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_consistency_report_against_files_written_in_each_form(models, tmp_path, capsys):
     """The report's figures equal those of files written in each form and scored one by one."""

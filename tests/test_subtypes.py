@@ -18,6 +18,7 @@ from tests.test_serve import browser, choose, open_page  # noqa: F401 (browser: 
 CLASSES = ["NORMAL", "BACTERIAL", "VIRAL"]
 
 
+@pytest.mark.shared
 def test_labels_from_file_names(tmp_path):
     for name, cls in (("person23_bacteria_87.jpeg", "BACTERIAL"), ("person1_virus_6.jpeg", "VIRAL")):
         assert subtypes.label_of(Path("x") / name) == cls
@@ -29,6 +30,7 @@ def test_labels_from_file_names(tmp_path):
         assert CLASSES[y] == ("NORMAL" if "NORMAL" in p.parts else "BACTERIAL" if "_bacteria_" in p.name else "VIRAL")
 
 
+@pytest.mark.shared
 def test_a_name_with_neither_is_an_error_naming_it(tmp_path):
     root = copy_xrays(tmp_path / "d", 4, 50)
     odd = root / "PNEUMONIA" / "person9_pneumonia_1.jpeg"
