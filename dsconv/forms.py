@@ -125,11 +125,10 @@ def test_form(data, draw):
 
 def test_forms(n, first=None):
     """The n test-time forms as Forms, each applied after the Form ``first`` if given (a consistency report's)."""
-    if first is None:
-        return [Form(f"tta{k}", f"{TEST_FORMS}; draw {k}", lambda data, key, k=k: test_form(data, k))
-                for k in range(1, n + 1)]
-    return [Form(f"{first.name}+tta{k}", f"{first.description}; then {TEST_FORMS}; draw {k}",
-                 lambda data, key, k=k: test_form(first.apply(data, key), k)) for k in range(1, n + 1)]
+    name, description = (f"{first.name}+", f"{first.description}; then ") if first else ("", "")
+    before = first.apply if first else (lambda data, key: data)
+    return [Form(f"{name}tta{k}", f"{description}{TEST_FORMS}; draw {k}",
+                 lambda data, key, k=k: test_form(before(data, key), k)) for k in range(1, n + 1)]
 
 
 def draws(n):

@@ -234,27 +234,16 @@ def bottlenecks_of(ds, extract, skipped):
     return ds, np.concatenate(feats, axis=1)
 
 
-def forms_of(ds, extract, n):
-    """The bottlenecks of n random forms of the (readable) images of ds, one array per form, rows aligned."""
-    out = []
-    for form in forms.draws(n):
-        feats, failed = extract(ds.paths, form=form)
-        if failed:
-            raise data.DataError(f"{len(failed)} image(s) could not be read in their {form.name} form, such as "
-                                 f"{next(iter(failed.values()))}; remove them or give --forms 0")
-        out.append(np.concatenate(feats, axis=1))
-    return out
-
-
-def test_forms_of(ds, extract, n, mask=None):
-    """The bottlenecks of the n test-time forms (--form-tta) of ds's images (those in ``mask``), one array per form."""
+def forms_of(ds, extract, kinds, flag, mask=None):
+    """The bottlenecks of ds's images (those in ``mask``) in each Form of ``kinds`` (forms.draws(n) or
+    forms.test_forms(n)), one array per form, rows aligned; ``flag``: the option that turns them off."""
     paths = ds.paths if mask is None else [q for q, m in zip(ds.paths, mask) if m]
     out = []
-    for form in forms.test_forms(n):
+    for form in kinds:
         feats, failed = extract(paths, form=form)
         if failed:
-            raise data.DataError(f"{len(failed)} image(s) could not be read in their test-time form {form.name}, "
-                                 f"such as {next(iter(failed.values()))}; remove them or give --form-tta 0")
+            raise data.DataError(f"{len(failed)} image(s) could not be read in their {form.name} form, such as "
+                                 f"{next(iter(failed.values()))}; remove them or give {flag} 0")
         out.append(np.concatenate(feats, axis=1))
     return tuple(out)
 
@@ -304,17 +293,17 @@ def main(argv=None):
         extract = functools.partial(bottlenecks.extract, nets=nets, kinds=settings.bottleneck, cache_dir=cache_dir,
                                     workers=args.workers, tta=settings.tta, blur=settings.blur)
         ds, x = bottlenecks_of(ds, extract, skipped)
-        x_forms = forms_of(ds, extract, settings.forms)
+        x_forms = forms_of(ds, extract, forms.draws(settings.forms), "--forms")
         val = test = site = None
         if val_ds is not None:
             val_ds, x_val = bottlenecks_of(val_ds, extract, skipped)
-            val = repeats.Part(x_val, val_ds.labels, val_ds.paths,
-                               tuple(forms_of(val_ds, extract, settings.forms)) if settings.site_weight else (),
-                               test_forms_of(val_ds, extract, settings.form_tta))
+            trained = forms_of(val_ds, extract, forms.draws(settings.forms), "--forms") if settings.site_weight else ()
+            val = repeats.Part(x_val, val_ds.labels, val_ds.paths, trained,
+                               forms_of(val_ds, extract, forms.test_forms(settings.form_tta), "--form-tta"))
         if test_ds is not None:
             test_ds, x_test = bottlenecks_of(test_ds, extract, skipped)
             test = repeats.Part(x_test, test_ds.labels, test_ds.paths,
-                                tta=test_forms_of(test_ds, extract, settings.form_tta))
+                                tta=forms_of(test_ds, extract, forms.test_forms(settings.form_tta), "--form-tta"))
         if site_paths is not None:
             site, failed = extract(site_paths)
             site = np.concatenate(site, axis=1)
@@ -332,10 +321,12 @@ def main(argv=None):
         warnings = data.hygiene([d for d in (ds, val_ds, test_ds) if d is not None])
         t = time.perf_counter()
         runs, models, all_curves, test_scores = [], [], [], []
-        tta_of = (lambda mask: test_forms_of(ds, extract, settings.form_tta, mask)) if settings.form_tta else None
+        def tta_of(mask):  # a carved test partition's test-time forms, as each repeat splits
+            return forms_of(ds, extract, forms.test_forms(settings.form_tta), "--form-tta", mask)
         for seed in range(settings.repeats):
             result, model, curves, s_test = repeats.run_repeat(seed, settings, percentages, ds, x, val, test, site,
-                                                               positive, x_forms, tta_of)
+                                                               positive, x_forms,
+                                                               tta_of if settings.form_tta else None)
             runs.append(result)
             models.append(model)
             all_curves.append((seed, curves))

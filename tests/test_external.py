@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dsconv
-from dsconv import bottlenecks, calibrate, cam, data, images, metrics, predict, repeats, sgd, train, weights
+from dsconv import bottlenecks, calibrate, cam, data, forms, images, metrics, predict, repeats, sgd, train, weights
 from tests.conftest import PLAIN, SHARED, copy_xrays
 
 pytestmark = pytest.mark.slow  # each test hangs off a model trained for the module, or trains one
@@ -69,9 +69,11 @@ def test_val_dir_chooses_the_threshold_and_all_of_data_trains(converted, folders
     assert (tmp_path / "run" / "roc-reliability.png").stat().st_size > 1000
 
 
-def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, folders, tmp_path, capsys):
+@pytest.mark.parametrize("form_tta", [0, 2])
+def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, folders, tmp_path, capsys, form_tta):
+    """With --form-tta K each validation image's out-of-fold score is the mean over it and its K test-time forms."""
     run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
-                "--site-weight", "3", "--out", tmp_path / "run"))
+                "--site-weight", "3", "--form-tta", str(form_tta), "--out", tmp_path / "run"))
     model = dsconv.load_model(tmp_path / "run" / "model.h5", cache_dir=tmp_path / "cache")
     net = weights.load(0.25, 128, quiet=True)
     val = data.scan(folders["val"])
@@ -91,9 +93,12 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
         m.positive = 1
         m.adapt(xv)
         return m
+    xv_forms = [bottlenecks.extract(val.paths, net, "pooled", tmp_path / "cache", tta="flip", form=f,
+                                    progress=False)[0] for f in forms.test_forms(form_tta)]
     oof = np.zeros(len(fold))
     for k in range(repeats.FOLDS):
-        oof[fold == k] = head(fold != k).scores(xv[fold == k])
+        fitted = head(fold != k)
+        oof[fold == k] = np.mean([fitted.scores(a[fold == k]) for a in [xv, *xv_forms]], axis=0)
     kept = head(np.ones(len(fold), bool))
     assert np.array_equal(kept.weights, model.head.weights)
     assert model.threshold == metrics.youden_threshold(val.labels == 1, oof)
@@ -102,7 +107,7 @@ def test_val_dir_images_train_and_choices_use_out_of_fold_scores(converted, fold
     assert "out-of-fold" in res["repeats"][0]["choice"]["validation_scores"]
     # bit for bit again from the cache
     run(*common(folders, tmp_path, "--val-dir", folders["val"], "--test-dir", folders["test"],
-                "--site-weight", "3", "--out", tmp_path / "again"))
+                "--site-weight", "3", "--form-tta", str(form_tta), "--out", tmp_path / "again"))
     assert (tmp_path / "again" / "model.h5").read_bytes() == (tmp_path / "run" / "model.h5").read_bytes()
 
 
