@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import DsconvError, HelpFormatter, data, dicom, fail, files, forms, interrupted, metrics, note
+from dsconv import (DsconvError, HelpFormatter, data, dicom, fail, files, forms, interrupted, metrics, note,
+                    subtypes)
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -71,7 +72,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m dsconv.consistency", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("model", help="model file written by `python -m dsconv.train` (model.h5)")
-    p.add_argument("folder", help="labelled X-rays, one subfolder per class (the model's classes)")
+    p.add_argument("folder", help="labelled X-rays, one subfolder per class (the model's classes; for a model with subtypes the "
+                        "pneumonia folder, its file names saying bacteria or virus)")
     p.add_argument("--forms", default=",".join(forms.REPORT), help="the forms to score, separated by commas")
     p.add_argument("--compare", metavar="FOLDER",
                    help="the same X-rays in another form, with the same subfolders and file names (such as "
@@ -93,9 +95,10 @@ def main(argv=None):
         p.error("--threshold must be between 0 and 1")
     try:
         model = load_model(args.model, args.threshold, args.cache)
-        ds = data.scan(args.folder, model.classes)
+        ds = subtypes.scan(args.folder, model.classes, model.subtypes) if model.subtypes \
+            else data.scan(args.folder, model.classes)
         given = forms.words(forms.summary([forms.describe(q) for q in ds.paths]))
-        y = ds.labels == model.head.positive
+        y = np.isin(ds.labels, model.head.positives())
         results = rows(y, score(model, ds, names, args.compare), model.threshold)
         if args.json:
             files.write_text(args.json, json.dumps({"model": str(args.model), "folder": str(args.folder),

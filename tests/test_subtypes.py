@@ -167,6 +167,31 @@ def test_calibrate_chooses_both_thresholds(converted, subtyped, tmp_path, capsys
 
 
 @pytest.mark.slow
+def test_consistency_report_of_a_model_with_subtypes(converted, subtyped, tmp_path, capsys):
+    """Its pneumonia folder is split by file name, and its score is P(bacterial) + P(viral) of each file."""
+    from dsconv import consistency, forms, metrics
+    out = tmp_path / "report.json"
+    consistency.main([str(subtyped["model"]), str(subtyped["data"]), "--forms", "JPEG 30", "--json", str(out),
+                      "--cache", str(subtyped["cache"])])
+    report = json.loads(out.read_text())
+    model = dsconv.load_model(subtyped["model"], cache_dir=False)
+    paths = sorted(subtyped["data"].rglob("*.jpeg"))
+    y = np.array([p.parent.name == "PNEUMONIA" for p in paths])
+    assert y.any() and (~y).any()
+    for row, name in zip(report["forms"], ["as given", "JPEG 30"]):
+        written = []
+        for p in paths:
+            q = tmp_path / name / p.name
+            q.parent.mkdir(exist_ok=True)
+            q.write_bytes(p.read_bytes() if name == "as given" else forms.REPORT[name](p.read_bytes()))
+            written.append(q)
+        p3 = model.predict_proba(written)
+        want = metrics.evaluate(y, p3[:, 1] + p3[:, 2], model.threshold)
+        assert row["form"] == name and row["accuracy"] == pytest.approx(want["accuracy"])
+        assert row["auc"] == pytest.approx(want["auc"]) and row["sensitivity"] == pytest.approx(want["sensitivity"])
+
+
+@pytest.mark.slow
 def test_the_page_shows_the_subtype_under_the_badge(subtyped, weights_dir, browser, tmp_path_factory):  # noqa: F811
     from selenium.webdriver.common.by import By
     with pytest.MonkeyPatch.context() as mp:
