@@ -6,12 +6,13 @@ For each alpha at 224 (flip-averaged, blur 1, as train's defaults): the last
 feature maps of every pneumonia X-ray of the training folder and of the
 external folder, pooled globally (``avg``, train's bottleneck) or over a 3 x 3
 grid of regions (``3x3``: where an opacity lies, which the global mean
-loses). A logistic regression (L2, classes balanced, by Newton's method, the
-other half of external weighted x5 as train's --val-dir) is trained on the
-training folder and one patient half of external (bench/halves.py's), and
-tested on the other half: its AUC, and the best that any threshold could do,
-the largest smaller recall of the two with the threshold chosen on the test
-half itself (an oracle: no rule chosen on other X-rays does better).
+loses). A logistic regression (L2, classes balanced, by Newton's method: a
+converged fit, not train's SGD head) is trained on the training folder and
+one patient half of external (bench/halves.py's), that half weighted x5 as
+train's --val-dir, and tested on the other half: its AUC, and the best that
+any threshold could do, the largest smaller recall of the two with the
+threshold chosen on the test half itself (an oracle: no rule chosen on other
+X-rays does better).
 """
 import sys
 import time
@@ -58,7 +59,8 @@ def logistic(X, y, w, lam):
 
 def main(alphas):
     tr_ds = data.scan(SHARED / "train")
-    train = [p for p, y in zip(tr_ds.paths, tr_ds.labels) if y == data.positive_index(tr_ds.classes)]
+    positive = data.positive_index(tr_ds.classes)
+    train = [p for p, y in zip(tr_ds.paths, tr_ds.labels) if y == positive]
     ext = data.scan(SHARED / "external")
     half = repeats.folds(ext.paths, ext.labels, 2, 0)
     keep = ext.labels == data.positive_index(ext.classes)

@@ -89,7 +89,7 @@ def calibrate(model, site_paths=None, val=None, target_sensitivity=None, rule="a
     if val is not None:
         x, proba, failed = model.scored(val.paths, progress=True)
         labels = val.labels[[p not in failed for p in val.paths]]
-        y, s = np.isin(labels, head.positives()), proba[:, head.positives()].sum(axis=1)
+        y, s = np.isin(labels, head.positives()), head.positive_of(proba)
         if not (y.any() and (~y).any()):
             raise data.DataError(f"{val.root}: the readable images hold a single class; choosing a "
                                  "threshold needs both")

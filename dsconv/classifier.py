@@ -99,9 +99,13 @@ class Classifier:
         """The class indices whose probabilities add up to the positive class's: [positive], or its subtypes."""
         return [int(k) for k in np.atleast_1d(self.positive)]
 
+    def positive_of(self, p):
+        """P(positive class) of probabilities p (N, C) or (C,): with subtypes, the sum of theirs."""
+        return np.asarray(p)[..., self.positives()].sum(axis=-1)
+
     def scores(self, bottlenecks):
         """Probability of the positive class (the sum of its subtypes')."""
-        return self.probabilities(bottlenecks)[:, self.positives()].sum(axis=1)
+        return self.positive_of(self.probabilities(bottlenecks))
 
     def predict(self, bottlenecks):
         """1 where the positive class's probability reaches the threshold."""

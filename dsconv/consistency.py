@@ -41,7 +41,7 @@ def score(model, ds, names, compare=None, progress=True):
         if failed:
             raise DsconvError(f"{len(failed)} image(s) could not be read as {name}, such as "
                               f"{next(iter(failed.values()))}; remove them and run again")
-        out[name] = p[:, model.head.positives()].sum(axis=1)
+        out[name] = model.head.positive_of(p)
     return out
 
 

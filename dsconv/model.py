@@ -170,7 +170,7 @@ class Model:
 
     def positive_probability(self, p):
         """P(positive class) of one image's probabilities p (C,): with subtypes, the sum of theirs."""
-        return float(np.sum(p[self.head.positives()]))
+        return float(self.head.positive_of(p))
 
     def subtype(self, p):
         """(subtype name, P(subtype | positive)) of one image's probabilities p (C,) at the subtype threshold;
