@@ -6,8 +6,11 @@ Each X-ray of FOLDER (one subfolder per class) is scored as given, then in
 every form of dsconv.forms.REPORT: the 224 x 224 copy the training folder is
 made of, JPEG at quality 95, 75, 50 and 30, PNG, 16-bit DICOM, 5% cropped
 away, a 5% black border. For each form: accuracy, sensitivity, specificity
-at the model's threshold, AUC, and the share of decisions that differ from
-the form as given. The forms' bottlenecks are cached like any others (each
+at the model's threshold, AUC, the share of decisions that differ from the
+form as given, and of those the confident calls reversed: a score outside the
+model's borderline band (the one predict and the page show) in the form as
+given and outside it on the other side in this form. A decision that changes
+within the band was a borderline call in one of the two forms. The forms' bottlenecks are cached like any others (each
 form its own variant), so a second run computes nothing.
 """
 import argparse
@@ -17,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dsconv import (DsconvError, HelpFormatter, data, dicom, fail, files, forms, interrupted, metrics, note,
-                    subtypes)
+                    predict, subtypes)
 from dsconv.model import load_model
 
 VERSION = "report-v1"  # in each form's cache key: change it when a form's code changes
@@ -45,26 +48,33 @@ def score(model, ds, names, compare=None, progress=True):
     return out
 
 
-def rows(y, scores, threshold):
-    """One dict per form: accuracy, sensitivity, specificity, AUC, changed (share of decisions unlike "as given")."""
+def rows(y, scores, threshold, band):
+    """One dict per form: accuracy, sensitivity, specificity, AUC, changed (share of decisions unlike "as given"),
+    reversed (share of confident calls reversed: beyond ``band`` = (low, high) on one side as given, on the other
+    side in this form), each share also as a count (``_images``)."""
     given = scores["as given"] >= threshold
+    call = lambda s: np.where(s > band[1], 1, np.where(s < band[0], -1, 0))  # 0: borderline, as predict says
     out = []
     for name, s in scores.items():
         e = metrics.evaluate(y, s, threshold)
+        changed, flipped = (s >= threshold) != given, call(s) * call(scores["as given"]) == -1
         out.append({"form": name, **{k: e[k] for k in ("accuracy", "sensitivity", "specificity", "auc")},
-                    "changed": float(np.mean((s >= threshold) != given)), "changed_images": int(np.sum((s >= threshold) != given))})
+                    "changed": float(np.mean(changed)), "changed_images": int(np.sum(changed)),
+                    "reversed": float(np.mean(flipped)), "reversed_images": int(np.sum(flipped))})
     return out
 
 
 def table(results):
     """The printed table; a form's name (a --compare folder's path) is shown whole, the column as wide as the longest."""
     width = max([14] + [len(r["form"]) for r in results])
-    head = f"{'form':{width}s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
+    head = (f"{'form':{width}s} {'accuracy':>8s} {'sensitivity':>11s} {'specificity':>11s} {'AUC':>6s}  changed"
+            "     confident call reversed")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['form']:{width}s} {metrics.pct(r['accuracy']):>8s} {metrics.pct(r['sensitivity']):>11s} "
                      f"{metrics.pct(r['specificity']):>11s} {r['auc']:6.3f}  {metrics.pct(r['changed'], 1, 5)}% "
-                     f"({r['changed_images']})")
+                     f"{'(' + str(r['changed_images']) + ')':5s} {metrics.pct(r['reversed'], 1, 5)}% "
+                     f"({r['reversed_images']})")
     return lines
 
 
@@ -99,16 +109,19 @@ def main(argv=None):
             else data.scan(args.folder, model.classes)
         given = forms.words(forms.summary([forms.describe(q) for q in ds.paths]))
         y = np.isin(ds.labels, model.head.positives())
-        results = rows(y, score(model, ds, names, args.compare), model.threshold)
+        band = predict.borderline_band(model)
+        results = rows(y, score(model, ds, names, args.compare), model.threshold, (band["low"], band["high"]))
         if args.json:
             files.write_text(args.json, json.dumps({"model": str(args.model), "folder": str(args.folder),
                                                     "as_given": given, "threshold": model.threshold,
+                                                    "borderline": band,
                                                     "forms": results}, indent=2) + "\n")
     except (DsconvError, OSError) as e:
         fail(e)
     except KeyboardInterrupt:
         interrupted("the bottlenecks computed so far are cached")
-    print(f"{args.folder} as given: {given}; MobileNet {model.variant}, threshold {model.threshold:.3f}")
+    print(f"{args.folder} as given: {given}; MobileNet {model.variant}, threshold {model.threshold:.3f}, "
+          f"borderline {band['low']:.3f}-{band['high']:.3f}")
     print("\n".join(table(results)))
 
 

@@ -193,6 +193,19 @@ def test_consistency_report_against_files_written_in_each_form(models, tmp_path,
         want = metrics.evaluate(y, s, model.threshold)
         assert row["accuracy"] == pytest.approx(want["accuracy"]) and row["auc"] == pytest.approx(want["auc"])
         assert row["changed_images"] == int(np.sum((s >= model.threshold) != (given >= model.threshold)))
+        low, high = report["borderline"]["low"], report["borderline"]["high"]
+        assert row["reversed_images"] == sum((a > high and b < low) or (a < low and b > high) for a, b in zip(given, s))
+
+
+def test_a_confident_call_reversed_is_one_beyond_the_borderline_band_on_each_side():
+    """changed counts every decision unlike the form as given; reversed only those confident (outside the band, whose
+    edges are borderline as predict says) on both sides."""
+    given = [0.9, 0.9, 0.1, 0.55, 0.45, 0.6, 0.61, 0.2]
+    other = [0.1, 0.52, 0.9, 0.45, 0.55, 0.39, 0.39, 0.3]
+    rows = consistency.rows(np.array([1, 1, 0, 1, 0, 1, 1, 0], bool),
+                            {"as given": np.array(given), "JPEG 50": np.array(other)}, 0.5, (0.4, 0.6))
+    assert [(r["changed_images"], r["reversed_images"]) for r in rows] == [(0, 0), (6, 3)]
+    assert rows[1]["reversed"] == pytest.approx(3 / 8) and rows[1]["accuracy"] == pytest.approx(2 / 8)
 
 
 @pytest.mark.slow
