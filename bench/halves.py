@@ -76,9 +76,10 @@ def direction(halves, site, flags, log):
     so = consistency.score(model, orig, [], compare=str(EXTERNAL / "train"), progress=False)
     yo = np.isin(orig.labels, model.head.positives())
     copies = consistency.rows(yo, so, t, (band["low"], band["high"]))[1]
-    return {"threshold": t, "copies accuracy": 100 * at["as given"]["accuracy"], "copies AUC": at["as given"]["auc"],
-            "originals accuracy": 100 * at["originals"]["accuracy"],
-            "originals sensitivity": 100 * at["originals"]["sensitivity"],
+    return {"threshold": t, **{f"{name} {k}": 100 * at[form][k] for name, form in (("copies", "as given"),
+                                                                            ("originals", "originals"))
+                               for k in ("accuracy", "sensitivity", "specificity")},
+            "copies AUC": at["as given"]["auc"], "originals AUC": at["originals"]["auc"],
             "JPEG 50 accuracy": 100 * at["JPEG 50"]["accuracy"],
             **{f"{k} changed": 100 * at[k]["changed"] for k in ("originals", *REPORTED)},
             **{f"{k} reversed": 100 * at[k]["reversed"] for k in ("originals", *REPORTED)},
@@ -105,7 +106,7 @@ def measure(out, seed_list, flags):
                       "mean": {k: float(np.mean([d[k] for d in both])) for k in both[0]}}
         m = rows[seed]["mean"]
         print(f"halving {seed} ({sizes[0]} + {sizes[1]}): " + ", ".join(
-            f"{k} {m[k]:.3f}" if k in ("copies AUC", "threshold") else f"{k} {m[k]:.1f}" for k in m), flush=True)
+            f"{k} {m[k]:.3f}" if k.endswith("AUC") or k == "threshold" else f"{k} {m[k]:.1f}" for k in m), flush=True)
     mean = summary(rows, flags)
     Path(out, "measure.json").write_text(json.dumps({"flags": flags, "mean": mean, "halvings": rows}, indent=2) + "\n")
 
@@ -121,7 +122,7 @@ def summary(rows, flags):
         v = [r["mean"][k] for r in rows.values()]
         goal = "" if target is None else f"{'>=' if target[2] == 'min' else '<='} {target[1]:g}" + (
             "  met" if (mean[k] >= target[1] if target[2] == "min" else mean[k] <= target[1]) else "  missed")
-        fmt = ".3f" if k in ("copies AUC", "threshold") else ".1f"
+        fmt = ".3f" if k.endswith("AUC") or k == "threshold" else ".1f"
         print(f"{k:30s} {mean[k]:7{fmt}} {min(v):6{fmt}}-{max(v):<6{fmt}}  {goal}")
     return mean
 
