@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dsconv import consistency, data, metrics, predict, repeats, train
+from dsconv import DsconvError, consistency, data, fail, metrics, predict, repeats, train
 from dsconv.model import load_model
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -51,6 +51,8 @@ def make(out, seed=0):
     for path, half in zip(ext.paths, fold):
         for form, source in (("copies", "external"), ("full", "external_full")):
             link = Path(out) / "AB"[half] / form / path.parent.name / path.name
+            if (Path(out) / "AB"[1 - half] / form / path.parent.name / path.name).exists():
+                raise DsconvError(f"{out}: holds another halving ({path.name} in the other half); give an empty folder")
             link.parent.mkdir(parents=True, exist_ok=True)
             if not link.exists():
                 link.symlink_to(EXTERNAL / source / path.parent.name / path.name)
@@ -63,8 +65,12 @@ def direction(halves, site, flags, log):
     run = halves / "runs" / site
     argv = ["--data", str(EXTERNAL / "train"), "--val-dir", str(halves / site / "copies"),
             "--test-dir", str(halves / other / "copies"), "--repeats", "1", "--out", str(run), "--overwrite", *flags]
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train.main(argv)
+    try:
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            train.main(argv)
+    except SystemExit as e:
+        if e.code:
+            raise DsconvError(f"training with the site sample {halves / site / 'copies'} failed: see {log}") from None
     model = load_model(run / "model.h5")
     t, band = model.threshold, predict.borderline_band(model)
     ds = data.scan(halves / other / "copies", model.classes)
@@ -96,7 +102,7 @@ def seeds(text):
 
 
 def measure(out, seed_list, flags):
-    """Both directions of each halving; prints a line per halving, then the mean and the worst against TARGETS."""
+    """Both directions of each halving; prints a line per halving, then the mean and the range against TARGETS."""
     rows = {}
     for seed in seed_list:
         halves = Path(out) / f"seed{seed}"
@@ -138,11 +144,14 @@ def main(argv=None):
     p.add_argument("--measure", action="store_true", help="train and score both directions of each halving of --seeds")
     p.add_argument("--seeds", type=seeds, default=[0], help="with --measure: halvings, such as 0-9 or 0,3 (default: 0)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    if args.measure:
-        measure(args.out, args.seeds, flags)
-    else:
-        a, b = make(args.out, args.seed)
-        print(f"{args.out}: A {a} and B {b} X-rays, as copies and at full size")
+    try:
+        if args.measure:
+            measure(args.out, args.seeds, flags)
+        else:
+            a, b = make(args.out, args.seed)
+            print(f"{args.out}: A {a} and B {b} X-rays, as copies and at full size")
+    except (DsconvError, OSError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ at the model's threshold, AUC, the share of decisions that differ from the
 form as given, and of those the confident calls reversed: a score outside the
 model's borderline band (the one predict and the page show) in the form as
 given and outside it on the other side in this form. A decision that changes
-within the band was a borderline call in one of the two forms. The forms' bottlenecks are cached like any others (each
-form its own variant), so a second run computes nothing.
+within the band was a borderline call in one of the two forms. The forms'
+bottlenecks are cached like any others (each form its own variant), so a
+second run computes nothing.
 """
 import argparse
 import json
